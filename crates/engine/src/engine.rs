@@ -1,0 +1,424 @@
+//! The async handle to a loaded model and its inference thread.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, watch};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::gguf::check_gguf_file;
+use crate::request::{GenerationEvent, GenerationRequest};
+use crate::sampling::TokenId;
+use crate::worker::{Command, Worker};
+use crate::EngineError;
+
+/// How to run a model on this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    /// Concurrent sequences (continuous-batching slots).
+    pub slots: u32,
+    /// Context tokens each slot may hold (prompt + generated).
+    pub ctx_per_slot: u32,
+    /// CPU threads for llama.cpp.
+    pub threads: u32,
+    /// Maximum tokens in one decode call (prompt chunks share it with decoding sequences).
+    pub batch_tokens: u32,
+    /// Requests that may wait for a slot before `generate` answers `Overloaded`.
+    pub max_waiting: u32,
+}
+
+impl EngineConfig {
+    /// Defaults suited to a small CPU node: 8 slots of 2048 tokens, all cores.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            slots: 8,
+            ctx_per_slot: 2048,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(2),
+            batch_tokens: 512,
+            max_waiting: 256,
+        }
+    }
+
+    fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: &str| Err(EngineError::Config(m.to_string()));
+        if self.slots == 0 || self.slots > 256 {
+            return bad("slots must be between 1 and 256");
+        }
+        if self.ctx_per_slot < 16 {
+            return bad("ctx_per_slot must be at least 16 tokens");
+        }
+        if self.threads == 0 {
+            return bad("threads must be at least 1");
+        }
+        if self.batch_tokens < self.slots {
+            return bad("batch_tokens must be at least the number of slots");
+        }
+        Ok(())
+    }
+}
+
+/// What the rest of the system needs to know about the loaded model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    /// `general.name` from the GGUF metadata, or the file stem.
+    pub name: String,
+    pub n_vocab: u32,
+    pub n_ctx_train: u32,
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub has_chat_template: bool,
+}
+
+/// Engine counters, published after every decode step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    pub slots_total: u32,
+    /// Slots holding a sequence right now.
+    pub slots_busy: u32,
+    /// Current cap on active sequences (lowered by the governor's throttle).
+    pub max_active: u32,
+    pub queued: u32,
+    /// Decode calls so far.
+    pub steps: u64,
+    /// Sequences that had tokens in the most recent decode call.
+    pub last_batch_sequences: u32,
+    pub last_batch_tokens: u32,
+    pub tokens_generated: u64,
+    /// Sequences dropped because their consumer went away.
+    pub cancelled: u64,
+}
+
+/// Throttle knobs the vehicle governor turns while the car is hot or power-limited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// At most this many sequences decode at once (1..=slots).
+    pub max_active: u32,
+    /// Fraction of wall time spent computing (0.05..=1).
+    pub duty_cycle: f32,
+}
+
+struct Inner {
+    model: Arc<LlamaModel>,
+    commands: mpsc::Sender<Command>,
+    stats: watch::Receiver<EngineStats>,
+    template: Option<ChatTemplate>,
+    info: ModelInfo,
+    max_waiting: u32,
+}
+
+/// A loaded model with its inference thread. Cheap to clone; the thread stops when the last
+/// clone is dropped and the running sequences have been dropped.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("info", &self.inner.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// llama.cpp's backend may be initialised once per process.
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Context(format!("backend init: {e}")))
+}
+
+impl Engine {
+    /// Loads the model and starts the inference thread. Blocking (reads the model file): call
+    /// it from `spawn_blocking` or before the async runtime starts.
+    pub fn load(config: EngineConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        check_gguf_file(&config.model_path)?;
+        let backend = backend()?;
+        let model =
+            LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
+                .map_err(|_| EngineError::ModelLoad {
+                path: config.model_path.clone(),
+            })?;
+        let model = Arc::new(model);
+        let info = model_info(&model, &config);
+        let template = match model.meta_val_str("tokenizer.chat_template") {
+            Ok(source) => {
+                let vocab = model.vocab();
+                let special = |t: LlamaToken| {
+                    String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
+                };
+                Some(ChatTemplate::new(
+                    &source,
+                    &special(vocab.bos()),
+                    &special(vocab.eos()),
+                )?)
+            }
+            Err(_) => None,
+        };
+
+        let (commands, command_rx) = mpsc::channel(config.max_waiting.max(1) as usize);
+        let (stats_tx, stats) = watch::channel(EngineStats {
+            slots_total: config.slots,
+            max_active: config.slots,
+            ..Default::default()
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), EngineError>>(1);
+        let thread_model = Arc::clone(&model);
+        let cfg = config.clone();
+        std::thread::Builder::new()
+            .name("tokenfleet-engine".into())
+            .spawn(move || {
+                let params = LlamaContextParams::default()
+                    .with_n_ctx(NonZeroU32::new(cfg.slots * cfg.ctx_per_slot))
+                    .with_n_batch(cfg.batch_tokens)
+                    .with_n_ubatch(cfg.batch_tokens)
+                    .with_n_seq_max(cfg.slots)
+                    // One KV stream per slot: a sequence's attention never touches another's
+                    // cells, which keeps greedy output independent of what else is batched
+                    // (tests/batching.rs checks batched == alone) and matches llama-server's
+                    // layout with --parallel N.
+                    .with_kv_unified(false)
+                    .with_n_threads(cfg.threads as i32)
+                    .with_n_threads_batch(cfg.threads as i32);
+                let ctx = match thread_model.new_context(backend, params) {
+                    Ok(ctx) => ctx,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(EngineError::Context(e.to_string())));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                Worker::new(
+                    &thread_model,
+                    ctx,
+                    cfg.slots,
+                    cfg.batch_tokens,
+                    command_rx,
+                    stats_tx,
+                )
+                .run();
+            })
+            .map_err(|e| EngineError::Context(format!("cannot start the engine thread: {e}")))?;
+        ready_rx.recv().map_err(|_| EngineError::Shutdown)??;
+        tracing::info!(model = %info.name, path = %config.model_path.display(), slots = config.slots,
+            ctx_per_slot = config.ctx_per_slot, threads = config.threads, "engine ready");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                model,
+                commands,
+                stats,
+                template,
+                info,
+                max_waiting: config.max_waiting,
+            }),
+        })
+    }
+
+    /// [`Engine::load`] on a blocking thread.
+    pub async fn load_async(config: EngineConfig) -> Result<Self, EngineError> {
+        tokio::task::spawn_blocking(move || Self::load(config))
+            .await
+            .map_err(|_| EngineError::Shutdown)?
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// Text to token ids. `add_special` adds BOS where the model asks for it; special tokens
+    /// written in the text (e.g. `<|im_start|>`) are parsed as such, as llama-server does.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<TokenId> {
+        self.inner
+            .model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    /// Token ids to text (special tokens omitted).
+    pub fn detokenize(&self, ids: &[TokenId]) -> String {
+        let vocab = self.inner.model.vocab();
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend(vocab.token_to_piece(LlamaToken(id), false, None));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.inner
+            .template
+            .as_ref()
+            .ok_or(EngineError::NoChatTemplate)?
+            .render(messages)
+    }
+
+    /// Validates and queues a generation. Tokens stream through the returned
+    /// [`GenerationStream`]; dropping it cancels the generation and frees its slot before the
+    /// next decode step.
+    pub fn generate(&self, request: GenerationRequest) -> Result<GenerationStream, EngineError> {
+        self.validate(&request)?;
+        let (events, rx) = mpsc::unbounded_channel();
+        // Unbounded on purpose: the engine thread must never block on a slow consumer, and the
+        // producer is bounded by the request's max_tokens (plus one final event).
+        match self.inner.commands.try_send(Command::Generate {
+            request,
+            events,
+            submitted: Instant::now(),
+        }) {
+            Ok(()) => Ok(GenerationStream { events: rx }),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(EngineError::Overloaded(self.inner.max_waiting as usize))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Shutdown),
+        }
+    }
+
+    fn validate(&self, r: &GenerationRequest) -> Result<(), EngineError> {
+        if r.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        r.sampling.validate()?;
+        if r.max_tokens == 0 {
+            return Err(EngineError::InvalidSampling(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if r.top_logprobs > 20 {
+            return Err(EngineError::InvalidSampling(
+                "top_logprobs must be at most 20".into(),
+            ));
+        }
+        let n_vocab = self.inner.info.n_vocab as i32;
+        if let Some(&bad) = r
+            .prompt
+            .iter()
+            .chain(&r.resume)
+            .find(|&&t| t < 0 || t >= n_vocab)
+        {
+            return Err(EngineError::InvalidToken(bad));
+        }
+        let needed = r.prompt.len() + r.resume.len() + r.max_tokens as usize;
+        let available = self.inner.info.ctx_per_slot;
+        if needed > available as usize {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                prompt: r.prompt.len(),
+                resumed: r.resume.len(),
+                max_tokens: r.max_tokens,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Changes the throttle (takes effect before the next decode step).
+    pub fn set_limits(&self, limits: Limits) -> Result<(), EngineError> {
+        self.inner
+            .commands
+            .try_send(Command::SetLimits(limits))
+            .map_err(|_| EngineError::Overloaded(self.inner.max_waiting as usize))
+    }
+
+    /// The latest counters.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.stats.borrow().clone()
+    }
+
+    /// A receiver that changes after every decode step.
+    pub fn watch_stats(&self) -> watch::Receiver<EngineStats> {
+        self.inner.stats.clone()
+    }
+}
+
+fn model_info(model: &LlamaModel, config: &EngineConfig) -> ModelInfo {
+    let name = model
+        .meta_val_str("general.name")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| file_stem(&config.model_path));
+    ModelInfo {
+        path: config.model_path.clone(),
+        name,
+        n_vocab: model.n_vocab().max(0) as u32,
+        n_ctx_train: model.n_ctx_train(),
+        slots: config.slots,
+        ctx_per_slot: config.ctx_per_slot,
+        has_chat_template: model.meta_val_str("tokenizer.chat_template").is_ok(),
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// The events of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct GenerationStream {
+    events: mpsc::UnboundedReceiver<GenerationEvent>,
+}
+
+impl GenerationStream {
+    /// The next event; `None` after `Finished`/`Failed` (or if the engine stopped).
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+
+    /// Blocking variant for threads outside the async runtime.
+    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
+        self.events.blocking_recv()
+    }
+
+    /// Runs the generation to the end and collects it.
+    pub async fn collect(mut self) -> Result<Completion, EngineError> {
+        let mut out = Completion::default();
+        while let Some(ev) = self.next().await {
+            match ev {
+                GenerationEvent::Token(t) => {
+                    out.text.push_str(&t.text);
+                    out.tokens.push(t.id);
+                    out.logprobs.push(t.logprob);
+                }
+                GenerationEvent::Finished(f) => {
+                    out.text.push_str(&f.text_tail);
+                    out.finished = Some(f);
+                    return Ok(out);
+                }
+                GenerationEvent::Failed(m) => return Err(EngineError::Decode(m)),
+            }
+        }
+        Err(EngineError::Shutdown)
+    }
+}
+
+/// A whole generation, collected.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<TokenId>,
+    pub logprobs: Vec<f32>,
+    pub finished: Option<crate::request::Finished>,
+}

@@ -1,0 +1,389 @@
+//! The inference thread: one llama.cpp context, continuous batching over its slots.
+//!
+//! Every loop iteration (a "step") admits waiting requests into free slots, drops the sequences
+//! whose receiver is gone, builds one `llama_batch` holding the next token of every decoding
+//! sequence plus as many prompt tokens of newly admitted sequences as fit, runs one decode, and
+//! samples for every sequence whose logits were requested. Decoding sequences go first in the
+//! batch so that a long prompt joining never stalls the streams already running (prefill is
+//! chunked across steps instead).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, watch};
+
+use crate::request::{FinishReason, Finished, GenerationEvent, GenerationRequest, Timings};
+use crate::request::{TokenEvent, TopLogprob};
+use crate::sampling::{sample, TokenId};
+use crate::token_text::{Release, TextReleaser};
+use crate::{EngineStats, Limits};
+
+pub(crate) enum Command {
+    Generate {
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<GenerationEvent>,
+        submitted: Instant,
+    },
+    SetLimits(Limits),
+}
+
+/// A request waiting for a slot.
+struct Waiting {
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<GenerationEvent>,
+    submitted: Instant,
+}
+
+/// A request holding a slot (a llama.cpp sequence id).
+struct Active {
+    seq: u32,
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<GenerationEvent>,
+    /// Prompt followed by resumed tokens: what prefill evaluates.
+    prefill: Vec<TokenId>,
+    prefilled: usize,
+    /// The sampled token to evaluate in the next step, once prefill is done.
+    next_input: Option<TokenId>,
+    /// Position of the next token in the sequence's KV cache.
+    n_past: u32,
+    /// Generation index of the next sampled token (resumed tokens count).
+    next_index: u32,
+    generated: u32,
+    text: TextReleaser,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+pub(crate) struct Worker<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    batch_capacity: usize,
+    commands: mpsc::Receiver<Command>,
+    stats: watch::Sender<EngineStats>,
+    free_seqs: Vec<u32>,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Active>,
+    limits: Limits,
+    slots: u32,
+    counters: EngineStats,
+}
+
+impl<'m> Worker<'m> {
+    pub(crate) fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        slots: u32,
+        batch_capacity: u32,
+        commands: mpsc::Receiver<Command>,
+        stats: watch::Sender<EngineStats>,
+    ) -> Self {
+        Self {
+            model,
+            ctx,
+            batch: LlamaBatch::new(batch_capacity as usize, 1),
+            batch_capacity: batch_capacity as usize,
+            commands,
+            stats,
+            free_seqs: (0..slots).rev().collect(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            limits: Limits {
+                max_active: slots,
+                duty_cycle: 1.0,
+            },
+            slots,
+            counters: EngineStats {
+                slots_total: slots,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Runs until every engine handle is dropped.
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                // Idle: block until there is something to do.
+                match self.commands.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        if self.active.is_empty() && self.waiting.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if self.active.is_empty() {
+                self.publish(0, 0);
+                continue;
+            }
+            let started = Instant::now();
+            self.step();
+            self.throttle(started.elapsed());
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Generate {
+                request,
+                events,
+                submitted,
+            } => self.waiting.push_back(Waiting {
+                request,
+                events,
+                submitted,
+            }),
+            Command::SetLimits(limits) => {
+                self.limits = Limits {
+                    max_active: limits.max_active.clamp(1, self.slots),
+                    duty_cycle: limits.duty_cycle.clamp(0.05, 1.0),
+                }
+            }
+        }
+        self.counters.queued = self.waiting.len() as u32;
+    }
+
+    /// Frees the slot of every sequence whose consumer has gone away, before the next decode.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|w| !w.events.is_closed());
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].events.is_closed() {
+                let a = self.active.swap_remove(i);
+                self.counters.cancelled += 1;
+                self.release(a.seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while (self.active.len() as u32) < self.limits.max_active {
+            let Some(seq) = self.free_seqs.pop() else {
+                break;
+            };
+            let Some(w) = self.waiting.pop_front() else {
+                self.free_seqs.push(seq);
+                break;
+            };
+            let mut text = TextReleaser::new(&w.request.stop);
+            for &id in &w.request.resume {
+                text.push(&self.piece(id));
+            }
+            let mut prefill = w.request.prompt.clone();
+            prefill.extend_from_slice(&w.request.resume);
+            self.active.push(Active {
+                seq,
+                next_index: w.request.resume.len() as u32,
+                request: w.request,
+                events: w.events,
+                prefill,
+                prefilled: 0,
+                next_input: None,
+                n_past: 0,
+                generated: 0,
+                text,
+                submitted: w.submitted,
+                admitted: Instant::now(),
+                first_token: None,
+            });
+        }
+        self.counters.queued = self.waiting.len() as u32;
+    }
+
+    fn step(&mut self) {
+        self.batch.clear();
+        // (index into self.active, index of its logits in the batch)
+        let mut wants_logits: Vec<(usize, i32)> = Vec::with_capacity(self.active.len());
+        let mut budget = self.batch_capacity;
+        let mut seqs_in_batch = 0u32;
+        for (ai, a) in self.active.iter_mut().enumerate() {
+            if let Some(tok) = a.next_input.take() {
+                // Capacity: at most `slots` decode tokens, and slots <= batch capacity.
+                let _ = self
+                    .batch
+                    .add(LlamaToken(tok), a.n_past as i32, &[a.seq as i32], true);
+                a.n_past += 1;
+                budget -= 1;
+                seqs_in_batch += 1;
+                wants_logits.push((ai, self.batch.n_tokens() - 1));
+            }
+        }
+        for (ai, a) in self.active.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if a.prefilled >= a.prefill.len() {
+                continue;
+            }
+            let take = (a.prefill.len() - a.prefilled).min(budget);
+            let end = a.prefilled + take;
+            for (k, &tok) in a.prefill[a.prefilled..end].iter().enumerate() {
+                let last = a.prefilled + k + 1 == a.prefill.len();
+                let _ = self
+                    .batch
+                    .add(LlamaToken(tok), a.n_past as i32, &[a.seq as i32], last);
+                a.n_past += 1;
+                if last {
+                    wants_logits.push((ai, self.batch.n_tokens() - 1));
+                }
+            }
+            a.prefilled = end;
+            budget -= take;
+            seqs_in_batch += 1;
+        }
+        let batch_tokens = self.batch.n_tokens() as u32;
+        if batch_tokens == 0 {
+            return;
+        }
+        if let Err(err) = self.ctx.decode(&mut self.batch) {
+            tracing::error!(cause = %err, sequences = self.active.len(), "llama.cpp decode failed; failing the batch");
+            for a in std::mem::take(&mut self.active) {
+                let _ = a
+                    .events
+                    .send(GenerationEvent::Failed(format!("decode failed: {err}")));
+                self.free_seqs.push(a.seq);
+                let _ = self.ctx.clear_kv_cache_seq(Some(a.seq), None, None);
+            }
+            self.publish(seqs_in_batch, batch_tokens);
+            return;
+        }
+        self.counters.steps += 1;
+        let mut finished: Vec<usize> = Vec::new();
+        for (ai, batch_index) in wants_logits {
+            if self.sample_into(ai, batch_index) {
+                finished.push(ai);
+            }
+        }
+        // Remove from the back so earlier indices stay valid.
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for ai in finished {
+            let a = self.active.swap_remove(ai);
+            self.release(a.seq);
+        }
+        self.publish(seqs_in_batch, batch_tokens);
+    }
+
+    /// Samples the next token of active sequence `ai`; returns true when it has finished.
+    fn sample_into(&mut self, ai: usize, batch_index: i32) -> bool {
+        let logits = self.ctx.get_logits_ith(batch_index);
+        let a = &mut self.active[ai];
+        let n_top = if a.request.logprobs {
+            a.request.top_logprobs as usize
+        } else {
+            0
+        };
+        let s = sample(logits, &a.request.sampling, a.next_index as u64, n_top);
+        let now = Instant::now();
+        let first = *a.first_token.get_or_insert(now);
+        let vocab = self.model.vocab();
+        if !a.request.ignore_eos && vocab.is_eog(LlamaToken(s.token)) {
+            let tail = a.text.finish();
+            finish(a, FinishReason::Stop, tail, first, now);
+            return true;
+        }
+        let piece = vocab.token_to_piece(LlamaToken(s.token), false, None);
+        let (text, stopped) = match a.text.push(&piece) {
+            Release::Text(t) => (t, false),
+            Release::Stopped(t) => (t, true),
+        };
+        let top_logprobs = s
+            .top
+            .iter()
+            .map(|&(id, logprob)| TopLogprob {
+                id,
+                text: String::from_utf8_lossy(&vocab.token_to_piece(LlamaToken(id), false, None))
+                    .into_owned(),
+                logprob,
+            })
+            .collect();
+        let _ = a.events.send(GenerationEvent::Token(TokenEvent {
+            index: a.next_index,
+            id: s.token,
+            text,
+            logprob: s.logprob,
+            top_logprobs,
+        }));
+        a.next_index += 1;
+        a.generated += 1;
+        self.counters.tokens_generated += 1;
+        if stopped {
+            finish(a, FinishReason::Stop, String::new(), first, now);
+            return true;
+        }
+        if a.generated >= a.request.max_tokens {
+            let tail = a.text.finish();
+            finish(a, FinishReason::Length, tail, first, now);
+            return true;
+        }
+        a.next_input = Some(s.token);
+        false
+    }
+
+    fn piece(&self, id: TokenId) -> Vec<u8> {
+        self.model
+            .vocab()
+            .token_to_piece(LlamaToken(id), false, None)
+    }
+
+    /// Returns a sequence's KV cells and slot at once.
+    fn release(&mut self, seq: u32) {
+        if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq), None, None) {
+            tracing::error!(cause = %err, seq, "could not clear a sequence's KV cache");
+        }
+        self.free_seqs.push(seq);
+    }
+
+    /// Duty-cycle throttling (set by the vehicle governor): idle for as long as needed so the
+    /// busy fraction of wall time equals `duty_cycle`.
+    fn throttle(&self, busy: Duration) {
+        let duty = self.limits.duty_cycle;
+        if duty < 1.0 {
+            std::thread::sleep(busy.mul_f32((1.0 - duty) / duty));
+        }
+    }
+
+    fn publish(&mut self, seqs: u32, tokens: u32) {
+        self.counters.slots_busy = self.active.len() as u32;
+        self.counters.queued = self.waiting.len() as u32;
+        self.counters.last_batch_sequences = seqs;
+        self.counters.last_batch_tokens = tokens;
+        self.counters.max_active = self.limits.max_active;
+        let snapshot = self.counters.clone();
+        self.stats.send_replace(snapshot);
+    }
+}
+
+fn finish(a: &mut Active, reason: FinishReason, text_tail: String, first: Instant, now: Instant) {
+    let timings = Timings {
+        queue: a.admitted.duration_since(a.submitted),
+        prefill: first.duration_since(a.admitted),
+        decode: now.duration_since(first),
+        prefill_tokens: a.prefill.len() as u32,
+    };
+    let _ = a.events.send(GenerationEvent::Finished(Finished {
+        reason,
+        text_tail,
+        prompt_tokens: a.request.prompt.len() as u32,
+        completion_tokens: a.generated,
+        timings,
+    }));
+}

@@ -1,0 +1,53 @@
+//! Shared helpers for tests on the real model.
+
+use std::path::PathBuf;
+
+use tokenfleet_engine::{ChatMessage, Engine, EngineConfig};
+
+/// The test model: `$TOKENFLEET_MODEL`, or where `scripts/fetch-model.sh` puts it.
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TOKENFLEET_MODEL") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("TOKENFLEET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/tokenfleet")
+        });
+    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "test model missing at {}: run scripts/fetch-model.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn engine(slots: u32, ctx_per_slot: u32) -> Engine {
+    let mut config = EngineConfig::new(model_path());
+    config.slots = slots;
+    config.ctx_per_slot = ctx_per_slot;
+    config.threads = 2;
+    Engine::load(config).expect("load the test model")
+}
+
+pub fn chat_prompt(engine: &Engine, user: &str) -> Vec<i32> {
+    let text = engine
+        .render_chat(&[ChatMessage::new("user", user)])
+        .expect("render chat");
+    engine.tokenize(&text, true)
+}
+
+/// A crude coherence check: mostly letters and spaces, several distinct words.
+pub fn assert_coherent_english(text: &str) {
+    let letters = text
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
+    let words: std::collections::HashSet<&str> = text.split_whitespace().collect();
+    assert!(
+        letters as f64 >= 0.8 * text.chars().count() as f64 && words.len() >= 5,
+        "not coherent English: {text:?}"
+    );
+}

@@ -1,0 +1,248 @@
+//! The fleet index: nodes in a slab, and candidate sets keyed by (model, region, kind) so that
+//! `decide` looks only at nodes that can take a job instead of scanning the fleet.
+//!
+//! A node with a free slot (and eligible, within its SoC reserve) is in the `Free` sets of every
+//! (model, region) pair it has, plus (model, any-region). A full node running batch work is in
+//! the `Preemptible` sets instead. Sets are `Vec`s with swap-remove; every node remembers its
+//! positions, so joining and leaving cost O(models x regions).
+
+use std::collections::HashMap;
+
+use crate::types::{NodeId, NodeView};
+
+/// Region id standing for "any region".
+pub(crate) const ANY_REGION: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Free,
+    Preemptible,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SetKey {
+    pub model: u32,
+    pub region: u32,
+    pub kind: Kind,
+}
+
+#[derive(Default)]
+pub(crate) struct Interner {
+    map: HashMap<String, u32>,
+}
+
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.map.get(s) {
+            return id;
+        }
+        let id = self.map.len() as u32;
+        self.map.insert(s.to_string(), id);
+        id
+    }
+
+    pub fn get(&self, s: &str) -> Option<u32> {
+        self.map.get(s).copied()
+    }
+}
+
+pub(crate) struct Entry {
+    pub view: NodeView,
+    models: Vec<u32>,
+    regions: Vec<u32>,
+    state: Option<Kind>,
+    positions: Vec<(SetKey, u32)>,
+}
+
+#[derive(Default)]
+pub(crate) struct FleetIndex {
+    pub models: Interner,
+    pub regions: Interner,
+    slots: Vec<Option<Entry>>,
+    free_slots: Vec<u32>,
+    by_id: HashMap<NodeId, u32>,
+    sets: HashMap<SetKey, Vec<u32>>,
+    /// Registered nodes per (model, region): (all, attested).
+    registered: HashMap<(u32, u32), (u32, u32)>,
+}
+
+fn desired_kind(v: &NodeView) -> Option<Kind> {
+    if !v.eligible || !v.soc_ok() || v.slots_total == 0 {
+        None
+    } else if v.has_free_slot() {
+        Some(Kind::Free)
+    } else if !v.running_batch.is_empty() {
+        Some(Kind::Preemptible)
+    } else {
+        None
+    }
+}
+
+impl FleetIndex {
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn slot_of(&self, id: NodeId) -> Option<u32> {
+        self.by_id.get(&id).copied()
+    }
+
+    pub fn entry(&self, slot: u32) -> &Entry {
+        match &self.slots[slot as usize] {
+            Some(e) => e,
+            None => unreachable!("slot {slot} points at a removed node"),
+        }
+    }
+
+    fn entry_mut(&mut self, slot: u32) -> &mut Entry {
+        match &mut self.slots[slot as usize] {
+            Some(e) => e,
+            None => unreachable!("slot {slot} points at a removed node"),
+        }
+    }
+
+    pub fn view(&self, slot: u32) -> &NodeView {
+        &self.entry(slot).view
+    }
+
+    pub fn set(&self, key: &SetKey) -> &[u32] {
+        self.sets.get(key).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Registered nodes (any state) with `model` in `region`: (all, attested).
+    pub fn registered(&self, model: u32, region: u32) -> (u32, u32) {
+        self.registered
+            .get(&(model, region))
+            .copied()
+            .unwrap_or((0, 0))
+    }
+
+    pub fn upsert(&mut self, view: NodeView) {
+        if let Some(slot) = self.slot_of(view.id) {
+            let e = self.entry(slot);
+            if e.view.models == view.models
+                && e.view.regions == view.regions
+                && e.view.attested == view.attested
+            {
+                self.entry_mut(slot).view = view;
+                self.refresh(slot);
+                return;
+            }
+            self.remove(view.id);
+        }
+        let models: Vec<u32> = view.models.iter().map(|m| self.models.intern(m)).collect();
+        let mut regions: Vec<u32> = view
+            .regions
+            .iter()
+            .map(|r| self.regions.intern(r))
+            .collect();
+        regions.sort_unstable();
+        regions.dedup();
+        regions.push(ANY_REGION);
+        for &m in &models {
+            for &r in &regions {
+                let c = self.registered.entry((m, r)).or_default();
+                c.0 += 1;
+                c.1 += u32::from(view.attested);
+            }
+        }
+        let entry = Entry {
+            models,
+            regions,
+            state: None,
+            positions: Vec::new(),
+            view,
+        };
+        let id = entry.view.id;
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(entry);
+                s
+            }
+            None => {
+                self.slots.push(Some(entry));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(id, slot);
+        self.refresh(slot);
+    }
+
+    pub fn remove(&mut self, id: NodeId) {
+        let Some(slot) = self.by_id.remove(&id) else {
+            return;
+        };
+        self.leave(slot);
+        if let Some(e) = self.slots[slot as usize].take() {
+            for &m in &e.models {
+                for &r in &e.regions {
+                    if let Some(c) = self.registered.get_mut(&(m, r)) {
+                        c.0 -= 1;
+                        c.1 -= u32::from(e.view.attested);
+                    }
+                }
+            }
+        }
+        self.free_slots.push(slot);
+    }
+
+    /// Mutate a node's view in place (the scheduler's own assignments) and re-index it.
+    pub fn modify(&mut self, slot: u32, f: impl FnOnce(&mut NodeView)) {
+        f(&mut self.entry_mut(slot).view);
+        self.refresh(slot);
+    }
+
+    fn refresh(&mut self, slot: u32) {
+        let want = desired_kind(&self.entry(slot).view);
+        if want == self.entry(slot).state {
+            return;
+        }
+        self.leave(slot);
+        if let Some(kind) = want {
+            self.join(slot, kind);
+        }
+    }
+
+    fn join(&mut self, slot: u32, kind: Kind) {
+        let e = match &mut self.slots[slot as usize] {
+            Some(e) => e,
+            None => return,
+        };
+        e.state = Some(kind);
+        for &model in &e.models {
+            for &region in &e.regions {
+                let key = SetKey {
+                    model,
+                    region,
+                    kind,
+                };
+                let set = self.sets.entry(key).or_default();
+                e.positions.push((key, set.len() as u32));
+                set.push(slot);
+            }
+        }
+    }
+
+    fn leave(&mut self, slot: u32) {
+        let positions = match &mut self.slots[slot as usize] {
+            Some(e) => {
+                e.state = None;
+                std::mem::take(&mut e.positions)
+            }
+            None => return,
+        };
+        for (key, pos) in positions {
+            let Some(set) = self.sets.get_mut(&key) else {
+                continue;
+            };
+            set.swap_remove(pos as usize);
+            if let Some(&moved) = set.get(pos as usize) {
+                if let Some(m) = &mut self.slots[moved as usize] {
+                    if let Some(p) = m.positions.iter_mut().find(|(k, _)| *k == key) {
+                        p.1 = pos;
+                    }
+                }
+            }
+        }
+    }
+}

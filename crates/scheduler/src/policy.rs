@@ -1,0 +1,149 @@
+//! Policies (`random`, `first-fit`, `tokenfleet`, `oracle`), their configuration and the
+//! `tokenfleet`/`oracle` scoring function.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::types::{JobClass, Millis, NodeView, QueuedJob};
+
+/// A placement policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Any feasible node, uniformly at random.
+    Random,
+    /// BOINC-like: the first feasible node in index order takes the job.
+    FirstFit,
+    /// Departure-, energy-, tariff-, wear-, link- and reputation-aware scoring.
+    Tokenfleet,
+    /// Like `tokenfleet` but with the true departure time (`NodeView::oracle_departure`).
+    Oracle,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Random,
+        PolicyKind::FirstFit,
+        PolicyKind::Tokenfleet,
+        PolicyKind::Oracle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Random => "random",
+            PolicyKind::FirstFit => "first-fit",
+            PolicyKind::Tokenfleet => "tokenfleet",
+            PolicyKind::Oracle => "oracle",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown policy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy {0:?} (expected random, first-fit, tokenfleet or oracle)")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for PolicyKind {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "random" => Ok(PolicyKind::Random),
+            "first-fit" | "firstfit" | "first_fit" => Ok(PolicyKind::FirstFit),
+            "tokenfleet" => Ok(PolicyKind::Tokenfleet),
+            "oracle" => Ok(PolicyKind::Oracle),
+            other => Err(UnknownPolicy(other.to_string())),
+        }
+    }
+}
+
+/// Tunables shared by all policies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    /// Candidates examined per job by the scoring policies (bounded so `decide` never scans the
+    /// whole fleet; small fleets are scanned completely).
+    pub sample_size: usize,
+    /// `tokenfleet`/`oracle`: leave a batch job queued rather than start it where the chance of
+    /// finishing before departure is below this, unless its deadline is near.
+    pub min_stay_prob_batch: f32,
+    /// A batch job whose deadline is closer than this multiple of its run time takes the best
+    /// node regardless of the stay probability.
+    pub deadline_urgency: f32,
+    /// Interactive jobs queued longer than this are rejected (`QueueTimeout`).
+    pub interactive_queue_timeout_ms: Millis,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            sample_size: 64,
+            min_stay_prob_batch: 0.6,
+            deadline_urgency: 2.0,
+            interactive_queue_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// Planned run time of `job` on `node`, ms: re-prefill of prompt + generated tokens, then the
+/// remaining decode at the node's per-stream speed, plus one round trip.
+pub fn estimate_run_ms(job: &QueuedJob, node: &NodeView) -> u64 {
+    let prefill =
+        (job.prompt_tokens as f64 + job.generated_tokens as f64) / node.prefill_tps.max(1.0) as f64;
+    let decode = job.remaining_tokens() as f64 / node.stream_tps() as f64;
+    ((prefill + decode) * 1000.0 + node.link_rtt_ms.max(0.0) as f64).min(u64::MAX as f64 / 4.0)
+        as u64
+}
+
+/// Probability that `node` stays parked for `run_ms` from `now`, as the policy sees it.
+pub fn stay_probability(policy: PolicyKind, node: &NodeView, now: Millis, run_ms: u64) -> f32 {
+    match (policy, node.oracle_departure) {
+        (PolicyKind::Oracle, Some(dep)) => {
+            if dep >= now.saturating_add(run_ms) {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        _ => node.departure.survival(now, run_ms),
+    }
+}
+
+/// Score of placing `job` on `node` (higher is better) and the stay probability behind it.
+pub fn score(policy: PolicyKind, job: &QueuedJob, node: &NodeView, now: Millis) -> (f32, f32) {
+    let run_ms = estimate_run_ms(job, node);
+    let p = stay_probability(policy, node, now, run_ms);
+    let mut s = 3.0 * p;
+    // Grid energy before battery energy; cheaper tariff first.
+    if node.plugged_in {
+        s += 0.6;
+        s -= 0.5 * (node.tariff_per_kwh / 0.40).clamp(0.0, 2.0);
+    } else {
+        // Battery energy is bought back later and wears the pack; low SoC wears less per
+        // kWh (calendar ageing grows with SoC) but is closer to the reserve.
+        let headroom = node.soc_pct.map_or(0.0, |soc| {
+            ((soc - node.soc_reserve_pct) / 50.0).clamp(0.0, 1.0)
+        });
+        s += 0.2 * headroom;
+    }
+    // Energy per token: the awake vehicle's power shared by the busy streams; packing work onto
+    // already-busy nodes amortises it.
+    let j_per_tok = node.power_w.max(1.0) / node.decode_tps_batched.max(0.1);
+    s -= 0.2 * (j_per_tok / 5.0).min(3.0);
+    if node.slots_total > 0 {
+        s += 0.3 * node.slots_busy as f32 / node.slots_total as f32;
+    }
+    s += 0.5 * node.reputation.clamp(0.0, 1.0);
+    if job.class == JobClass::Interactive {
+        s -= (node.link_rtt_ms.max(0.0) / 250.0).min(4.0);
+        let prefill_s = job.prompt_tokens as f32 / node.prefill_tps.max(1.0);
+        s -= (prefill_s / 2.0).min(4.0);
+    }
+    (s, p)
+}

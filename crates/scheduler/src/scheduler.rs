@@ -1,0 +1,366 @@
+//! `Scheduler`: the stateful-but-pure placement engine.
+//!
+//! Contract with the caller (coordinator dispatch loop or simulator):
+//! - `upsert_node` whenever a node's view changes (governor state, slots freed, forecast);
+//!   `remove_node` when its session ends.
+//! - `decide(now, queue)` with the jobs waiting for a placement (jobs with `running_on` set are
+//!   ignored). The scheduler applies its own assignments and preemptions to its node views
+//!   (slots, `running_batch`) so a following `decide` sees them; the caller's next upsert
+//!   overwrites them with the truth.
+//! - The caller requeues preempted jobs (with their acknowledged tokens) itself.
+//!
+//! Cost: each job looks at most `sample_size` candidates from the (model, region) candidate sets
+//! of the index; jobs of a (model, residency, sensitivity, class) that found no node are skipped
+//! for the rest of the call. So `decide` is O(queue x sample_size), independent of fleet size.
+
+use std::collections::HashMap;
+
+use crate::constraints::check_placement;
+use crate::index::{FleetIndex, Kind, SetKey, ANY_REGION};
+use crate::policy::{estimate_run_ms, score, PolicyKind, SchedulerConfig};
+use crate::rng::SplitMix64;
+use crate::types::{
+    Assignment, Decisions, JobClass, Millis, NodeId, NodeView, PreemptReason, Preemption,
+    QueuedJob, RejectReason, Rejection,
+};
+
+/// Placement and admission. See the module docs for the calling contract.
+pub struct Scheduler {
+    policy: PolicyKind,
+    config: SchedulerConfig,
+    rng: SplitMix64,
+    index: FleetIndex,
+    /// Fastest per-stream decode and prefill ever seen (for deadline admission).
+    best_stream_tps: f32,
+    best_prefill_tps: f32,
+}
+
+/// Jobs sharing this key see the same candidate sets.
+#[derive(Hash, PartialEq, Eq)]
+struct MemoKey<'a> {
+    model: &'a str,
+    residency: Option<&'a [String]>,
+    sensitive: bool,
+    class: JobClass,
+}
+
+enum Pick {
+    Free(u32),
+    Preempt(u32),
+    /// Candidates exist but the policy prefers to wait (shortest run time that was refused).
+    Declined(u64),
+    Nothing,
+}
+
+impl Scheduler {
+    pub fn new(policy: PolicyKind, seed: u64) -> Self {
+        Self::with_config(policy, seed, SchedulerConfig::default())
+    }
+
+    pub fn with_config(policy: PolicyKind, seed: u64, config: SchedulerConfig) -> Self {
+        Self {
+            policy,
+            config,
+            rng: SplitMix64::new(seed),
+            index: FleetIndex::default(),
+            best_stream_tps: 0.0,
+            best_prefill_tps: 0.0,
+        }
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.policy
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The scheduler's current view of a node (including its own assignments).
+    pub fn node(&self, id: NodeId) -> Option<&NodeView> {
+        self.index.slot_of(id).map(|s| self.index.view(s))
+    }
+
+    pub fn upsert_node(&mut self, node: NodeView) {
+        self.best_stream_tps = self.best_stream_tps.max(node.stream_tps());
+        self.best_prefill_tps = self.best_prefill_tps.max(node.prefill_tps);
+        self.index.upsert(node);
+    }
+
+    pub fn remove_node(&mut self, id: NodeId) {
+        self.index.remove(id);
+    }
+
+    pub fn decide(&mut self, now: Millis, queue: &[QueuedJob]) -> Decisions {
+        let mut order: Vec<&QueuedJob> = queue.iter().filter(|j| j.running_on.is_none()).collect();
+        order.sort_by_key(|j| {
+            let urgency = match j.class {
+                JobClass::Interactive => j.enqueued_at,
+                JobClass::Batch => j.deadline.unwrap_or(Millis::MAX),
+            };
+            (j.class, urgency, j.enqueued_at, j.id)
+        });
+        let mut out = Decisions::default();
+        // Per call: None = no candidate at all; Some(t) = declined jobs needing >= t ms.
+        let mut memo: HashMap<MemoKey<'_>, Option<u64>> = HashMap::new();
+        for job in order {
+            if let Err(reason) = self.admit(now, job) {
+                out.rejections.push(Rejection {
+                    job: job.id,
+                    reason,
+                });
+                continue;
+            }
+            let key = MemoKey {
+                model: &job.model,
+                residency: job.residency.as_deref(),
+                sensitive: job.sensitive,
+                class: job.class,
+            };
+            if let Some(m) = memo.get(&key) {
+                match m {
+                    None => continue,
+                    Some(t) if self.rough_run_ms(job) >= *t => continue,
+                    Some(_) => {}
+                }
+            }
+            match self.pick(now, job) {
+                Pick::Free(slot) => {
+                    let node = self.assign(slot, job);
+                    out.assignments.push(Assignment { job: job.id, node });
+                }
+                Pick::Preempt(slot) => {
+                    let mut victim = None;
+                    self.index.modify(slot, |v| victim = v.running_batch.pop());
+                    let node = self.index.view(slot).id;
+                    if let Some(victim) = victim {
+                        self.index
+                            .modify(slot, |v| v.slots_busy = v.slots_busy.saturating_sub(1));
+                        out.preemptions.push(Preemption {
+                            job: victim,
+                            node,
+                            reason: PreemptReason::InteractivePriority,
+                        });
+                        self.assign(slot, job);
+                        out.assignments.push(Assignment { job: job.id, node });
+                    }
+                }
+                Pick::Declined(t) => {
+                    let t = self.rough_run_ms(job).min(t);
+                    memo.entry(key)
+                        .and_modify(|m| {
+                            if let Some(old) = m {
+                                *old = (*old).min(t);
+                            }
+                        })
+                        .or_insert(Some(t));
+                }
+                Pick::Nothing => {
+                    memo.insert(key, None);
+                }
+            }
+        }
+        out
+    }
+
+    /// A fleet-independent size measure used by the decline memo.
+    fn rough_run_ms(&self, job: &QueuedJob) -> u64 {
+        let tps = self.best_stream_tps.max(0.1) as f64;
+        let pre = self.best_prefill_tps.max(1.0) as f64;
+        (((job.prompt_tokens + job.generated_tokens) as f64 / pre
+            + job.remaining_tokens() as f64 / tps)
+            * 1000.0) as u64
+    }
+
+    fn admit(&self, now: Millis, job: &QueuedJob) -> Result<(), RejectReason> {
+        if job.model.is_empty() || job.remaining_tokens() == 0 {
+            return Err(RejectReason::InvalidJob);
+        }
+        if let Some(d) = job.deadline {
+            if d <= now {
+                return Err(RejectReason::DeadlinePassed);
+            }
+            if now.saturating_add(self.rough_run_ms(job)) > d {
+                return Err(RejectReason::DeadlineUnreachable);
+            }
+        }
+        if job.class == JobClass::Interactive
+            && now.saturating_sub(job.enqueued_at) > self.config.interactive_queue_timeout_ms
+        {
+            return Err(RejectReason::QueueTimeout);
+        }
+        let Some(model) = self.index.models.get(&job.model) else {
+            return Err(RejectReason::NoMatchingNode);
+        };
+        let matching = |region: u32| {
+            let (all, attested) = self.index.registered(model, region);
+            if job.sensitive {
+                attested
+            } else {
+                all
+            }
+        };
+        let any = match &job.residency {
+            None => matching(ANY_REGION) > 0,
+            Some(rs) => rs
+                .iter()
+                .filter_map(|r| self.index.regions.get(r))
+                .any(|r| matching(r) > 0),
+        };
+        if any {
+            Ok(())
+        } else {
+            Err(RejectReason::NoMatchingNode)
+        }
+    }
+
+    fn keys(&self, job: &QueuedJob, kind: Kind) -> Vec<SetKey> {
+        let Some(model) = self.index.models.get(&job.model) else {
+            return Vec::new();
+        };
+        match &job.residency {
+            None => vec![SetKey {
+                model,
+                region: ANY_REGION,
+                kind,
+            }],
+            Some(rs) => {
+                let mut ids: Vec<u32> = rs
+                    .iter()
+                    .filter_map(|r| self.index.regions.get(r))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.into_iter()
+                    .map(|region| SetKey {
+                        model,
+                        region,
+                        kind,
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Walk up to `limit` members of the concatenated sets from a start offset.
+    fn candidates(&mut self, keys: &[SetKey], limit: usize, random_start: bool) -> Vec<u32> {
+        let total: usize = keys.iter().map(|k| self.index.set(k).len()).sum();
+        if total == 0 {
+            return Vec::new();
+        }
+        let start = if random_start {
+            self.rng.below(total)
+        } else {
+            0
+        };
+        let n = limit.min(total);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut at = (start + i) % total;
+            for k in keys {
+                let set = self.index.set(k);
+                if at < set.len() {
+                    out.push(set[at]);
+                    break;
+                }
+                at -= set.len();
+            }
+        }
+        out
+    }
+
+    fn pick(&mut self, now: Millis, job: &QueuedJob) -> Pick {
+        match self.pick_in(now, job, Kind::Free) {
+            Pick::Nothing if job.class == JobClass::Interactive => {
+                match self.pick_in(now, job, Kind::Preemptible) {
+                    Pick::Free(s) => Pick::Preempt(s),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn pick_in(&mut self, now: Millis, job: &QueuedJob, kind: Kind) -> Pick {
+        let keys = self.keys(job, kind);
+        let freeing = kind == Kind::Preemptible;
+        let limit = match self.policy {
+            PolicyKind::Random | PolicyKind::FirstFit => usize::MAX,
+            PolicyKind::Tokenfleet | PolicyKind::Oracle => self.config.sample_size.max(1),
+        };
+        let random_start = self.policy != PolicyKind::FirstFit;
+        match self.policy {
+            PolicyKind::Random | PolicyKind::FirstFit => {
+                // Walk lazily: the first feasible node from a random (or the first) position.
+                let total: usize = keys.iter().map(|k| self.index.set(k).len()).sum();
+                if total == 0 {
+                    return Pick::Nothing;
+                }
+                let start = if random_start {
+                    self.rng.below(total)
+                } else {
+                    0
+                };
+                for i in 0..total.min(limit) {
+                    let mut at = (start + i) % total;
+                    for k in &keys {
+                        let set = self.index.set(k);
+                        if at < set.len() {
+                            let slot = set[at];
+                            if check_placement(job, self.index.view(slot), freeing).is_ok() {
+                                return Pick::Free(slot);
+                            }
+                            break;
+                        }
+                        at -= set.len();
+                    }
+                }
+                Pick::Nothing
+            }
+            PolicyKind::Tokenfleet | PolicyKind::Oracle => {
+                let cands = self.candidates(&keys, limit, true);
+                let mut best: Option<(f32, f32, u32)> = None;
+                let mut min_refused = u64::MAX;
+                for slot in cands {
+                    let view = self.index.view(slot);
+                    if check_placement(job, view, freeing).is_err() {
+                        continue;
+                    }
+                    let (s, p) = score(self.policy, job, view, now);
+                    if best.is_none_or(|(bs, _, _)| s > bs) {
+                        best = Some((s, p, slot));
+                    }
+                    min_refused = min_refused.min(estimate_run_ms(job, view));
+                }
+                let Some((_, p, slot)) = best else {
+                    return Pick::Nothing;
+                };
+                if job.class == JobClass::Batch && p < self.config.min_stay_prob_batch {
+                    let urgent = job.deadline.is_some_and(|d| {
+                        let run = estimate_run_ms(job, self.index.view(slot)) as f32;
+                        (d.saturating_sub(now) as f32) < run * self.config.deadline_urgency
+                    });
+                    if !urgent {
+                        return Pick::Declined(min_refused);
+                    }
+                }
+                Pick::Free(slot)
+            }
+        }
+    }
+
+    fn assign(&mut self, slot: u32, job: &QueuedJob) -> NodeId {
+        let batch = job.class == JobClass::Batch;
+        self.index.modify(slot, |v| {
+            v.slots_busy += 1;
+            if batch {
+                v.running_batch.push(job.id);
+            }
+        });
+        self.index.view(slot).id
+    }
+}

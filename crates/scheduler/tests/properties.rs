@@ -1,0 +1,416 @@
+//! Property tests: for thousands of random fleets and queues, no policy ever breaks a hard
+//! constraint (residency, eligibility, model presence, free slot, SoC reserve, attestation).
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+use tokenfleet_scheduler::{
+    check_placement, replay, DepartureForecast, JobClass, JobId, NodeId, NodeView, PolicyKind,
+    QueuedJob, RejectReason, Scheduler, SchedulerConfig, SchedulerTrace, TraceStep,
+};
+
+const MODELS: [&str; 3] = ["llama-8b", "qwen-3b", "smollm"];
+const REGIONS: [&str; 4] = ["eu-nl", "eu-de", "us-ca", "eu"];
+
+fn node_strategy(id: u64) -> impl Strategy<Value = NodeView> {
+    (
+        proptest::sample::subsequence(MODELS.to_vec(), 0..=3),
+        proptest::sample::subsequence(REGIONS.to_vec(), 0..=2),
+        0u32..5,
+        0u32..6,
+        any::<bool>(),
+        proptest::option::of(0.0f32..100.0),
+        any::<bool>(),
+        any::<bool>(),
+        0.0f32..600.0,
+        (
+            1.0f32..40.0,
+            0u64..40_000_000,
+            proptest::option::of(0u64..40_000_000),
+        ),
+    )
+        .prop_map(
+            move |(models, regions, slots, busy, eligible, soc, plugged, attested, rtt, rest)| {
+                let (tps, horizon, oracle) = rest;
+                let busy = busy.min(slots);
+                NodeView {
+                    id: NodeId(id),
+                    models: models.into_iter().map(String::from).collect(),
+                    slots_total: slots,
+                    slots_busy: busy,
+                    decode_tps_single: tps,
+                    decode_tps_batched: tps * 3.0,
+                    prefill_tps: tps * 20.0,
+                    eligible,
+                    soc_pct: soc,
+                    soc_reserve_pct: 30.0,
+                    plugged_in: plugged,
+                    regions: regions.into_iter().map(String::from).collect(),
+                    tariff_per_kwh: 0.25,
+                    power_w: 300.0,
+                    link_rtt_ms: rtt,
+                    reputation: 0.9,
+                    attested,
+                    departure: DepartureForecast::certain(0, horizon),
+                    running_batch: (0..busy)
+                        .map(|k| JobId(1_000_000 + id * 100 + k as u64))
+                        .collect(),
+                    oracle_departure: oracle,
+                }
+            },
+        )
+}
+
+fn fleet_strategy() -> impl Strategy<Value = Vec<NodeView>> {
+    (0usize..24).prop_flat_map(|n| (0..n as u64).map(node_strategy).collect::<Vec<_>>())
+}
+
+fn job_strategy(id: u64) -> impl Strategy<Value = QueuedJob> {
+    (
+        any::<bool>(),
+        proptest::sample::select(MODELS.to_vec()),
+        0u32..4000,
+        1u32..4000,
+        proptest::option::of(proptest::sample::subsequence(REGIONS.to_vec(), 0..=2)),
+        any::<bool>(),
+        proptest::option::of(0u64..100_000_000),
+        0u64..200_000,
+    )
+        .prop_map(
+            move |(inter, model, prompt, max, residency, sensitive, deadline, enq)| QueuedJob {
+                id: JobId(id),
+                class: if inter {
+                    JobClass::Interactive
+                } else {
+                    JobClass::Batch
+                },
+                model: model.to_string(),
+                prompt_tokens: prompt,
+                max_tokens: max,
+                generated_tokens: 0,
+                deadline,
+                residency: residency.map(|r| r.into_iter().map(String::from).collect()),
+                tenant: "t".into(),
+                sensitive,
+                enqueued_at: enq,
+                running_on: None,
+            },
+        )
+}
+
+fn queue_strategy() -> impl Strategy<Value = Vec<QueuedJob>> {
+    (0usize..40).prop_flat_map(|n| (0..n as u64).map(job_strategy).collect::<Vec<_>>())
+}
+
+fn policy_strategy() -> impl Strategy<Value = PolicyKind> {
+    proptest::sample::select(PolicyKind::ALL.to_vec())
+}
+
+/// Check every decision against the views the scheduler was given.
+fn check_decisions(
+    nodes: &HashMap<NodeId, NodeView>,
+    queue: &[QueuedJob],
+    d: &tokenfleet_scheduler::Decisions,
+) -> Result<(), TestCaseError> {
+    let jobs: HashMap<JobId, &QueuedJob> = queue.iter().map(|j| (j.id, j)).collect();
+    let mut seen = HashSet::new();
+    for a in &d.assignments {
+        prop_assert!(seen.insert(a.job), "job decided twice");
+    }
+    for r in &d.rejections {
+        prop_assert!(seen.insert(r.job), "job both assigned and rejected");
+    }
+    let mut used: HashMap<NodeId, u32> = HashMap::new();
+    let mut freed: HashMap<NodeId, u32> = HashMap::new();
+    for p in &d.preemptions {
+        let n = nodes.get(&p.node).expect("preempted on unknown node");
+        prop_assert!(
+            n.running_batch.contains(&p.job),
+            "preempted a job not running there"
+        );
+        *freed.entry(p.node).or_default() += 1;
+    }
+    for a in &d.assignments {
+        let job = jobs.get(&a.job).expect("assigned unknown job");
+        let node = nodes.get(&a.node).expect("assigned to unknown node");
+        // All hard constraints but the slot count, which is checked in aggregate below.
+        let mut with_slot = node.clone();
+        with_slot.slots_busy = 0;
+        with_slot.slots_total = with_slot.slots_total.max(1);
+        prop_assert_eq!(check_placement(job, &with_slot, false), Ok(()));
+        prop_assert!(node.slots_total > 0);
+        if job.sensitive {
+            prop_assert!(node.attested);
+        }
+        if let Some(res) = &job.residency {
+            prop_assert!(res.iter().any(|r| node.regions.contains(r)));
+        }
+        prop_assert!(node.eligible);
+        prop_assert!(node.plugged_in || node.soc_pct.is_some_and(|s| s > node.soc_reserve_pct));
+        prop_assert!(node.models.contains(&job.model));
+        *used.entry(a.node).or_default() += 1;
+    }
+    for (id, n) in used {
+        let node = &nodes[&id];
+        let cap = node.slots_total - node.slots_busy + freed.get(&id).copied().unwrap_or(0);
+        prop_assert!(n <= cap, "node {id} over-assigned: {n} > {cap}");
+    }
+    for r in &d.rejections {
+        if r.reason == RejectReason::NoMatchingNode {
+            let job = jobs[&r.job];
+            let exists = nodes.values().any(|n| {
+                n.models.contains(&job.model)
+                    && (!job.sensitive || n.attested)
+                    && job
+                        .residency
+                        .as_ref()
+                        .is_none_or(|res| res.iter().any(|r| n.regions.contains(r)))
+            });
+            prop_assert!(!exists, "rejected NoMatchingNode although a node matches");
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_policy_breaks_a_hard_constraint(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+        now in 0u64..50_000_000,
+    ) {
+        let mut s = Scheduler::new(policy, seed);
+        let nodes: HashMap<NodeId, NodeView> = fleet.iter().map(|n| (n.id, n.clone())).collect();
+        for n in fleet {
+            s.upsert_node(n);
+        }
+        let d = s.decide(now, &queue);
+        check_decisions(&nodes, &queue, &d)?;
+    }
+
+    #[test]
+    fn repeated_rounds_with_churn_stay_feasible(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+        removed in proptest::collection::vec(0u64..24, 0..6),
+    ) {
+        // Round 1 fills slots; round 2 (after some nodes leave) must respect the scheduler's own
+        // earlier assignments as the caller would see them.
+        let mut s = Scheduler::new(policy, seed);
+        let mut nodes: HashMap<NodeId, NodeView> = fleet.iter().map(|n| (n.id, n.clone())).collect();
+        for n in fleet {
+            s.upsert_node(n);
+        }
+        let d1 = s.decide(0, &queue);
+        check_decisions(&nodes, &queue, &d1)?;
+        for p in &d1.preemptions {
+            if let Some(n) = nodes.get_mut(&p.node) {
+                n.running_batch.retain(|j| *j != p.job);
+                n.slots_busy -= 1;
+            }
+        }
+        for a in &d1.assignments {
+            if let Some(n) = nodes.get_mut(&a.node) {
+                n.slots_busy += 1;
+                if queue.iter().any(|j| j.id == a.job && j.class == JobClass::Batch) {
+                    n.running_batch.push(a.job);
+                }
+            }
+        }
+        for r in removed {
+            s.remove_node(NodeId(r));
+            nodes.remove(&NodeId(r));
+        }
+        let decided: HashSet<JobId> = d1.assignments.iter().map(|a| a.job)
+            .chain(d1.rejections.iter().map(|r| r.job)).collect();
+        let rest: Vec<QueuedJob> = queue.into_iter().filter(|j| !decided.contains(&j.id)).collect();
+        let d2 = s.decide(1000, &rest);
+        check_decisions(&nodes, &rest, &d2)?;
+    }
+
+    #[test]
+    fn same_inputs_same_decisions_and_replay_matches(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+    ) {
+        let mut trace = SchedulerTrace::new(policy, seed, SchedulerConfig::default());
+        let mut s = Scheduler::new(policy, seed);
+        for n in &fleet {
+            s.upsert_node(n.clone());
+        }
+        let d = s.decide(5, &queue);
+        trace.steps.push(TraceStep {
+            now: 5,
+            nodes_upserted: fleet,
+            nodes_removed: vec![],
+            queue,
+            decisions: d,
+        });
+        let json = serde_json::to_string(&trace).expect("serialize");
+        let back: SchedulerTrace = serde_json::from_str(&json).expect("deserialize");
+        prop_assert_eq!(replay(&back), Ok(()));
+    }
+
+    #[test]
+    fn interactive_goes_before_batch_on_a_uniform_fleet(
+        n_nodes in 1usize..6,
+        slots in 1u32..3,
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+    ) {
+        // Every node can run every job: if any admitted interactive job is left waiting, no
+        // batch job may have been started.
+        let mut s = Scheduler::new(policy, seed);
+        for i in 0..n_nodes as u64 {
+            s.upsert_node(NodeView {
+                id: NodeId(i),
+                models: MODELS.iter().map(|m| m.to_string()).collect(),
+                slots_total: slots,
+                slots_busy: 0,
+                decode_tps_single: 30.0,
+                decode_tps_batched: 100.0,
+                prefill_tps: 500.0,
+                eligible: true,
+                soc_pct: Some(80.0),
+                soc_reserve_pct: 20.0,
+                plugged_in: true,
+                regions: REGIONS.iter().map(|r| r.to_string()).collect(),
+                tariff_per_kwh: 0.2,
+                power_w: 300.0,
+                link_rtt_ms: 30.0,
+                reputation: 1.0,
+                attested: true,
+                departure: DepartureForecast::certain(0, u64::MAX / 4),
+                running_batch: vec![],
+                oracle_departure: Some(u64::MAX / 4),
+            });
+        }
+        let now = 0;
+        let d = s.decide(now, &queue);
+        let decided: HashSet<JobId> = d.assignments.iter().map(|a| a.job)
+            .chain(d.rejections.iter().map(|r| r.job)).collect();
+        let waiting_interactive = queue.iter().any(|j| j.class == JobClass::Interactive && !decided.contains(&j.id));
+        let batch_started = d.assignments.iter().any(|a| queue.iter().any(|j| j.id == a.job && j.class == JobClass::Batch));
+        prop_assert!(!(waiting_interactive && batch_started));
+    }
+}
+
+#[test]
+fn interactive_preempts_batch_when_full() {
+    let mut s = Scheduler::new(PolicyKind::Tokenfleet, 1);
+    let node = NodeView {
+        id: NodeId(7),
+        models: vec!["m".into()],
+        slots_total: 1,
+        slots_busy: 1,
+        decode_tps_single: 30.0,
+        decode_tps_batched: 30.0,
+        prefill_tps: 500.0,
+        eligible: true,
+        soc_pct: None,
+        soc_reserve_pct: 20.0,
+        plugged_in: true,
+        regions: vec!["eu".into()],
+        tariff_per_kwh: 0.2,
+        power_w: 300.0,
+        link_rtt_ms: 30.0,
+        reputation: 1.0,
+        attested: false,
+        departure: DepartureForecast::unknown(0),
+        running_batch: vec![JobId(99)],
+        oracle_departure: None,
+    };
+    s.upsert_node(node);
+    let job = QueuedJob {
+        id: JobId(1),
+        class: JobClass::Interactive,
+        model: "m".into(),
+        prompt_tokens: 10,
+        max_tokens: 10,
+        generated_tokens: 0,
+        deadline: None,
+        residency: Some(vec!["eu".into()]),
+        tenant: "t".into(),
+        sensitive: false,
+        enqueued_at: 0,
+        running_on: None,
+    };
+    let d = s.decide(0, std::slice::from_ref(&job));
+    assert_eq!(d.preemptions.len(), 1);
+    assert_eq!(d.preemptions[0].job, JobId(99));
+    assert_eq!(d.assignments.len(), 1);
+    // A sensitive job must not go there (unattested), nor a job for another region.
+    let mut s2 = Scheduler::new(PolicyKind::Random, 1);
+    s2.upsert_node(s.node(NodeId(7)).cloned().expect("node"));
+    let mut sens = job.clone();
+    sens.sensitive = true;
+    let d = s2.decide(0, &[sens]);
+    assert_eq!(d.rejections[0].reason, RejectReason::NoMatchingNode);
+}
+
+#[test]
+fn policy_names_round_trip() {
+    for p in PolicyKind::ALL {
+        assert_eq!(p.to_string().parse::<PolicyKind>(), Ok(p));
+        assert_eq!(serde_json::to_string(&p).expect("json"), format!("\"{p}\""));
+    }
+    assert!("best".parse::<PolicyKind>().is_err());
+}
+
+#[test]
+fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
+    let base = |id: u64, leaves_in_s: u64| NodeView {
+        id: NodeId(id),
+        models: vec!["m".into()],
+        slots_total: 4,
+        slots_busy: 0,
+        decode_tps_single: 28.0,
+        decode_tps_batched: 112.0,
+        prefill_tps: 500.0,
+        eligible: true,
+        soc_pct: Some(80.0),
+        soc_reserve_pct: 20.0,
+        plugged_in: true,
+        regions: vec!["eu".into()],
+        tariff_per_kwh: 0.2,
+        power_w: 300.0,
+        link_rtt_ms: 30.0,
+        reputation: 1.0,
+        attested: true,
+        departure: DepartureForecast::certain(0, leaves_in_s * 1000),
+        running_batch: vec![],
+        oracle_departure: Some(leaves_in_s * 1000),
+    };
+    let job = QueuedJob {
+        id: JobId(1),
+        class: JobClass::Batch,
+        model: "m".into(),
+        prompt_tokens: 1000,
+        max_tokens: 20_000, // ~700 s at 28 tok/s per stream
+        generated_tokens: 0,
+        deadline: None,
+        residency: None,
+        tenant: "t".into(),
+        sensitive: false,
+        enqueued_at: 0,
+        running_on: None,
+    };
+    for policy in [PolicyKind::Tokenfleet, PolicyKind::Oracle] {
+        let mut s = Scheduler::new(policy, 3);
+        s.upsert_node(base(1, 300));
+        s.upsert_node(base(2, 36_000));
+        s.upsert_node(base(3, 200));
+        let d = s.decide(0, std::slice::from_ref(&job));
+        assert_eq!(d.assignments.len(), 1, "{policy}");
+        assert_eq!(d.assignments[0].node, NodeId(2), "{policy}");
+    }
+}

@@ -1,0 +1,449 @@
+//! The discrete-event core: virtual time, an event heap, vehicles (stays, energy, governor,
+//! links) and the measurement window. Job execution lives in [`crate::jobs`].
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+
+use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
+
+use crate::driver::Driver;
+use crate::jobs::Job;
+use crate::metrics::{Metrics, SeriesPoint};
+use crate::rng::Rng;
+use crate::scenario::{ArchetypeKind, Scenario};
+use crate::vehicle_model::{self, Clock, Place, Stay, DAY, HOUR, MIN};
+use crate::workload::{InteractiveGen, TraceRequest};
+use crate::RunOptions;
+
+/// 2024-01-01 00:00 UTC, a Monday.
+pub const EPOCH_MONDAY: Millis = 1_704_067_200_000;
+const SAMPLE_MS: u64 = 15 * MIN;
+pub(crate) const SWEEP_MS: u64 = 60_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ev {
+    Begin,
+    Arrive(u32),
+    Depart(u32),
+    SocFloor(u32, u32),
+    OutageStart(u32, u32),
+    OutageEnd(u32),
+    JobDone(u32, u32),
+    Interactive,
+    Dump(u32, u32),
+    TraceNext,
+    Dispatch,
+    Sweep,
+    Sample,
+    End,
+}
+
+pub struct Vehicle {
+    pub arch: u8,
+    pub class: u8,
+    pub region: u16,
+    pub stay: Stay,
+    pub parked: bool,
+    pub link_up: bool,
+    pub eligible: bool,
+    pub soc_blocked: bool,
+    pub soc: f32,
+    pub last_t: Millis,
+    pub busy: u32,
+    pub epoch: u32,
+    pub stay_no: u32,
+    pub slot_h: f32,
+    pub rtt_ms: f32,
+    pub running: Vec<u32>,
+    pub history: DwellHistory,
+    pub forecast: DepartureForecast,
+}
+
+pub struct Sim<'a> {
+    pub sc: &'a Scenario,
+    pub policy: PolicyKind,
+    pub clock: Clock,
+    pub t_start: Millis,
+    pub t_end: Millis,
+    pub now: Millis,
+    pub live: bool,
+    heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
+    seq: u64,
+    pub rng: Rng,
+    pub vehicles: Vec<Vehicle>,
+    pub jobs: Vec<Job>,
+    pub pending_int: VecDeque<u32>,
+    pub pending_batch: BTreeSet<(Millis, Millis, u32)>,
+    pub driver: Driver,
+    pub m: Metrics,
+    pub dispatch_at: Option<Millis>,
+    pub sweep_at: Option<Millis>,
+    pub freed: usize,
+    pub last_sweep: Millis,
+    inter: InteractiveGen,
+    trace: Vec<TraceRequest>,
+    trace_pos: usize,
+    pub model_ids: Vec<String>,
+    pub parked: u32,
+    pub eligible_count: u32,
+    pub slots_busy: u64,
+    opts: &'a RunOptions,
+    pub seed: u64,
+}
+
+impl<'a> Sim<'a> {
+    pub fn new(
+        sc: &'a Scenario,
+        policy: PolicyKind,
+        opts: &'a RunOptions,
+        trace: Vec<TraceRequest>,
+    ) -> Self {
+        let seed = opts.seed.unwrap_or(sc.seed);
+        let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
+        let days = opts.days.unwrap_or(sc.days);
+        let t0 = (EPOCH_MONDAY as i64 - sc.utc_offset_min as i64 * 60_000) as Millis;
+        let t_start = t0 + sc.warmup_days as u64 * DAY;
+        let t_end = t_start + (days * DAY as f64) as u64;
+        let clock = Clock { t0 };
+        let mut rng = Rng::derive(seed, 1);
+        let mut vehicles = Vec::with_capacity(vehicles_n as usize);
+        for _ in 0..vehicles_n {
+            let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
+            let class = rng.weighted(sc.compute.iter().map(|c| c.share));
+            let region = rng.weighted(sc.regions.iter().map(|r| r.share));
+            let a = &sc.archetypes[arch];
+            let slot_h = rng.uniform(0.0, 1.5) as f32;
+            // Start somewhere in the last stay before t0, then let warm-up settle things.
+            let from = match a.kind {
+                ArchetypeKind::Commuter => Place::Work,
+                ArchetypeKind::DeliveryVan => Place::Depot,
+                ArchetypeKind::RideHail => Place::Public,
+                ArchetypeKind::CarShare => Place::Public,
+            };
+            let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
+            let mut stay = vehicle_model::next_stay(
+                a.kind,
+                &a.plug_prob,
+                &mut rng,
+                &clock,
+                t0 - back,
+                from,
+                slot_h as f64,
+            );
+            while stay.depart <= t0 {
+                stay = vehicle_model::next_stay(
+                    a.kind,
+                    &a.plug_prob,
+                    &mut rng,
+                    &clock,
+                    stay.depart,
+                    stay.place,
+                    slot_h as f64,
+                );
+            }
+            vehicles.push(Vehicle {
+                arch: arch as u8,
+                class: class as u8,
+                region: region as u16,
+                stay,
+                parked: false,
+                link_up: true,
+                eligible: false,
+                soc_blocked: false,
+                soc: rng.uniform(40.0, 90.0) as f32,
+                last_t: t0,
+                busy: 0,
+                epoch: 0,
+                stay_no: 0,
+                slot_h,
+                rtt_ms: 0.0,
+                running: Vec::new(),
+                history: DwellHistory::new(sc.utc_offset_min),
+                forecast: DepartureForecast::unknown(t0),
+            });
+        }
+        let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
+        model_ids.dedup();
+        let mut sim = Sim {
+            sc,
+            policy,
+            clock,
+            t_start,
+            t_end,
+            now: t0,
+            live: false,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            rng: Rng::derive(seed, 2),
+            vehicles,
+            jobs: Vec::new(),
+            pending_int: VecDeque::new(),
+            pending_batch: BTreeSet::new(),
+            driver: Driver::new(policy, seed, opts.scheduler.clone(), opts.record_trace),
+            m: Metrics::default(),
+            dispatch_at: None,
+            sweep_at: None,
+            freed: 0,
+            last_sweep: 0,
+            inter: InteractiveGen::new(seed, sc.workload.interactive_peak_rps),
+            trace,
+            trace_pos: 0,
+            model_ids,
+            parked: 0,
+            eligible_count: 0,
+            slots_busy: 0,
+            opts,
+            seed,
+        };
+        for v in 0..sim.vehicles.len() {
+            let s = sim.vehicles[v].stay;
+            if s.arrive <= t0 {
+                sim.arrive(v as u32);
+            } else {
+                sim.push(s.arrive, Ev::Arrive(v as u32));
+            }
+        }
+        sim.push(t_start, Ev::Begin);
+        sim.push(t_end, Ev::End);
+        sim
+    }
+
+    pub fn push(&mut self, t: Millis, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse((t, self.seq, ev)));
+    }
+
+    pub fn run(&mut self) {
+        let span = (self.t_end - self.t_start).max(1) as f64;
+        let mut next_progress = self.t_start;
+        while let Some(Reverse((t, _, ev))) = self.heap.pop() {
+            self.now = t;
+            self.m.events += 1;
+            if self.live && t >= next_progress {
+                if let Some(p) = &self.opts.progress {
+                    p(crate::Progress {
+                        policy: self.policy,
+                        fraction: ((t - self.t_start) as f64 / span).min(1.0),
+                    });
+                }
+                next_progress = t + HOUR;
+            }
+            match ev {
+                Ev::Begin => self.begin(),
+                Ev::End => {
+                    self.finish();
+                    break;
+                }
+                Ev::Arrive(v) => self.arrive(v),
+                Ev::Depart(v) => self.depart(v),
+                Ev::SocFloor(v, e) => {
+                    if self.vehicles[v as usize].epoch == e {
+                        self.settle(v);
+                        self.reevaluate(v, true);
+                    }
+                }
+                Ev::OutageStart(v, e) => {
+                    let veh = &mut self.vehicles[v as usize];
+                    if veh.parked && veh.stay_no == e {
+                        veh.link_up = false;
+                        let mins = self.rng.exp(self.sc.link.outage_minutes).max(0.5);
+                        self.push(t + (mins * MIN as f64) as u64, Ev::OutageEnd(v));
+                        self.settle(v);
+                        self.reevaluate(v, false);
+                    }
+                }
+                Ev::OutageEnd(v) => {
+                    self.vehicles[v as usize].link_up = true;
+                    self.settle(v);
+                    self.reevaluate(v, true);
+                }
+                Ev::JobDone(j, attempt) => self.job_done(j, attempt),
+                Ev::Interactive => self.interactive_arrival(),
+                Ev::Dump(d, day) => self.batch_dump(d as usize, day),
+                Ev::TraceNext => self.trace_arrival(),
+                Ev::Dispatch => self.dispatch(false),
+                Ev::Sweep => self.dispatch(true),
+                Ev::Sample => self.sample(),
+            }
+        }
+    }
+
+    fn begin(&mut self) {
+        self.live = true;
+        for v in 0..self.vehicles.len() as u32 {
+            self.settle(v);
+            self.reevaluate(v, true);
+            self.upsert(v);
+        }
+        if self.trace.is_empty() {
+            self.interactive_arrival_schedule();
+            let days = ((self.t_end - self.t_start) as f64 / DAY as f64).ceil() as u32;
+            for (i, d) in self.sc.workload.batch.iter().enumerate() {
+                for day in 0..days {
+                    let t = self.clock.at(self.t_start, day as u64, d.at_hour);
+                    if t < self.t_end {
+                        self.push(t, Ev::Dump(i as u32, day));
+                    }
+                }
+            }
+        } else {
+            let t = self.t_start + self.trace[0].t_ms;
+            self.push(t, Ev::TraceNext);
+        }
+        self.push(self.t_start + SAMPLE_MS, Ev::Sample);
+    }
+
+    fn interactive_arrival_schedule(&mut self) {
+        let clock_t0 = self.clock.t0;
+        let next = self
+            .inter
+            .next(self.sc, self.now.max(self.t_start), self.t_end, |t| {
+                ((t.saturating_sub(clock_t0) % DAY) / HOUR) as usize
+            });
+        if let Some(r) = next {
+            self.push(r.t_ms, Ev::Interactive);
+            self.trace.clear();
+            self.trace.push(r);
+        }
+    }
+
+    fn interactive_arrival(&mut self) {
+        if let Some(r) = self.trace.pop() {
+            self.enqueue(r);
+        }
+        self.interactive_arrival_schedule();
+    }
+
+    fn trace_arrival(&mut self) {
+        while self.trace_pos < self.trace.len()
+            && self.t_start + self.trace[self.trace_pos].t_ms <= self.now
+        {
+            let mut r = self.trace[self.trace_pos].clone();
+            r.t_ms += self.t_start;
+            r.deadline_ms = r.deadline_ms.map(|d| d + self.t_start);
+            self.trace_pos += 1;
+            self.enqueue(r);
+        }
+        if let Some(r) = self.trace.get(self.trace_pos) {
+            let t = self.t_start + r.t_ms;
+            self.push(t, Ev::TraceNext);
+        }
+    }
+
+    fn batch_dump(&mut self, d: usize, _day: u32) {
+        let dump = &self.sc.workload.batch[d];
+        if dump.weekdays_only && self.clock.weekday(self.now) >= 5 {
+            return;
+        }
+        let shard = dump.shard.max(1) as u64;
+        let n_jobs = dump.requests.div_ceil(shard);
+        for i in 0..n_jobs {
+            let reqs = shard.min(dump.requests - i * shard) as u32;
+            self.enqueue(TraceRequest {
+                t_ms: self.now,
+                class: tokenfleet_scheduler::JobClass::Batch,
+                model: dump.model.clone(),
+                prompt_tokens: dump.prompt_tokens,
+                max_tokens: dump.max_tokens,
+                deadline_ms: dump
+                    .deadline_hours
+                    .map(|h| self.now + (h * HOUR as f64) as u64),
+                residency: dump.residency.clone(),
+                sensitive: false,
+                shard: reqs,
+            });
+        }
+    }
+
+    fn sample(&mut self) {
+        self.m.series.push(SeriesPoint {
+            t_h: (self.now - self.t_start) as f64 / HOUR as f64,
+            vehicles_parked: self.parked,
+            vehicles_eligible: self.eligible_count,
+            slots_busy: self.slots_busy,
+            tokens: std::mem::take(&mut self.m.tokens_in_bucket),
+        });
+        if self.now + SAMPLE_MS <= self.t_end {
+            self.push(self.now + SAMPLE_MS, Ev::Sample);
+        }
+    }
+
+    // ---- vehicles ----
+
+    fn arrive(&mut self, v: u32) {
+        let sc = self.sc;
+        let veh = &mut self.vehicles[v as usize];
+        veh.parked = true;
+        veh.link_up = true;
+        veh.last_t = self.now.max(veh.stay.arrive);
+        veh.epoch += 1;
+        veh.stay_no += 1;
+        veh.rtt_ms = match veh.stay.place {
+            Place::Home => sc.link.rtt_ms_home,
+            Place::Work => sc.link.rtt_ms_work,
+            Place::Depot => sc.link.rtt_ms_depot,
+            Place::Public => sc.link.rtt_ms_public,
+        } * self.rng.lognormal(1.0, 0.3) as f32;
+        let (dep, epoch) = (veh.stay.depart, veh.stay_no);
+        let dur_h = (dep - veh.stay.arrive) as f64 / HOUR as f64;
+        self.parked += 1;
+        self.push(dep, Ev::Depart(v));
+        if self
+            .rng
+            .chance(1.0 - (-sc.link.outages_per_hour * dur_h).exp())
+        {
+            let at = self.now + (self.rng.unit() * (dep - self.now) as f64) as u64;
+            self.push(at, Ev::OutageStart(v, epoch));
+        }
+        if self.live {
+            self.reevaluate(v, true);
+        }
+    }
+
+    fn depart(&mut self, v: u32) {
+        self.settle(v);
+        let graceful = self.rng.chance(self.sc.link.graceful_handback);
+        self.evict_all(v, graceful);
+        let sc = self.sc;
+        let veh = &mut self.vehicles[v as usize];
+        let a = &sc.archetypes[veh.arch as usize];
+        veh.history.record(veh.stay.arrive, veh.stay.depart);
+        veh.parked = false;
+        veh.epoch += 1;
+        self.parked -= 1;
+        if veh.eligible {
+            veh.eligible = false;
+            self.eligible_count -= 1;
+        }
+        let next = vehicle_model::next_stay(
+            a.kind,
+            &a.plug_prob,
+            &mut self.rng,
+            &self.clock,
+            self.now,
+            veh.stay.place,
+            veh.slot_h as f64,
+        );
+        let drive_kwh = vehicle_model::trip_kwh(next.arrive - self.now);
+        veh.soc = (veh.soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
+        veh.stay = next;
+        self.push(next.arrive, Ev::Arrive(v));
+        if self.live {
+            self.upsert(v);
+        }
+    }
+
+    pub fn upsert(&mut self, v: u32) {
+        let view = self.view(v);
+        self.driver.upsert(view);
+    }
+
+    pub fn want_dispatch(&mut self) {
+        if self.dispatch_at.is_none() && self.live {
+            let ms = self.sc.dispatch_ms;
+            let at = (self.now / ms + 1) * ms;
+            self.dispatch_at = Some(at);
+            self.push(at, Ev::Dispatch);
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Job execution in the simulator: queueing, dispatch through the driver, running on a vehicle,
+//! completion, eviction with continuation, and the end-of-run accounting.
+//!
+//! Execution model: a job on a vehicle decodes at the class's per-stream speed
+//! (`decode_tps_batched / slots`, what the scheduler plans with), after one round trip and the
+//! prefill of its remaining prompts plus already generated tokens. A batch "shard" is `shard`
+//! requests run back to back on one slot. On eviction the coordinator keeps every acknowledged
+//! token; a graceful hand-back loses only the tokens in flight (one RTT), an abrupt one (link
+//! outage, unannounced departure) loses everything since the last acknowledged checkpoint.
+
+use tokenfleet_scheduler::{JobClass, JobId, Millis, QueuedJob, RejectReason};
+
+use crate::engine::{Ev, Sim, SWEEP_MS};
+
+pub struct Job {
+    pub class: JobClass,
+    pub model: u16,
+    pub sensitive: bool,
+    pub shard: u32,
+    /// Per request.
+    pub prompt: u32,
+    pub max_per_req: u32,
+    pub generated: u32,
+    pub deadline: Option<Millis>,
+    pub arrived: Millis,
+    pub enqueued: Millis,
+    pub residency: Option<Box<[String]>>,
+    pub node: Option<u32>,
+    pub attempt: u32,
+    /// When decoding starts on the current node.
+    pub decode_from: Millis,
+    pub rate: f32,
+    pub rtt_ms: f32,
+    pub ttft_done: bool,
+    pub finished: bool,
+}
+
+impl Job {
+    pub fn max_total(&self) -> u32 {
+        self.max_per_req.saturating_mul(self.shard)
+    }
+
+    /// Prompt tokens still to process, including re-prefill of a partial request.
+    pub fn prefill_tokens(&self) -> u32 {
+        let m = self.max_per_req.max(1);
+        let done_reqs = self.generated / m;
+        let partial = self.generated % m;
+        (self.shard.saturating_sub(done_reqs)) * self.prompt + partial
+    }
+}
+
+impl Sim<'_> {
+    pub fn enqueue(&mut self, r: crate::workload::TraceRequest) {
+        let model = match self.model_ids.iter().position(|m| *m == r.model) {
+            Some(i) => i,
+            None => {
+                self.model_ids.push(r.model.clone());
+                self.model_ids.len() - 1
+            }
+        };
+        let id = self.jobs.len() as u32;
+        self.jobs.push(Job {
+            class: r.class,
+            model: model as u16,
+            sensitive: r.sensitive,
+            shard: r.shard.max(1),
+            prompt: r.prompt_tokens,
+            max_per_req: r.max_tokens.max(1),
+            generated: 0,
+            deadline: r.deadline_ms,
+            arrived: self.now,
+            enqueued: self.now,
+            residency: r.residency.map(|v| v.into_boxed_slice()),
+            node: None,
+            attempt: 0,
+            decode_from: 0,
+            rate: 0.0,
+            rtt_ms: 0.0,
+            ttft_done: false,
+            finished: false,
+        });
+        match r.class {
+            JobClass::Interactive => {
+                self.m.int_jobs += 1;
+                self.pending_int.push_back(id);
+            }
+            JobClass::Batch => {
+                self.m.batch_jobs += 1;
+                if r.deadline_ms.is_some_and(|d| d <= self.t_end) {
+                    self.m.batch_due += 1;
+                }
+                self.pending_batch
+                    .insert((r.deadline_ms.unwrap_or(Millis::MAX), self.now, id));
+            }
+        }
+        self.want_dispatch();
+    }
+
+    fn queued(&self, j: u32) -> QueuedJob {
+        let job = &self.jobs[j as usize];
+        QueuedJob {
+            id: JobId(j as u64),
+            class: job.class,
+            model: self.model_ids[job.model as usize].clone(),
+            prompt_tokens: job.prefill_tokens(),
+            max_tokens: job.max_total(),
+            generated_tokens: job.generated,
+            deadline: job.deadline,
+            residency: job.residency.as_ref().map(|r| r.to_vec()),
+            tenant: "sim".into(),
+            sensitive: job.sensitive,
+            enqueued_at: job.enqueued,
+            running_on: None,
+        }
+    }
+
+    /// `sweep`: the periodic pass that offers a large batch window (declined jobs get retried).
+    pub fn dispatch(&mut self, sweep: bool) {
+        if sweep {
+            self.sweep_at = None;
+        } else {
+            self.dispatch_at = None;
+        }
+        if self.pending_int.is_empty() && self.pending_batch.is_empty() {
+            return;
+        }
+        let sweep = sweep || self.now >= self.last_sweep + SWEEP_MS;
+        let window = if sweep {
+            self.last_sweep = self.now;
+            8192
+        } else {
+            (self.freed + 64).min(65_536)
+        };
+        self.freed = 0;
+        let mut queue: Vec<QueuedJob> = self.pending_int.iter().map(|&j| self.queued(j)).collect();
+        let batch: Vec<u32> = self
+            .pending_batch
+            .iter()
+            .take(window)
+            .map(|&(_, _, j)| j)
+            .collect();
+        queue.extend(batch.into_iter().map(|j| self.queued(j)));
+        self.m.scheduler_calls += 1;
+        let d = self.driver.decide(self.now, &queue);
+        let mut touched: Vec<u32> = Vec::new();
+        for p in &d.preemptions {
+            let j = p.job.0 as u32;
+            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
+                self.settle(v);
+                self.evict(j, true);
+                self.m.preemptions += 1;
+                touched.push(v);
+            }
+        }
+        for a in &d.assignments {
+            let j = a.job.0 as u32;
+            let v = a.node.0 as u32;
+            self.unqueue(j);
+            self.start(j, v);
+            touched.push(v);
+        }
+        for r in &d.rejections {
+            let j = r.job.0 as u32;
+            self.unqueue(j);
+            self.reject(j, r.reason);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for v in touched {
+            self.schedule_soc_floor(v);
+            self.upsert(v);
+        }
+        // Still waiting: look again soon (interactive) or on the next sweep (batch).
+        if !self.pending_int.is_empty() {
+            self.want_dispatch();
+        }
+        if !self.pending_batch.is_empty() && self.sweep_at.is_none() {
+            let at = self.last_sweep + SWEEP_MS;
+            self.sweep_at = Some(at);
+            self.push(at, Ev::Sweep);
+        }
+    }
+
+    fn unqueue(&mut self, j: u32) {
+        let job = &self.jobs[j as usize];
+        match job.class {
+            JobClass::Interactive => {
+                if let Some(pos) = self.pending_int.iter().position(|&x| x == j) {
+                    self.pending_int.remove(pos);
+                }
+            }
+            JobClass::Batch => {
+                self.pending_batch
+                    .remove(&(job.deadline.unwrap_or(Millis::MAX), job.enqueued, j));
+            }
+        }
+    }
+
+    fn requeue(&mut self, j: u32) {
+        let now = self.now;
+        let job = &mut self.jobs[j as usize];
+        job.node = None;
+        job.enqueued = now;
+        match job.class {
+            JobClass::Interactive => self.pending_int.push_back(j),
+            JobClass::Batch => {
+                self.pending_batch
+                    .insert((job.deadline.unwrap_or(Millis::MAX), now, j));
+            }
+        }
+        self.want_dispatch();
+    }
+
+    fn start(&mut self, j: u32, v: u32) {
+        self.settle(v);
+        let now = self.now;
+        let sc = self.sc;
+        let veh = &mut self.vehicles[v as usize];
+        let class = &sc.classes[veh.class as usize];
+        // Calibration of the departure forecast the scheduler saw.
+        let remaining = veh.stay.depart.saturating_sub(now) as f32 / 1000.0;
+        let elapsed = now.saturating_sub(veh.forecast.made_at) as f32 / 1000.0;
+        for (i, q) in veh.forecast.remaining_s.iter().enumerate() {
+            if remaining <= q - elapsed {
+                self.m.calib_hits[i] += 1;
+            }
+        }
+        self.m.calib_n += 1;
+        veh.busy += 1;
+        veh.running.push(j);
+        self.slots_busy += 1;
+        let rtt = veh.rtt_ms;
+        let job = &mut self.jobs[j as usize];
+        let rate = class.stream_tps();
+        let first_prefill = if job.generated > 0 {
+            job.prompt + job.generated % job.max_per_req.max(1)
+        } else {
+            job.prompt
+        };
+        if job.attempt > 0 && job.generated % job.max_per_req.max(1) > 0 {
+            self.m.reprefill += first_prefill as u64;
+        }
+        let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
+        job.attempt += 1;
+        job.node = Some(v);
+        job.rate = rate;
+        job.rtt_ms = rtt;
+        job.decode_from = now + rtt as u64 + prefill_ms(first_prefill);
+        if !job.ttft_done && job.class == JobClass::Interactive {
+            job.ttft_done = true;
+            let ttft = job.decode_from - job.arrived;
+            self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
+            if ttft <= sc.workload.ttft_slo_ms {
+                self.m.int_slo_ok += 1;
+            }
+        }
+        let remaining_tokens = job.max_total().saturating_sub(job.generated);
+        let other_prefill = job.prefill_tokens().saturating_sub(first_prefill);
+        let done_at = job.decode_from
+            + prefill_ms(other_prefill)
+            + (remaining_tokens as f64 / rate as f64 * 1000.0) as u64;
+        let attempt = job.attempt;
+        self.push(done_at, Ev::JobDone(j, attempt));
+    }
+
+    fn release_slot(&mut self, j: u32, v: u32) {
+        let veh = &mut self.vehicles[v as usize];
+        veh.busy = veh.busy.saturating_sub(1);
+        if let Some(pos) = veh.running.iter().position(|&x| x == j) {
+            veh.running.swap_remove(pos);
+        }
+        self.slots_busy -= 1;
+        if veh.eligible {
+            self.freed += 1;
+        }
+    }
+
+    fn credit(&mut self, j: u32, tokens: u64) {
+        match self.jobs[j as usize].class {
+            JobClass::Interactive => self.m.delivered_int += tokens,
+            JobClass::Batch => self.m.delivered_batch += tokens,
+        }
+        self.m.tokens_in_bucket += tokens;
+    }
+
+    pub fn job_done(&mut self, j: u32, attempt: u32) {
+        let job = &self.jobs[j as usize];
+        if job.attempt != attempt || job.finished {
+            return;
+        }
+        let Some(v) = job.node else { return };
+        let remaining = job.max_total().saturating_sub(job.generated) as u64;
+        let (class, deadline) = (job.class, job.deadline);
+        self.settle(v);
+        self.credit(j, remaining);
+        let job = &mut self.jobs[j as usize];
+        job.generated = job.max_total();
+        job.finished = true;
+        job.node = None;
+        if class == JobClass::Batch {
+            self.m.batch_completed += 1;
+            if deadline.is_some_and(|d| self.now <= d && d <= self.t_end) {
+                self.m.batch_on_time += 1;
+            }
+        }
+        self.release_slot(j, v);
+        self.schedule_soc_floor(v);
+        self.upsert(v);
+        self.want_dispatch();
+    }
+
+    /// Tokens produced so far by a running job on its current node (bounded by what is left).
+    fn produced(&self, j: u32) -> u64 {
+        let job = &self.jobs[j as usize];
+        let left = job.max_total().saturating_sub(job.generated) as u64;
+        if self.now <= job.decode_from {
+            return 0;
+        }
+        (((self.now - job.decode_from) as f64 / 1000.0 * job.rate as f64) as u64).min(left)
+    }
+
+    /// Take job `j` off its node; keep acknowledged tokens, count the rest as wasted, requeue.
+    pub fn evict(&mut self, j: u32, graceful: bool) {
+        let Some(v) = self.jobs[j as usize].node else {
+            return;
+        };
+        let produced = self.produced(j);
+        let job = &self.jobs[j as usize];
+        let lost = if graceful {
+            ((job.rate as f64 * job.rtt_ms as f64 / 1000.0).ceil() as u64).min(produced)
+        } else {
+            let ack = match job.class {
+                JobClass::Interactive => self.sc.link.ack_interval_s_interactive,
+                JobClass::Batch => self.sc.link.ack_interval_s_batch,
+            };
+            let chunk = ((job.rate as f64 * ack).ceil() as u64).max(1);
+            produced % chunk
+        };
+        let acked = produced - lost;
+        self.credit(j, acked);
+        self.m.wasted += lost;
+        self.m.evictions += 1;
+        self.jobs[j as usize].generated += acked as u32;
+        self.release_slot(j, v);
+        self.requeue(j);
+    }
+
+    pub fn evict_all(&mut self, v: u32, graceful: bool) {
+        if !self.live {
+            return;
+        }
+        let running = std::mem::take(&mut self.vehicles[v as usize].running);
+        self.vehicles[v as usize].running = running.clone();
+        for j in running {
+            self.evict(j, graceful);
+        }
+    }
+
+    fn reject(&mut self, j: u32, reason: RejectReason) {
+        let job = &mut self.jobs[j as usize];
+        job.finished = true;
+        // Tokens already delivered for a job that is then refused are wasted after all.
+        let partial = job.generated as u64;
+        let class = job.class;
+        match class {
+            JobClass::Interactive => {
+                self.m.int_rejected += 1;
+                self.m.delivered_int -= partial.min(self.m.delivered_int);
+            }
+            JobClass::Batch => {
+                self.m.batch_rejected += 1;
+                self.m.delivered_batch -= partial.min(self.m.delivered_batch);
+            }
+        }
+        self.m.wasted += partial;
+        let key = serde_json::to_value(reason)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| format!("{reason:?}"));
+        *self.m.rejections.entry(key).or_default() += 1;
+    }
+
+    /// End of the measurement window: settle energy, credit acknowledged progress of running
+    /// jobs (they would continue), close the books.
+    pub fn finish(&mut self) {
+        for v in 0..self.vehicles.len() as u32 {
+            self.settle(v);
+        }
+        let running: Vec<u32> = self
+            .vehicles
+            .iter()
+            .flat_map(|veh| veh.running.iter().copied())
+            .collect();
+        for j in running {
+            let produced = self.produced(j);
+            let job = &self.jobs[j as usize];
+            let chunk =
+                ((job.rate as f64 * self.sc.link.ack_interval_s_batch).ceil() as u64).max(1);
+            let acked = produced - produced % chunk;
+            self.credit(j, acked);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! tokenfleet fleet simulator: discrete-event, virtual time, deterministic from a seed, running
+//! the real `tokenfleet-scheduler` through the same driver API the coordinator uses.
+//!
+//! Layout:
+//! - [`scenario`]: scenario TOML files (`scenarios/`), `Scenario::from_file` / `from_name`.
+//! - [`compute`]: compute classes as data files (`data/`), with their sources.
+//! - [`vehicle_model`]: archetypes and dwell, charging, the governor rule, battery wear
+//!   (a stand-in until `tokenfleet-vehicle`'s governor is wired in).
+//! - [`workload`]: diurnal Poisson interactive requests, batch dumps, JSON-lines traces.
+//! - [`driver`]: the scheduler driver; records and replays [`SchedulerTrace`]s.
+//! - `engine` / `jobs`: the event loop, vehicles, job execution, evictions with continuation.
+//! - [`metrics`]: [`RunReport`], [`CompareReport`].
+//! - [`report`]: the readable text report; [`plot`]: PNG/SVG plots with plotters.
+//! - `rng`: seeded distributions.
+
+pub mod compute;
+pub mod driver;
+mod engine;
+mod fleet;
+mod jobs;
+pub mod metrics;
+pub mod plot;
+pub mod report;
+mod rng;
+pub mod scenario;
+pub mod vehicle_model;
+pub mod workload;
+
+use std::sync::Arc;
+
+pub use metrics::{CompareReport, RunReport};
+pub use scenario::{Scenario, ScenarioError};
+pub use tokenfleet_scheduler::{PolicyKind, SchedulerConfig, SchedulerTrace};
+
+/// Progress of a run, reported about once per simulated hour.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Progress {
+    pub policy: PolicyKind,
+    /// 0..=1 of the measurement window.
+    pub fraction: f64,
+}
+
+/// Callback for progress bars.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// Per-run overrides and hooks.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    pub seed: Option<u64>,
+    pub vehicles: Option<u32>,
+    pub days: Option<f64>,
+    pub scheduler: SchedulerConfig,
+    /// Record every scheduler call (for small runs: the trace holds full node views).
+    pub record_trace: bool,
+    pub progress: Option<ProgressFn>,
+}
+
+/// Errors from `run_checked`.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Trace(#[from] workload::TraceError),
+}
+
+/// Run one policy on a scenario. A workload trace that cannot be read is reported by
+/// [`run_checked`]; `run` then falls back to the generated workload.
+pub fn run(scenario: &Scenario, policy: PolicyKind, opts: &RunOptions) -> RunReport {
+    match run_checked(scenario, policy, opts) {
+        Ok((r, _)) => r,
+        Err(_) => {
+            let mut sc = scenario.clone();
+            sc.workload.trace = None;
+            run_checked(&sc, policy, opts)
+                .map(|(r, _)| r)
+                .unwrap_or_default()
+        }
+    }
+}
+
+/// Run one policy; also returns the scheduler trace when `opts.record_trace`.
+pub fn run_checked(
+    scenario: &Scenario,
+    policy: PolicyKind,
+    opts: &RunOptions,
+) -> Result<(RunReport, Option<SchedulerTrace>), SimError> {
+    let trace = match &scenario.workload.trace {
+        Some(path) => workload::load_trace(path)?,
+        None => Vec::new(),
+    };
+    let mut sim = engine::Sim::new(scenario, policy, opts, trace);
+    sim.run();
+    Ok(report::build(sim))
+}
+
+/// Run every policy on the same scenario and seed.
+pub fn compare(scenario: &Scenario, opts: &RunOptions) -> CompareReport {
+    let mut out = CompareReport {
+        scenario: scenario.name.clone(),
+        seed: opts.seed.unwrap_or(scenario.seed),
+        policies: Default::default(),
+    };
+    for p in PolicyKind::ALL {
+        out.policies.insert(p.to_string(), run(scenario, p, opts));
+    }
+    out
+}

@@ -1,0 +1,108 @@
+//! Command-line interface. Every flag has a long name and an environment variable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokenfleet",
+    version,
+    about = "LLM inference on fleets of parked EVs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer one chat prompt with the local engine, streaming tokens to stdout.
+    Chat(ChatArgs),
+    /// Benchmarks that print our figures next to a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Where models and built reference tools are cached.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("TOKENFLEET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/tokenfleet")
+        })
+}
+
+/// The demo model as `scripts/fetch-model.sh` installs it.
+pub fn default_model_path() -> PathBuf {
+    default_cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// GGUF model file.
+    #[arg(long, env = "TOKENFLEET_MODEL", default_value_os_t = default_model_path())]
+    pub model: PathBuf,
+    /// CPU threads for llama.cpp (default: all cores).
+    #[arg(long, env = "TOKENFLEET_THREADS")]
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Maximum new tokens.
+    #[arg(long, env = "TOKENFLEET_MAX_TOKENS", default_value_t = 256)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The user's message.
+    pub prompt: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Our engine against llama.cpp's llama-bench and llama-server on the same model/threads.
+    Engine(crate::bench::engine::EngineBenchArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,tokenfleet=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Chat(args) => crate::chat::run(args).await,
+            Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! `tokenfleet`, the single binary: the command line and the benchmarks.
+//!
+//! Layout:
+//! - [`cli`]: argument parsing (clap) and dispatch to the subcommands.
+//! - [`chat`]: `tokenfleet chat`, one prompt through the local engine, streamed.
+//! - [`bench`]: `tokenfleet bench ...`, our figures next to a reference measured in the same run.
+
+pub mod bench;
+pub mod chat;
+pub mod cli;

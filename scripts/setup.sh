@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what tokenfleet needs on a fresh Debian machine, idempotently:
+# - Debian packages: cmake + g++ (llama.cpp is built from source by llama-cpp-sys-2),
+#   libclang-dev (bindgen), protobuf-compiler (the tokenfleet.v1 gRPC contract), pkg-config;
+# - the demo/test model (scripts/fetch-model.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(cmake g++ libclang-dev protobuf-compiler pkg-config python3-pip curl)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+scripts/fetch-model.sh >/dev/null
