@@ -1,1 +1,116 @@
-//! placeholder
+//! `tokenfleet-agent`: the vehicle daemon.
+//!
+//! It dials out to the coordinator (vehicles sit behind carrier NAT), says who it is and what
+//! it serves, runs assigned jobs on the local engine with continuous batching, streams tokens
+//! back, and gives work back the moment the vehicle is needed.
+//!
+//! Layout:
+//! - [`config`]: [`AgentConfig`], reconnect [`config::Backoff`].
+//! - [`status`]: [`VehicleStatus`], what the vehicle side (governor) publishes to the core.
+//! - `core`: the task owning running jobs; chunking, eviction, resend after reconnect.
+//! - `session`: the gRPC session, heartbeats, reconnects.
+
+pub mod config;
+mod core;
+mod session;
+pub mod status;
+pub mod vehicle;
+
+pub use config::AgentConfig;
+pub use status::{StatusSender, VehicleStatus};
+
+use tokenfleet_engine::Engine;
+use tokenfleet_protocol::v1;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot reach the coordinator: {0}")]
+    Connect(String),
+    #[error("the coordinator refused the session: {0}")]
+    Refused(String),
+    #[error("the agent is stopping")]
+    Stopped,
+}
+
+/// A running agent. Dropping it stops the agent (its jobs' leases then expire on the
+/// coordinator, which resumes them elsewhere).
+pub struct Agent {
+    shutdown: watch::Sender<bool>,
+    status: StatusSender,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent: the core task and the session loop. `model_sha256` identifies the
+    /// served GGUF to the coordinator.
+    pub fn start(
+        config: AgentConfig,
+        engine: Engine,
+        model_sha256: String,
+        initial: VehicleStatus,
+    ) -> Agent {
+        let info = engine.info().clone();
+        let size_bytes = std::fs::metadata(&info.path).map(|m| m.len()).unwrap_or(0);
+        let hello = v1::Hello {
+            node_id: config.node_id.clone(),
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol_version: tokenfleet_protocol::PROTOCOL_VERSION,
+            hardware: Some(v1::HardwareProfile {
+                compute_class: config.compute_class.clone(),
+                cpu_threads: std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1),
+                memory_bytes: 0,
+                decode_tps_single: config.decode_tps_single,
+                decode_tps_batched: config.decode_tps_batched,
+            }),
+            engine_slots: info.slots,
+            models: vec![v1::ModelInfo {
+                name: config.model_name.clone(),
+                sha256: model_sha256,
+                ctx_per_slot: info.ctx_per_slot,
+                size_bytes,
+            }],
+            held_jobs: Vec::new(),
+        };
+        let (status, status_rx) = watch::channel(initial);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (core_tx, core_rx) = mpsc::channel(4096);
+        let core = core::Core::new(engine, hello, core_rx, core_tx.clone(), status_rx);
+        let tasks = vec![
+            tokio::spawn(core.run()),
+            tokio::spawn(session::run(config, core_tx, shutdown_rx)),
+        ];
+        Agent {
+            shutdown,
+            status,
+            tasks,
+        }
+    }
+
+    /// The vehicle side's handle: publish a new [`VehicleStatus`] (e.g. the driver is back).
+    pub fn status(&self) -> &StatusSender {
+        &self.status
+    }
+
+    /// Stops the session and the core, waiting for both.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -43,9 +43,15 @@ struct Active {
     seq: u32,
     request: GenerationRequest,
     events: mpsc::UnboundedSender<GenerationEvent>,
-    /// Prompt followed by resumed tokens: what prefill evaluates.
+    /// The prompt, evaluated in fixed-size chunks.
     prefill: Vec<TokenId>,
     prefilled: usize,
+    /// Resumed tokens, fed one per step after the prompt exactly as they were generated, so
+    /// their KV entries (and hence every later logit) are bit-identical to the original run's:
+    /// evaluating them as one prefill batch takes other kernel paths and drifts by rounding,
+    /// enough to flip a near-tie greedy choice.
+    replay: Vec<TokenId>,
+    replayed: usize,
     /// The sampled token to evaluate in the next step, once prefill is done.
     next_input: Option<TokenId>,
     /// Position of the next token in the sequence's KV cache.
@@ -64,6 +70,9 @@ pub(crate) struct Worker<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     batch_capacity: usize,
+    /// Prompt tokens per sequence per step (batch capacity minus room for every slot's
+    /// decode token).
+    prefill_chunk: usize,
     commands: mpsc::Receiver<Command>,
     stats: watch::Sender<EngineStats>,
     free_seqs: Vec<u32>,
@@ -88,6 +97,7 @@ impl<'m> Worker<'m> {
             ctx,
             batch: LlamaBatch::new(batch_capacity as usize, 1),
             batch_capacity: batch_capacity as usize,
+            prefill_chunk: (batch_capacity.saturating_sub(slots) as usize).max(1),
             commands,
             stats,
             free_seqs: (0..slots).rev().collect(),
@@ -188,8 +198,8 @@ impl<'m> Worker<'m> {
             for &id in &w.request.resume {
                 text.push(&self.piece(id));
             }
-            let mut prefill = w.request.prompt.clone();
-            prefill.extend_from_slice(&w.request.resume);
+            let prefill = w.request.prompt.clone();
+            let replay = w.request.resume.clone();
             self.active.push(Active {
                 seq,
                 next_index: w.request.resume.len() as u32,
@@ -197,6 +207,8 @@ impl<'m> Worker<'m> {
                 events: w.events,
                 prefill,
                 prefilled: 0,
+                replay,
+                replayed: 0,
                 next_input: None,
                 n_past: 0,
                 generated: 0,
@@ -215,29 +227,41 @@ impl<'m> Worker<'m> {
         let mut wants_logits: Vec<(usize, i32)> = Vec::with_capacity(self.active.len());
         let mut budget = self.batch_capacity;
         let mut seqs_in_batch = 0u32;
+        // One token per decoding (or replaying) sequence. Capacity: at most `slots` such
+        // tokens, and slots <= batch capacity.
         for (ai, a) in self.active.iter_mut().enumerate() {
-            if let Some(tok) = a.next_input.take() {
-                // Capacity: at most `slots` decode tokens, and slots <= batch capacity.
-                let _ = self
-                    .batch
-                    .add(LlamaToken(tok), a.n_past as i32, &[a.seq as i32], true);
-                a.n_past += 1;
-                budget -= 1;
-                seqs_in_batch += 1;
+            let (tok, logits) = if let Some(tok) = a.next_input.take() {
+                (tok, true)
+            } else if a.prefilled == a.prefill.len() && a.replayed < a.replay.len() {
+                a.replayed += 1;
+                (a.replay[a.replayed - 1], a.replayed == a.replay.len())
+            } else {
+                continue;
+            };
+            let _ = self
+                .batch
+                .add(LlamaToken(tok), a.n_past as i32, &[a.seq as i32], logits);
+            a.n_past += 1;
+            budget -= 1;
+            seqs_in_batch += 1;
+            if logits {
                 wants_logits.push((ai, self.batch.n_tokens() - 1));
             }
         }
+        // Prompt chunks at fixed boundaries (multiples of `prefill_chunk`), whatever else is in
+        // the batch: a chunk that does not fit waits for the next step rather than being split,
+        // so a sequence's computation does not depend on what it was batched with.
         for (ai, a) in self.active.iter_mut().enumerate() {
-            if budget == 0 {
-                break;
-            }
             if a.prefilled >= a.prefill.len() {
                 continue;
             }
-            let take = (a.prefill.len() - a.prefilled).min(budget);
+            let take = (a.prefill.len() - a.prefilled).min(self.prefill_chunk);
+            if take > budget {
+                continue;
+            }
             let end = a.prefilled + take;
             for (k, &tok) in a.prefill[a.prefilled..end].iter().enumerate() {
-                let last = a.prefilled + k + 1 == a.prefill.len();
+                let last = a.prefilled + k + 1 == a.prefill.len() && a.replay.is_empty();
                 let _ = self
                     .batch
                     .add(LlamaToken(tok), a.n_past as i32, &[a.seq as i32], last);
@@ -377,7 +401,7 @@ fn finish(a: &mut Active, reason: FinishReason, text_tail: String, first: Instan
         queue: a.admitted.duration_since(a.submitted),
         prefill: first.duration_since(a.admitted),
         decode: now.duration_since(first),
-        prefill_tokens: a.prefill.len() as u32,
+        prefill_tokens: (a.prefill.len() + a.replay.len()) as u32,
     };
     let _ = a.events.send(GenerationEvent::Finished(Finished {
         reason,

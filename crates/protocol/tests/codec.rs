@@ -39,6 +39,7 @@ fn token_chunk_bytes() {
         texts: vec!["a".into(), "".into()],
         logprobs: vec![-0.5],
         top_logprobs: vec![],
+        prompt_tokens: 0,
     }));
     let bytes = roundtrip_agent(&m);
     // 1a = field 3 (chunk), then: 0a 02 "j1" | 10 14 | 1a 03 01 ac 02 (packed ids) |

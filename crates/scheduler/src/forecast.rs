@@ -46,9 +46,22 @@ impl DepartureForecast {
         Self::from_quantiles(made_at, [s; 5])
     }
 
-    /// P(still parked `dur_ms` after `now`).
+    /// P(still parked `dur_ms` after `now`), given that the vehicle is still parked at `now`
+    /// (the caller only asks about parked vehicles): `S(now + dur) / S(now)`, both measured from
+    /// `made_at`. So a forecast stays usable for a while after it was made.
     pub fn survival(&self, now: Millis, dur_ms: u64) -> f32 {
-        let t = (now.saturating_sub(self.made_at) + dur_ms) as f32 / 1000.0;
+        let elapsed = now.saturating_sub(self.made_at);
+        let s_now = self.unconditional(elapsed);
+        let s_end = self.unconditional(elapsed.saturating_add(dur_ms));
+        if s_now <= 1e-6 {
+            return 0.0;
+        }
+        (s_end / s_now).clamp(0.0, 1.0)
+    }
+
+    /// P(still parked `t_ms` after `made_at`).
+    fn unconditional(&self, t_ms: u64) -> f32 {
+        let t = t_ms as f32 / 1000.0;
         let q = &self.remaining_s;
         let cdf = if t <= 0.0 {
             0.0
@@ -96,8 +109,11 @@ mod tests {
             assert!(s <= prev + 1e-6, "not monotone at {t}");
             prev = s;
         }
-        // Evaluated later, the same absolute instant has the same survival.
-        assert!((f.survival(100_000, 200_000) - 0.5).abs() < 1e-5);
+        // Evaluated later, survival is conditional on having stayed so far: at 120 s (S = 0.75),
+        // reaching 300 s (S = 0.5) has probability 0.5 / 0.75.
+        assert!((f.survival(120_000, 180_000) - 0.5 / 0.75).abs() < 1e-5);
+        // Once past the last quantile's tail, nothing survives.
+        assert_eq!(f.survival(2_500_000, 1), 0.0);
     }
 
     #[test]

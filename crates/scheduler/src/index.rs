@@ -6,8 +6,8 @@
 //! the `Preemptible` sets instead. Sets are `Vec`s with swap-remove; every node remembers its
 //! positions, so joining and leaving cost O(models x regions).
 
-use std::collections::HashMap;
-
+use crate::policy::Card;
+use crate::rng::FxHashMap as HashMap;
 use crate::types::{NodeId, NodeView};
 
 /// Region id standing for "any region".
@@ -51,7 +51,16 @@ pub(crate) struct Entry {
     models: Vec<u32>,
     regions: Vec<u32>,
     state: Option<Kind>,
-    positions: Vec<(SetKey, u32)>,
+    /// (set id, position) of every set the node is in.
+    positions: Vec<(u32, u32)>,
+}
+
+/// A candidate set member: the node's slot and a copy of its scoring card, so that scoring a
+/// run of candidates reads one contiguous array (a million-node fleet does not fit in cache).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Member {
+    pub slot: u32,
+    pub card: Card,
 }
 
 #[derive(Default)]
@@ -61,7 +70,8 @@ pub(crate) struct FleetIndex {
     slots: Vec<Option<Entry>>,
     free_slots: Vec<u32>,
     by_id: HashMap<NodeId, u32>,
-    sets: HashMap<SetKey, Vec<u32>>,
+    set_ids: HashMap<SetKey, u32>,
+    sets: Vec<Vec<Member>>,
     /// Registered nodes per (model, region): (all, attested).
     registered: HashMap<(u32, u32), (u32, u32)>,
 }
@@ -105,8 +115,10 @@ impl FleetIndex {
         &self.entry(slot).view
     }
 
-    pub fn set(&self, key: &SetKey) -> &[u32] {
-        self.sets.get(key).map_or(&[], |v| v.as_slice())
+    pub fn set(&self, key: &SetKey) -> &[Member] {
+        self.set_ids
+            .get(key)
+            .map_or(&[], |&id| self.sets[id as usize].as_slice())
     }
 
     /// Registered nodes (any state) with `model` in `region`: (all, attested).
@@ -193,17 +205,25 @@ impl FleetIndex {
     }
 
     fn refresh(&mut self, slot: u32) {
-        let want = desired_kind(&self.entry(slot).view);
-        if want == self.entry(slot).state {
+        let Some(e) = &self.slots[slot as usize] else {
+            return;
+        };
+        let card = Card::of(&e.view);
+        let want = desired_kind(&e.view);
+        if want == e.state {
+            let sets = &mut self.sets;
+            for &(sid, pos) in &e.positions {
+                sets[sid as usize][pos as usize].card = card;
+            }
             return;
         }
         self.leave(slot);
         if let Some(kind) = want {
-            self.join(slot, kind);
+            self.join(slot, kind, card);
         }
     }
 
-    fn join(&mut self, slot: u32, kind: Kind) {
+    fn join(&mut self, slot: u32, kind: Kind, card: Card) {
         let e = match &mut self.slots[slot as usize] {
             Some(e) => e,
             None => return,
@@ -216,9 +236,13 @@ impl FleetIndex {
                     region,
                     kind,
                 };
-                let set = self.sets.entry(key).or_default();
-                e.positions.push((key, set.len() as u32));
-                set.push(slot);
+                let sid = *self.set_ids.entry(key).or_insert_with(|| {
+                    self.sets.push(Vec::new());
+                    (self.sets.len() - 1) as u32
+                });
+                let set = &mut self.sets[sid as usize];
+                e.positions.push((sid, set.len() as u32));
+                set.push(Member { slot, card });
             }
         }
     }
@@ -231,18 +255,22 @@ impl FleetIndex {
             }
             None => return,
         };
-        for (key, pos) in positions {
-            let Some(set) = self.sets.get_mut(&key) else {
-                continue;
-            };
+        for &(sid, pos) in &positions {
+            let set = &mut self.sets[sid as usize];
             set.swap_remove(pos as usize);
-            if let Some(&moved) = set.get(pos as usize) {
-                if let Some(m) = &mut self.slots[moved as usize] {
-                    if let Some(p) = m.positions.iter_mut().find(|(k, _)| *k == key) {
+            if let Some(moved) = set.get(pos as usize) {
+                if let Some(m) = &mut self.slots[moved.slot as usize] {
+                    if let Some(p) = m.positions.iter_mut().find(|(k, _)| *k == sid) {
                         p.1 = pos;
                     }
                 }
             }
+        }
+        // Keep the allocation for the next join.
+        if let Some(e) = &mut self.slots[slot as usize] {
+            let mut positions = positions;
+            positions.clear();
+            e.positions = positions;
         }
     }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+use crate::forecast::DepartureForecast;
 use crate::types::{JobClass, Millis, NodeView, QueuedJob};
 
 /// A placement policy.
@@ -91,59 +92,112 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Planned run time of `job` on `node`, ms: re-prefill of prompt + generated tokens, then the
-/// remaining decode at the node's per-stream speed, plus one round trip.
-pub fn estimate_run_ms(job: &QueuedJob, node: &NodeView) -> u64 {
-    let prefill =
-        (job.prompt_tokens as f64 + job.generated_tokens as f64) / node.prefill_tps.max(1.0) as f64;
-    let decode = job.remaining_tokens() as f64 / node.stream_tps() as f64;
-    ((prefill + decode) * 1000.0 + node.link_rtt_ms.max(0.0) as f64).min(u64::MAX as f64 / 4.0)
-        as u64
+/// The job-independent numbers the scoring policies read about a node, packed into one cache
+/// line. The index keeps one per node (refreshed on every change), so scoring a candidate touches
+/// this card only, never the node's heap-allocated strings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Card {
+    /// Energy source, tariff, battery headroom, energy per token, packing, reputation.
+    pub base: f32,
+    pub stream_tps: f32,
+    pub prefill_tps: f32,
+    pub rtt_ms: f32,
+    pub departure: DepartureForecast,
+    /// `Millis::MAX` when unknown.
+    pub oracle_departure: Millis,
+    pub attested: bool,
 }
 
-/// Probability that `node` stays parked for `run_ms` from `now`, as the policy sees it.
-pub fn stay_probability(policy: PolicyKind, node: &NodeView, now: Millis, run_ms: u64) -> f32 {
-    match (policy, node.oracle_departure) {
-        (PolicyKind::Oracle, Some(dep)) => {
-            if dep >= now.saturating_add(run_ms) {
+impl Card {
+    pub fn of(node: &NodeView) -> Self {
+        let mut base = 0.0;
+        // Grid energy before battery energy; cheaper tariff first.
+        if node.plugged_in {
+            base += 0.6;
+            base -= 0.5 * (node.tariff_per_kwh / 0.40).clamp(0.0, 2.0);
+        } else {
+            // Battery energy is bought back later and wears the pack; keep away from the reserve.
+            let headroom = node.soc_pct.map_or(0.0, |soc| {
+                ((soc - node.soc_reserve_pct) / 50.0).clamp(0.0, 1.0)
+            });
+            base += 0.2 * headroom;
+        }
+        // Energy per token: the awake vehicle's power shared by the busy streams; packing work
+        // onto already-busy nodes amortises it.
+        let j_per_tok = node.power_w.max(1.0) / node.decode_tps_batched.max(0.1);
+        base -= 0.2 * (j_per_tok / 5.0).min(3.0);
+        if node.slots_total > 0 {
+            base += 0.3 * node.slots_busy as f32 / node.slots_total as f32;
+        }
+        base += 0.5 * node.reputation.clamp(0.0, 1.0);
+        Self {
+            base,
+            stream_tps: node.stream_tps(),
+            prefill_tps: node.prefill_tps,
+            rtt_ms: node.link_rtt_ms,
+            departure: node.departure,
+            oracle_departure: node.oracle_departure.unwrap_or(Millis::MAX),
+            attested: node.attested,
+        }
+    }
+
+    pub fn run_ms(&self, job: &QueuedJob) -> u64 {
+        let prefill = (job.prompt_tokens as f64 + job.generated_tokens as f64)
+            / self.prefill_tps.max(1.0) as f64;
+        let decode = job.remaining_tokens() as f64 / self.stream_tps.max(f32::MIN_POSITIVE) as f64;
+        ((prefill + decode) * 1000.0 + self.rtt_ms.max(0.0) as f64).min(u64::MAX as f64 / 4.0)
+            as u64
+    }
+
+    pub fn stay_probability(&self, policy: PolicyKind, now: Millis, run_ms: u64) -> f32 {
+        if policy == PolicyKind::Oracle && self.oracle_departure != Millis::MAX {
+            if self.oracle_departure >= now.saturating_add(run_ms) {
                 1.0
             } else {
                 0.0
             }
+        } else {
+            self.departure.survival(now, run_ms)
         }
-        _ => node.departure.survival(now, run_ms),
     }
+
+    /// (score, stay probability, planned run ms).
+    pub fn score(&self, policy: PolicyKind, job: &QueuedJob, now: Millis) -> (f32, f32, u64) {
+        let run_ms = self.run_ms(job);
+        let p = self.stay_probability(policy, now, run_ms);
+        let mut s = self.base;
+        match job.class {
+            JobClass::Batch => {
+                // Expected useful share of the work: an eviction costs the re-prefill and the
+                // unacknowledged tail, so the stay probability dominates.
+                s += 3.0 * p;
+            }
+            JobClass::Interactive => {
+                // An answer cut off by a departure costs the user a second TTFT: weigh staying
+                // for the answer, then latency (RTT and prefill) heavily.
+                s += 3.0 * p;
+                s -= (self.rtt_ms.max(0.0) / 250.0).min(4.0);
+                let prefill_s = job.prompt_tokens as f32 / self.prefill_tps.max(1.0);
+                s -= (prefill_s / 2.0).min(4.0);
+            }
+        }
+        (s, p, run_ms)
+    }
+}
+
+/// Planned run time of `job` on `node`, ms: re-prefill of prompt + generated tokens, then the
+/// remaining decode at the node's per-stream speed, plus one round trip.
+pub fn estimate_run_ms(job: &QueuedJob, node: &NodeView) -> u64 {
+    Card::of(node).run_ms(job)
+}
+
+/// Probability that `node` stays parked for `run_ms` from `now`, as the policy sees it.
+pub fn stay_probability(policy: PolicyKind, node: &NodeView, now: Millis, run_ms: u64) -> f32 {
+    Card::of(node).stay_probability(policy, now, run_ms)
 }
 
 /// Score of placing `job` on `node` (higher is better) and the stay probability behind it.
 pub fn score(policy: PolicyKind, job: &QueuedJob, node: &NodeView, now: Millis) -> (f32, f32) {
-    let run_ms = estimate_run_ms(job, node);
-    let p = stay_probability(policy, node, now, run_ms);
-    let mut s = 3.0 * p;
-    // Grid energy before battery energy; cheaper tariff first.
-    if node.plugged_in {
-        s += 0.6;
-        s -= 0.5 * (node.tariff_per_kwh / 0.40).clamp(0.0, 2.0);
-    } else {
-        // Battery energy is bought back later and wears the pack; low SoC wears less per
-        // kWh (calendar ageing grows with SoC) but is closer to the reserve.
-        let headroom = node.soc_pct.map_or(0.0, |soc| {
-            ((soc - node.soc_reserve_pct) / 50.0).clamp(0.0, 1.0)
-        });
-        s += 0.2 * headroom;
-    }
-    // Energy per token: the awake vehicle's power shared by the busy streams; packing work onto
-    // already-busy nodes amortises it.
-    let j_per_tok = node.power_w.max(1.0) / node.decode_tps_batched.max(0.1);
-    s -= 0.2 * (j_per_tok / 5.0).min(3.0);
-    if node.slots_total > 0 {
-        s += 0.3 * node.slots_busy as f32 / node.slots_total as f32;
-    }
-    s += 0.5 * node.reputation.clamp(0.0, 1.0);
-    if job.class == JobClass::Interactive {
-        s -= (node.link_rtt_ms.max(0.0) / 250.0).min(4.0);
-        let prefill_s = job.prompt_tokens as f32 / node.prefill_tps.max(1.0);
-        s -= (prefill_s / 2.0).min(4.0);
-    }
+    let (s, p, _) = Card::of(node).score(policy, job, now);
     (s, p)
 }

@@ -13,12 +13,10 @@
 //! of the index; jobs of a (model, residency, sensitivity, class) that found no node are skipped
 //! for the rest of the call. So `decide` is O(queue x sample_size), independent of fleet size.
 
-use std::collections::HashMap;
-
 use crate::constraints::check_placement;
-use crate::index::{FleetIndex, Kind, SetKey, ANY_REGION};
-use crate::policy::{estimate_run_ms, score, PolicyKind, SchedulerConfig};
-use crate::rng::SplitMix64;
+use crate::index::{FleetIndex, Kind, Member, SetKey, ANY_REGION};
+use crate::policy::{PolicyKind, SchedulerConfig};
+use crate::rng::{FxHashMap as HashMap, SplitMix64};
 use crate::types::{
     Assignment, Decisions, JobClass, Millis, NodeId, NodeView, PreemptReason, Preemption,
     QueuedJob, RejectReason, Rejection,
@@ -91,6 +89,32 @@ impl Scheduler {
         self.index.upsert(node);
     }
 
+    /// Change a registered node's dynamic fields in place (slots, governor state, SoC, tariff,
+    /// link, forecast, running batch work) without rebuilding its index entry: the cheap path
+    /// for a caller that updates nodes on every job start and finish. `models`, `regions` and
+    /// `attested` must not change here (use [`Scheduler::upsert_node`]). Returns `false` for an
+    /// unknown node. Equivalent to `upsert_node` with the changed view.
+    pub fn update_node(&mut self, id: NodeId, f: impl FnOnce(&mut NodeView)) -> bool {
+        let Some(slot) = self.index.slot_of(id) else {
+            return false;
+        };
+        #[cfg(debug_assertions)]
+        let before = {
+            let v = self.index.view(slot);
+            (v.models.clone(), v.regions.clone(), v.attested)
+        };
+        self.index.modify(slot, f);
+        let v = self.index.view(slot);
+        #[cfg(debug_assertions)]
+        debug_assert!(
+            before == (v.models.clone(), v.regions.clone(), v.attested),
+            "update_node changed models, regions or attestation"
+        );
+        self.best_stream_tps = self.best_stream_tps.max(v.stream_tps());
+        self.best_prefill_tps = self.best_prefill_tps.max(v.prefill_tps);
+        true
+    }
+
     pub fn remove_node(&mut self, id: NodeId) {
         self.index.remove(id);
     }
@@ -106,7 +130,7 @@ impl Scheduler {
         });
         let mut out = Decisions::default();
         // Per call: None = no candidate at all; Some(t) = declined jobs needing >= t ms.
-        let mut memo: HashMap<MemoKey<'_>, Option<u64>> = HashMap::new();
+        let mut memo: HashMap<MemoKey<'_>, Option<u64>> = HashMap::default();
         for job in order {
             if let Err(reason) = self.admit(now, job) {
                 out.rejections.push(Rejection {
@@ -246,31 +270,15 @@ impl Scheduler {
         }
     }
 
-    /// Walk up to `limit` members of the concatenated sets from a start offset.
-    fn candidates(&mut self, keys: &[SetKey], limit: usize, random_start: bool) -> Vec<u32> {
-        let total: usize = keys.iter().map(|k| self.index.set(k).len()).sum();
-        if total == 0 {
-            return Vec::new();
-        }
-        let start = if random_start {
-            self.rng.below(total)
-        } else {
-            0
-        };
-        let n = limit.min(total);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut at = (start + i) % total;
-            for k in keys {
-                let set = self.index.set(k);
-                if at < set.len() {
-                    out.push(set[at]);
-                    break;
-                }
-                at -= set.len();
+    /// The `i`-th member of the concatenated sets.
+    fn member<'s>(sets: &[&'s [Member]], mut at: usize) -> &'s Member {
+        for set in sets {
+            if at < set.len() {
+                return &set[at];
             }
+            at -= set.len();
         }
-        out
+        unreachable!("member index beyond the candidate sets")
     }
 
     fn pick(&mut self, now: Millis, job: &QueuedJob) -> Pick {
@@ -310,7 +318,7 @@ impl Scheduler {
                     for k in &keys {
                         let set = self.index.set(k);
                         if at < set.len() {
-                            let slot = set[at];
+                            let slot = set[at].slot;
                             if check_placement(job, self.index.view(slot), freeing).is_ok() {
                                 return Pick::Free(slot);
                             }
@@ -322,27 +330,42 @@ impl Scheduler {
                 Pick::Nothing
             }
             PolicyKind::Tokenfleet | PolicyKind::Oracle => {
-                let cands = self.candidates(&keys, limit, true);
-                let mut best: Option<(f32, f32, u32)> = None;
+                let sets: Vec<&[Member]> = keys.iter().map(|k| self.index.set(k)).collect();
+                let total: usize = sets.iter().map(|s| s.len()).sum();
+                if total == 0 {
+                    return Pick::Nothing;
+                }
+                let start = self.rng.below(total);
+                let n = limit.min(total);
+                // Score from the cards only: set membership already guarantees model, region,
+                // eligibility, SoC reserve and a free slot; attestation is on the card. The
+                // winner is checked against every hard constraint below.
+                let mut best: Option<(f32, f32, u64, u32)> = None;
                 let mut min_refused = u64::MAX;
-                for slot in cands {
-                    let view = self.index.view(slot);
-                    if check_placement(job, view, freeing).is_err() {
+                for i in 0..n {
+                    let m = Self::member(&sets, (start + i) % total);
+                    let (slot, card) = (m.slot, &m.card);
+                    if job.sensitive && !card.attested {
                         continue;
                     }
-                    let (s, p) = score(self.policy, job, view, now);
-                    if best.is_none_or(|(bs, _, _)| s > bs) {
-                        best = Some((s, p, slot));
+                    let (s, p, run) = card.score(self.policy, job, now);
+                    if best.is_none_or(|(bs, _, _, _)| s > bs) {
+                        best = Some((s, p, run, slot));
                     }
-                    min_refused = min_refused.min(estimate_run_ms(job, view));
+                    min_refused = min_refused.min(run);
                 }
-                let Some((_, p, slot)) = best else {
+                let Some((_, p, run, slot)) = best else {
                     return Pick::Nothing;
                 };
+                if check_placement(job, self.index.view(slot), freeing).is_err() {
+                    // The index and the view disagree (cannot happen while `refresh` keeps them
+                    // in step); refuse rather than break a hard constraint.
+                    debug_assert!(false, "candidate set member fails check_placement");
+                    return Pick::Nothing;
+                }
                 if job.class == JobClass::Batch && p < self.config.min_stay_prob_batch {
                     let urgent = job.deadline.is_some_and(|d| {
-                        let run = estimate_run_ms(job, self.index.view(slot)) as f32;
-                        (d.saturating_sub(now) as f32) < run * self.config.deadline_urgency
+                        (d.saturating_sub(now) as f32) < run as f32 * self.config.deadline_urgency
                     });
                     if !urgent {
                         return Pick::Declined(min_refused);

@@ -414,3 +414,42 @@ fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
         assert_eq!(d.assignments[0].node, NodeId(2), "{policy}");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// `update_node` (the simulator's per-job path) leaves the scheduler in exactly the state an
+    /// `upsert_node` of the changed view would: same decisions afterwards.
+    #[test]
+    fn update_node_is_equivalent_to_upsert(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+        changes in proptest::collection::vec((0u64..24, 0u32..6, any::<bool>(), any::<bool>(), 0.0f32..100.0), 0..12),
+    ) {
+        let mut a = Scheduler::new(policy, seed);
+        let mut b = Scheduler::new(policy, seed);
+        for n in &fleet {
+            a.upsert_node(n.clone());
+            b.upsert_node(n.clone());
+        }
+        for (id, busy, eligible, plugged, soc) in changes {
+            let Some(mut view) = a.node(NodeId(id)).cloned() else {
+                let known = b.update_node(NodeId(id), |_| ());
+                prop_assert!(!known);
+                continue;
+            };
+            let busy = busy.min(view.slots_total);
+            view.slots_busy = busy;
+            view.running_batch.truncate(busy as usize);
+            view.eligible = eligible;
+            view.plugged_in = plugged;
+            view.soc_pct = Some(soc);
+            a.upsert_node(view.clone());
+            let known = b.update_node(NodeId(id), |v| *v = view);
+            prop_assert!(known);
+        }
+        prop_assert_eq!(a.decide(7, &queue), b.decide(7, &queue));
+    }
+}

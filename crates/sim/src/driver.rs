@@ -31,6 +31,16 @@ impl Driver {
         self.sched.upsert_node(view);
     }
 
+    /// Change a node's dynamic fields in place (see `Scheduler::update_node`). When recording,
+    /// the trace gets the resulting full view, so a replay upserts exactly the same state.
+    pub fn update(&mut self, id: NodeId, f: impl FnOnce(&mut NodeView)) {
+        if self.sched.update_node(id, f) && self.trace.is_some() {
+            if let Some(v) = self.sched.node(id) {
+                self.upserted.push(v.clone());
+            }
+        }
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         if self.trace.is_some() {
             self.removed.push(id);

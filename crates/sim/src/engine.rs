@@ -4,6 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
+use tokenfleet_scheduler::forecast::LEVELS;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
 
 use crate::driver::Driver;
@@ -18,6 +19,8 @@ use crate::RunOptions;
 /// 2024-01-01 00:00 UTC, a Monday.
 pub const EPOCH_MONDAY: Millis = 1_704_067_200_000;
 const SAMPLE_MS: u64 = 15 * MIN;
+/// Vehicles looked at per calibration sample.
+const CALIB_PER_SAMPLE: usize = 1000;
 pub(crate) const SWEEP_MS: u64 = 60_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,6 +60,8 @@ pub struct Vehicle {
     pub running: Vec<u32>,
     pub history: DwellHistory,
     pub forecast: DepartureForecast,
+    /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
+    pub forecast_stay: u32,
 }
 
 pub struct Sim<'a> {
@@ -72,6 +77,14 @@ pub struct Sim<'a> {
     pub rng: Rng,
     pub vehicles: Vec<Vehicle>,
     pub jobs: Vec<Job>,
+    /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
+    pub free_jobs: Vec<u32>,
+    /// Run ids: every start of a job gets a fresh one, so a stale completion never matches.
+    pub next_run: u32,
+    /// Vehicles the scheduler knows (later changes go through the cheap `update` path).
+    pub registered: Vec<bool>,
+    pub scratch: Vec<tokenfleet_scheduler::JobId>,
+    calib_cursor: usize,
     pub pending_int: VecDeque<u32>,
     pub pending_batch: BTreeSet<(Millis, Millis, u32)>,
     pub driver: Driver,
@@ -120,7 +133,12 @@ impl<'a> Sim<'a> {
                 ArchetypeKind::RideHail => Place::Public,
                 ArchetypeKind::CarShare => Place::Public,
             };
+            // Pre-history: walk the vehicle's stays from `back` hours before t0 to the start of
+            // measurement without the event loop (nothing computes before it), recording each
+            // finished stay in the dwell history and tracking the state of charge.
             let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
+            let mut soc = rng.uniform(40.0, 90.0) as f32;
+            let mut history = DwellHistory::new(sc.utc_offset_min);
             let mut stay = vehicle_model::next_stay(
                 a.kind,
                 &a.plug_prob,
@@ -130,8 +148,12 @@ impl<'a> Sim<'a> {
                 from,
                 slot_h as f64,
             );
-            while stay.depart <= t0 {
-                stay = vehicle_model::next_stay(
+            while stay.depart <= t_start {
+                if stay.arrive >= t0 {
+                    history.record(stay.arrive, stay.depart);
+                }
+                soc = vehicle_model::charge_during(a, &stay, stay.depart, soc);
+                let next = vehicle_model::next_stay(
                     a.kind,
                     &a.plug_prob,
                     &mut rng,
@@ -140,6 +162,12 @@ impl<'a> Sim<'a> {
                     stay.place,
                     slot_h as f64,
                 );
+                let drive_kwh = vehicle_model::trip_kwh(next.arrive - stay.depart);
+                soc = (soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
+                stay = next;
+            }
+            if stay.arrive < t_start {
+                soc = vehicle_model::charge_during(a, &stay, t_start, soc);
             }
             vehicles.push(Vehicle {
                 arch: arch as u8,
@@ -150,16 +178,17 @@ impl<'a> Sim<'a> {
                 link_up: true,
                 eligible: false,
                 soc_blocked: false,
-                soc: rng.uniform(40.0, 90.0) as f32,
-                last_t: t0,
+                soc,
+                last_t: t_start,
                 busy: 0,
                 epoch: 0,
                 stay_no: 0,
                 slot_h,
                 rtt_ms: 0.0,
                 running: Vec::new(),
-                history: DwellHistory::new(sc.utc_offset_min),
-                forecast: DepartureForecast::unknown(t0),
+                history,
+                forecast: DepartureForecast::unknown(t_start),
+                forecast_stay: u32::MAX,
             });
         }
         let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
@@ -170,13 +199,18 @@ impl<'a> Sim<'a> {
             clock,
             t_start,
             t_end,
-            now: t0,
+            now: t_start,
             live: false,
             heap: BinaryHeap::new(),
             seq: 0,
             rng: Rng::derive(seed, 2),
             vehicles,
             jobs: Vec::new(),
+            free_jobs: Vec::new(),
+            next_run: 0,
+            registered: vec![false; vehicles_n as usize],
+            scratch: Vec::new(),
+            calib_cursor: 0,
             pending_int: VecDeque::new(),
             pending_batch: BTreeSet::new(),
             driver: Driver::new(policy, seed, opts.scheduler.clone(), opts.record_trace),
@@ -197,7 +231,7 @@ impl<'a> Sim<'a> {
         };
         for v in 0..sim.vehicles.len() {
             let s = sim.vehicles[v].stay;
-            if s.arrive <= t0 {
+            if s.arrive <= t_start {
                 sim.arrive(v as u32);
             } else {
                 sim.push(s.arrive, Ev::Arrive(v as u32));
@@ -356,6 +390,7 @@ impl<'a> Sim<'a> {
     }
 
     fn sample(&mut self) {
+        self.sample_calibration();
         self.m.series.push(SeriesPoint {
             t_h: (self.now - self.t_start) as f64 / HOUR as f64,
             vehicles_parked: self.parked,
@@ -365,6 +400,33 @@ impl<'a> Sim<'a> {
         });
         if self.now + SAMPLE_MS <= self.t_end {
             self.push(self.now + SAMPLE_MS, Ev::Sample);
+        }
+    }
+
+    /// Forecast calibration over parked, eligible vehicles (not over placements, which would be
+    /// biased towards vehicles whose forecast happened to be long): the probability integral
+    /// transform `u = 1 - S(true remaining)` is counted against each quantile level.
+    fn sample_calibration(&mut self) {
+        let n = self.vehicles.len();
+        if n == 0 {
+            return;
+        }
+        let stride = (n / CALIB_PER_SAMPLE).max(1);
+        self.calib_cursor = (self.calib_cursor + 1) % stride;
+        for v in (self.calib_cursor..n).step_by(stride) {
+            let veh = &self.vehicles[v];
+            if !(veh.parked && veh.eligible) {
+                continue;
+            }
+            let remaining = veh.stay.depart.saturating_sub(self.now);
+            let f = self.forecast(v as u32);
+            let u = 1.0 - f.survival(self.now, remaining);
+            for (i, level) in LEVELS.iter().enumerate() {
+                if u <= *level + 1e-6 {
+                    self.m.calib_hits[i] += 1;
+                }
+            }
+            self.m.calib_n += 1;
         }
     }
 
@@ -431,11 +493,6 @@ impl<'a> Sim<'a> {
         if self.live {
             self.upsert(v);
         }
-    }
-
-    pub fn upsert(&mut self, v: u32) {
-        let view = self.view(v);
-        self.driver.upsert(view);
     }
 
     pub fn want_dispatch(&mut self) {

@@ -31,12 +31,7 @@ impl Sim<'_> {
         };
         let kwh = compute_kw * dt_h;
         if veh.stay.plugged {
-            let tariff = match veh.stay.place {
-                Place::Home => sc.economics.tariff_home,
-                Place::Work => sc.economics.tariff_work,
-                Place::Depot => sc.economics.tariff_depot,
-                Place::Public => sc.economics.tariff_public,
-            } as f64;
+            let tariff = tariff(sc, veh.stay.place) as f64;
             self.m.grid_kwh += kwh;
             self.m.energy_cost += kwh * tariff;
             let charge_kw = vehicle_model::charger_kw(a.kind, veh.stay.place) as f64;
@@ -115,13 +110,68 @@ impl Sim<'_> {
         }
     }
 
-    pub fn view(&mut self, v: u32) -> NodeView {
+    /// Tell the scheduler about vehicle `v`: a full view the first time, then only the dynamic
+    /// fields through `Driver::update` (no allocation on the per-job path).
+    pub fn upsert(&mut self, v: u32) {
+        let d = self.dynamic(v);
+        if !self.registered[v as usize] {
+            self.registered[v as usize] = true;
+            let mut view = self.static_view(v);
+            d.apply(&mut view, &self.scratch);
+            self.driver.upsert(view);
+        } else {
+            let scratch = &self.scratch;
+            self.driver
+                .update(NodeId(v as u64), |view| d.apply(view, scratch));
+        }
+    }
+
+    fn static_view(&self, v: u32) -> NodeView {
+        let sc = self.sc;
+        let veh = &self.vehicles[v as usize];
+        let a = &sc.archetypes[veh.arch as usize];
+        let class = &sc.classes[veh.class as usize];
+        NodeView {
+            id: NodeId(v as u64),
+            models: vec![class.model.clone()],
+            slots_total: class.slots,
+            slots_busy: 0,
+            decode_tps_single: class.decode_tps_single,
+            decode_tps_batched: class.decode_tps_batched,
+            prefill_tps: class.prefill_tps,
+            eligible: false,
+            soc_pct: None,
+            soc_reserve_pct: a.soc_reserve_pct,
+            plugged_in: false,
+            regions: sc.regions[veh.region as usize].names.clone(),
+            tariff_per_kwh: 0.0,
+            power_w: sc.economics.awake_w + class.power_max_w,
+            link_rtt_ms: 0.0,
+            reputation: 1.0,
+            attested: true,
+            departure: DepartureForecast::unknown(self.now),
+            running_batch: Vec::new(),
+            oracle_departure: None,
+        }
+    }
+
+    /// The departure forecast for the current stay: made at arrival and refreshed every
+    /// [`FORECAST_REFRESH_MS`] (survival is conditional on the time already parked, so a forecast
+    /// stays valid for a while; the refresh picks up the charging time to complete).
+    pub fn forecast(&mut self, v: u32) -> DepartureForecast {
         let sc = self.sc;
         let now = self.now;
         let veh = &mut self.vehicles[v as usize];
+        if !veh.parked {
+            return DepartureForecast::certain(now, now);
+        }
+        if veh.forecast_stay == veh.stay_no
+            && now.saturating_sub(veh.forecast.made_at) < FORECAST_REFRESH_MS
+        {
+            return veh.forecast;
+        }
         let a = &sc.archetypes[veh.arch as usize];
-        let class = &sc.classes[veh.class as usize];
-        let ttc = if veh.parked && veh.stay.plugged && veh.soc < 90.0 {
+        let ttc = if veh.stay.plugged && veh.soc < 90.0 {
             let kw = vehicle_model::charger_kw(a.kind, veh.stay.place);
             Some(((90.0 - veh.soc) / 100.0 * a.battery_kwh / kw * 3600.0) as u32)
         } else {
@@ -131,43 +181,71 @@ impl Sim<'_> {
             scheduled_departure: veh.stay.scheduled_departure,
             charge_time_to_complete_s: ttc,
         };
-        veh.forecast = if veh.parked {
-            veh.history.forecast(veh.stay.arrive, now, &hints)
-        } else {
-            DepartureForecast::certain(now, now)
-        };
-        let tariff = match veh.stay.place {
-            Place::Home => sc.economics.tariff_home,
-            Place::Work => sc.economics.tariff_work,
-            Place::Depot => sc.economics.tariff_depot,
-            Place::Public => sc.economics.tariff_public,
-        };
-        NodeView {
-            id: NodeId(v as u64),
-            models: vec![class.model.clone()],
-            slots_total: class.slots,
-            slots_busy: veh.busy,
-            decode_tps_single: class.decode_tps_single,
-            decode_tps_batched: class.decode_tps_batched,
-            prefill_tps: class.prefill_tps,
-            eligible: veh.eligible,
-            soc_pct: Some(veh.soc),
-            soc_reserve_pct: a.soc_reserve_pct,
-            plugged_in: veh.parked && veh.stay.plugged,
-            regions: sc.regions[veh.region as usize].names.clone(),
-            tariff_per_kwh: tariff,
-            power_w: sc.economics.awake_w + class.power_max_w,
-            link_rtt_ms: veh.rtt_ms,
-            reputation: 1.0,
-            attested: true,
-            departure: veh.forecast,
-            running_batch: veh
-                .running
+        veh.forecast = veh.history.forecast(veh.stay.arrive, now, &hints);
+        veh.forecast_stay = veh.stay_no;
+        veh.forecast
+    }
+
+    fn dynamic(&mut self, v: u32) -> Dynamic {
+        let departure = self.forecast(v);
+        let sc = self.sc;
+        let veh = &self.vehicles[v as usize];
+        self.scratch.clear();
+        self.scratch.extend(
+            veh.running
                 .iter()
                 .filter(|&&j| self.jobs[j as usize].class == JobClass::Batch)
-                .map(|&j| JobId(j as u64))
-                .collect(),
+                .map(|&j| JobId(j as u64)),
+        );
+        Dynamic {
+            slots_busy: veh.busy,
+            eligible: veh.eligible,
+            soc_pct: veh.soc,
+            plugged_in: veh.parked && veh.stay.plugged,
+            tariff_per_kwh: tariff(sc, veh.stay.place),
+            link_rtt_ms: veh.rtt_ms,
+            departure,
             oracle_departure: veh.parked.then_some(veh.stay.depart),
         }
+    }
+}
+
+/// How long a departure forecast is reused before it is recomputed.
+pub const FORECAST_REFRESH_MS: u64 = 30 * 60_000;
+
+/// Tariff where a vehicle is parked.
+pub fn tariff(sc: &crate::Scenario, place: Place) -> f32 {
+    match place {
+        Place::Home => sc.economics.tariff_home,
+        Place::Work => sc.economics.tariff_work,
+        Place::Depot => sc.economics.tariff_depot,
+        Place::Public => sc.economics.tariff_public,
+    }
+}
+
+/// The fields of a vehicle's `NodeView` that change while it is registered.
+struct Dynamic {
+    slots_busy: u32,
+    eligible: bool,
+    soc_pct: f32,
+    plugged_in: bool,
+    tariff_per_kwh: f32,
+    link_rtt_ms: f32,
+    departure: DepartureForecast,
+    oracle_departure: Option<tokenfleet_scheduler::Millis>,
+}
+
+impl Dynamic {
+    fn apply(&self, v: &mut NodeView, running_batch: &[JobId]) {
+        v.slots_busy = self.slots_busy;
+        v.eligible = self.eligible;
+        v.soc_pct = Some(self.soc_pct);
+        v.plugged_in = self.plugged_in;
+        v.tariff_per_kwh = self.tariff_per_kwh;
+        v.link_rtt_ms = self.link_rtt_ms;
+        v.departure = self.departure;
+        v.oracle_departure = self.oracle_departure;
+        v.running_batch.clear();
+        v.running_batch.extend_from_slice(running_batch);
     }
 }

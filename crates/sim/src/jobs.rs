@@ -33,6 +33,8 @@ pub struct Job {
     pub rtt_ms: f32,
     pub ttft_done: bool,
     pub finished: bool,
+    /// Run id of the current placement (matches its `JobDone` event).
+    pub run: u32,
 }
 
 impl Job {
@@ -58,8 +60,7 @@ impl Sim<'_> {
                 self.model_ids.len() - 1
             }
         };
-        let id = self.jobs.len() as u32;
-        self.jobs.push(Job {
+        let job = Job {
             class: r.class,
             model: model as u16,
             sensitive: r.sensitive,
@@ -78,7 +79,18 @@ impl Sim<'_> {
             rtt_ms: 0.0,
             ttft_done: false,
             finished: false,
-        });
+            run: 0,
+        };
+        let id = match self.free_jobs.pop() {
+            Some(id) => {
+                self.jobs[id as usize] = job;
+                id
+            }
+            None => {
+                self.jobs.push(job);
+                (self.jobs.len() - 1) as u32
+            }
+        };
         match r.class {
             JobClass::Interactive => {
                 self.m.int_jobs += 1;
@@ -217,15 +229,6 @@ impl Sim<'_> {
         let sc = self.sc;
         let veh = &mut self.vehicles[v as usize];
         let class = &sc.classes[veh.class as usize];
-        // Calibration of the departure forecast the scheduler saw.
-        let remaining = veh.stay.depart.saturating_sub(now) as f32 / 1000.0;
-        let elapsed = now.saturating_sub(veh.forecast.made_at) as f32 / 1000.0;
-        for (i, q) in veh.forecast.remaining_s.iter().enumerate() {
-            if remaining <= q - elapsed {
-                self.m.calib_hits[i] += 1;
-            }
-        }
-        self.m.calib_n += 1;
         veh.busy += 1;
         veh.running.push(j);
         self.slots_busy += 1;
@@ -238,10 +241,16 @@ impl Sim<'_> {
             job.prompt
         };
         if job.attempt > 0 && job.generated % job.max_per_req.max(1) > 0 {
+            // A resume re-prefills the prompt and the partial answer: slot time spent again,
+            // counted as waste in decode-token equivalents of that time.
             self.m.reprefill += first_prefill as u64;
+            self.m.wasted +=
+                (first_prefill as f64 * rate as f64 / class.prefill_tps as f64).ceil() as u64;
         }
         let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
         job.attempt += 1;
+        self.next_run = self.next_run.wrapping_add(1);
+        job.run = self.next_run;
         job.node = Some(v);
         job.rate = rate;
         job.rtt_ms = rtt;
@@ -259,8 +268,8 @@ impl Sim<'_> {
         let done_at = job.decode_from
             + prefill_ms(other_prefill)
             + (remaining_tokens as f64 / rate as f64 * 1000.0) as u64;
-        let attempt = job.attempt;
-        self.push(done_at, Ev::JobDone(j, attempt));
+        let run = job.run;
+        self.push(done_at, Ev::JobDone(j, run));
     }
 
     fn release_slot(&mut self, j: u32, v: u32) {
@@ -283,9 +292,9 @@ impl Sim<'_> {
         self.m.tokens_in_bucket += tokens;
     }
 
-    pub fn job_done(&mut self, j: u32, attempt: u32) {
+    pub fn job_done(&mut self, j: u32, run: u32) {
         let job = &self.jobs[j as usize];
-        if job.attempt != attempt || job.finished {
+        if job.run != run || job.finished {
             return;
         }
         let Some(v) = job.node else { return };
@@ -304,6 +313,7 @@ impl Sim<'_> {
             }
         }
         self.release_slot(j, v);
+        self.free_jobs.push(j);
         self.schedule_soc_floor(v);
         self.upsert(v);
         self.want_dispatch();
@@ -357,6 +367,7 @@ impl Sim<'_> {
     }
 
     fn reject(&mut self, j: u32, reason: RejectReason) {
+        self.free_jobs.push(j);
         let job = &mut self.jobs[j as usize];
         job.finished = true;
         // Tokens already delivered for a job that is then refused are wasted after all.

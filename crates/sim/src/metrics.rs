@@ -40,7 +40,8 @@ pub struct RunReport {
     pub delivered_tokens_per_day: f64,
     pub delivered_interactive: u64,
     pub delivered_batch: u64,
-    /// Tokens computed and then lost to evictions/preemptions (not acknowledged).
+    /// Tokens computed and then lost to evictions/preemptions (not acknowledged), plus the
+    /// re-prefill after each resume expressed in decode-token equivalents of slot time.
     pub wasted_tokens: u64,
     /// wasted / (delivered + wasted).
     pub wasted_frac: f64,
@@ -91,7 +92,7 @@ pub struct Metrics {
     pub reprefill: u64,
     pub evictions: u64,
     pub preemptions: u64,
-    pub ttft_ms: Vec<u32>,
+    pub ttft_ms: MsHistogram,
     pub int_jobs: u64,
     pub int_slo_ok: u64,
     pub int_rejected: u64,
@@ -140,6 +141,55 @@ impl Metrics {
     }
 }
 
+/// Millisecond values with exact nearest-rank percentiles in constant memory: 1 ms buckets up to
+/// [`MsHistogram::EXACT_MS`], the (rare) larger values kept as they are.
+#[derive(Default)]
+pub struct MsHistogram {
+    counts: Vec<u64>,
+    over: Vec<u32>,
+    n: u64,
+}
+
+impl MsHistogram {
+    pub const EXACT_MS: usize = 120_000;
+
+    pub fn push(&mut self, ms: u32) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; Self::EXACT_MS];
+        }
+        match self.counts.get_mut(ms as usize) {
+            Some(c) => *c += 1,
+            None => self.over.push(ms),
+        }
+        self.n += 1;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Nearest-rank percentile, 0 when empty (the same value as [`percentile`] on the sample).
+    pub fn percentile(&mut self, p: f64) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        let rank = ((p * self.n as f64).ceil() as u64).clamp(1, self.n);
+        let mut seen = 0;
+        for (ms, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return ms as f64;
+            }
+        }
+        self.over.sort_unstable();
+        self.over[(rank - seen - 1) as usize] as f64
+    }
+}
+
 /// Percentile (nearest rank) of an unsorted sample, 0 when empty.
 pub fn percentile(v: &mut [u32], p: f64) -> f64 {
     if v.is_empty() {
@@ -148,4 +198,33 @@ pub fn percentile(v: &mut [u32], p: f64) -> f64 {
     v.sort_unstable();
     let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1] as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_percentiles_equal_the_exact_nearest_rank() {
+        let mut h = MsHistogram::default();
+        let mut raw = Vec::new();
+        let mut x: u64 = 12345;
+        for i in 0..5000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Mostly small, a few beyond the exact range.
+            let ms = if i % 500 == 0 {
+                200_000 + (x >> 40) as u32 % 1000
+            } else {
+                (x >> 33) as u32 % 5000
+            };
+            h.push(ms);
+            raw.push(ms);
+        }
+        for p in [0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(h.percentile(p), percentile(&mut raw, p), "p = {p}");
+        }
+        assert_eq!(MsHistogram::default().percentile(0.5), 0.0);
+    }
 }

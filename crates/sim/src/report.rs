@@ -5,7 +5,7 @@ use std::fmt::Write;
 use tokenfleet_scheduler::SchedulerTrace;
 
 use crate::engine::Sim;
-use crate::metrics::{percentile, CompareReport, RunReport};
+use crate::metrics::{CompareReport, RunReport};
 use crate::vehicle_model::{wear_cost, DAY};
 
 pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
@@ -51,8 +51,8 @@ pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
         } else {
             m.int_slo_ok as f64 / m.int_jobs as f64
         },
-        ttft_p50_ms: percentile(&mut m.ttft_ms, 0.5),
-        ttft_p99_ms: percentile(&mut m.ttft_ms, 0.99),
+        ttft_p50_ms: m.ttft_ms.percentile(0.5),
+        ttft_p99_ms: m.ttft_ms.percentile(0.99),
         interactive_rejected: m.int_rejected,
         batch_jobs: m.batch_jobs,
         batch_completed: m.batch_completed,

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
-use crate::scenario::{ArchetypeKind, PlugProb};
+use crate::scenario::{Archetype, ArchetypeKind, PlugProb};
 use tokenfleet_scheduler::Millis;
 
 pub const MIN: u64 = 60_000;
@@ -186,6 +186,16 @@ pub fn charger_kw(kind: ArchetypeKind, place: Place) -> f32 {
         (_, Place::Work) | (_, Place::Depot) => 11.0,
         (_, Place::Public) => 11.0,
     }
+}
+
+/// State of charge after charging (no compute) from the stay's arrival until `until`, capped at
+/// 90% (the usual daily charge limit).
+pub fn charge_during(a: &Archetype, stay: &Stay, until: Millis, soc: f32) -> f32 {
+    if !stay.plugged || soc >= 90.0 {
+        return soc;
+    }
+    let h = until.saturating_sub(stay.arrive) as f32 / HOUR as f32;
+    (soc + 100.0 * charger_kw(a.kind, stay.place) * h / a.battery_kwh).min(90.0)
 }
 
 /// Driving energy for a trip, kWh (about 15 kWh/h of driving, an assumption).

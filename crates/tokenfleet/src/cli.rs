@@ -18,6 +18,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a whole demo fleet on this machine: a coordinator and N agents on simulated vehicles.
+    Up(crate::serve::UpArgs),
+    /// Run the coordinator (OpenAI-compatible API, agent sessions, job store, dispatch).
+    Coordinator(crate::serve::CoordinatorArgs),
+    /// Run a vehicle agent.
+    Agent(crate::serve::AgentArgs),
+    /// Simulate a fleet with the real scheduler: tokens, energy, battery wear and cost.
+    Sim(crate::sim_cmd::SimArgs),
     /// Answer one chat prompt with the local engine, streaming tokens to stdout.
     Chat(ChatArgs),
     /// Benchmarks that print our figures next to a reference measured in the same run.
@@ -92,8 +100,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => crate::serve::up(args).await,
+            Command::Coordinator(args) => crate::serve::coordinator(args).await,
+            Command::Agent(args) => crate::serve::agent(args).await,
+            Command::Sim(args) => {
+                tokio::task::spawn_blocking(move || crate::sim_cmd::run(args)).await?
+            }
             Command::Chat(args) => crate::chat::run(args).await,
             Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
         }

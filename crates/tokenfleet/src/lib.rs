@@ -2,9 +2,13 @@
 //!
 //! Layout:
 //! - [`cli`]: argument parsing (clap) and dispatch to the subcommands.
+//! - [`serve`]: `tokenfleet up`, `coordinator`, `agent`.
+//! - [`sim_cmd`]: `tokenfleet sim`, the fleet simulator's command line.
 //! - [`chat`]: `tokenfleet chat`, one prompt through the local engine, streamed.
 //! - [`bench`]: `tokenfleet bench ...`, our figures next to a reference measured in the same run.
 
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod serve;
+pub mod sim_cmd;

@@ -41,7 +41,7 @@ const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bounds on the request loop, so a mistyped argument cannot turn into a flood.
 const MAX_CLIENTS: usize = 1024;
 const MAX_REQUESTS_PER_CLIENT: usize = 100_000;
-/// An error body is only read this far, for the error message.
+/// How much of an error response body is quoted in the error message.
 const MAX_ERROR_BODY: usize = 2048;
 
 /// Where `scripts/llama-ref.sh` is: next to the workspace this crate was built from, or under
@@ -638,12 +638,16 @@ fn chat_completions_url(base_url: &str) -> Result<String> {
     ))
 }
 
-/// An HTTP client that never goes through a proxy (the targets are all on loopback).
+/// An HTTP client that never goes through a proxy (the targets are all on loopback) and never
+/// reuses a connection: llama-server answers a stream with `Keep-Alive` yet closes the
+/// connection after it, so a pooled connection can be dead by the time the next request is
+/// written ("connection closed before message completed" under CPU load). A fresh loopback
+/// connection per request costs well under a millisecond and is the same for every server.
 fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(MAX_CLIENTS)
+        .pool_max_idle_per_host(0)
         .build()
         .context("building the HTTP client")
 }

@@ -1,0 +1,91 @@
+//! Agent configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the agent connects and what it serves.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Coordinator agent endpoint, e.g. `https://fleet.example:50051` (or `http://` on loopback).
+    pub coordinator: String,
+    /// PEM CA that signed the coordinator's certificate (for `https://`).
+    pub ca_cert: Option<PathBuf>,
+    /// Stable vehicle identity.
+    pub node_id: String,
+    /// The name clients use for the served model (default: the GGUF file stem).
+    pub model_name: String,
+    pub compute_class: String,
+    /// Decode speed advertised to the scheduler (single stream / all slots busy).
+    pub decode_tps_single: f32,
+    pub decode_tps_batched: f32,
+    /// Reconnect backoff: first delay and cap.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(
+        coordinator: impl Into<String>,
+        node_id: impl Into<String>,
+        model_name: impl Into<String>,
+    ) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            ca_cert: None,
+            node_id: node_id.into(),
+            model_name: model_name.into(),
+            compute_class: "cpu-2core".into(),
+            decode_tps_single: 150.0,
+            decode_tps_batched: 250.0,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter (async-nats style reconnects).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.initial.saturating_mul(1u32 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let cap = exp.min(self.max);
+        // Full jitter keeps a fleet that lost its coordinator from reconnecting in lockstep.
+        cap.mul_f64(0.5 + 0.5 * rand::random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[9] >= Duration::from_secs(1), "{delays:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

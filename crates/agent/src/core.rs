@@ -1,0 +1,400 @@
+//! The agent core: one task that owns the running jobs and the current session's sender.
+//!
+//! Assigned jobs run on the engine; their tokens are kept in memory (never on disk) so a
+//! reconnecting session can resend what the coordinator missed, and are forwarded as
+//! `TokenChunk`s, coalesced: everything that arrived while the core was busy goes out as one
+//! chunk per job. A departure evicts every job at once: the engine streams are dropped (the
+//! engine frees their slots before its next decode step) and `JobEvicted` says how far each got.
+
+use std::collections::HashMap;
+
+use tokenfleet_engine::{
+    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, SamplingParams,
+};
+use tokenfleet_protocol::v1::{self, AgentMessage};
+use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::status::VehicleStatus;
+
+pub(crate) enum CoreMsg {
+    FromCoordinator(CoordinatorMsg),
+    Attach(mpsc::Sender<AgentMessage>),
+    Detach,
+    Hello(oneshot::Sender<v1::Hello>),
+    Engine(String, GenerationEvent),
+}
+
+/// One generated token as kept in memory: id, released text, logprob, top alternatives.
+type HeldToken = (i32, String, f32, Vec<(i32, String, f32)>);
+
+struct RunningJob {
+    /// Generation index of history[0] (the number of resumed tokens).
+    base: u32,
+    prompt_tokens: u32,
+    history: Vec<HeldToken>,
+    /// Tokens already handed to a session.
+    sent: usize,
+    top_logprobs: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningJob {
+    fn next_index(&self) -> u32 {
+        self.base + self.history.len() as u32
+    }
+
+    fn chunk(&self, job_id: &str, from: usize) -> v1::TokenChunk {
+        let slice = &self.history[from..];
+        v1::TokenChunk {
+            job_id: job_id.to_string(),
+            start_index: self.base + from as u32,
+            token_ids: slice.iter().map(|t| t.0).collect(),
+            texts: slice.iter().map(|t| t.1.clone()).collect(),
+            logprobs: slice.iter().map(|t| t.2).collect(),
+            top_logprobs: if self.top_logprobs {
+                slice
+                    .iter()
+                    .map(|t| v1::TokenLogprobs {
+                        top: t
+                            .3
+                            .iter()
+                            .map(|(id, text, lp)| v1::TopLogprob {
+                                token_id: *id,
+                                text: text.clone(),
+                                logprob: *lp,
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            prompt_tokens: self.prompt_tokens,
+        }
+    }
+}
+
+pub(crate) struct Core {
+    pub engine: Engine,
+    pub hello_template: v1::Hello,
+    pub rx: mpsc::Receiver<CoreMsg>,
+    pub tx: mpsc::Sender<CoreMsg>,
+    pub status: watch::Receiver<VehicleStatus>,
+    jobs: HashMap<String, RunningJob>,
+    out: Option<mpsc::Sender<AgentMessage>>,
+    draining: bool,
+}
+
+impl Core {
+    pub fn new(
+        engine: Engine,
+        hello_template: v1::Hello,
+        rx: mpsc::Receiver<CoreMsg>,
+        tx: mpsc::Sender<CoreMsg>,
+        status: watch::Receiver<VehicleStatus>,
+    ) -> Self {
+        Self {
+            engine,
+            hello_template,
+            rx,
+            tx,
+            status,
+            jobs: HashMap::new(),
+            out: None,
+            draining: false,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.handle(msg);
+                    // Coalesce: take everything already waiting before flushing chunks.
+                    while let Ok(msg) = self.rx.try_recv() {
+                        self.handle(msg);
+                    }
+                    self.flush();
+                }
+                changed = self.status.changed() => {
+                    if changed.is_err() { break; }
+                    self.on_status();
+                }
+            }
+        }
+        for (_, job) in self.jobs.drain() {
+            job.task.abort();
+        }
+    }
+
+    /// Sends on the current session; false when there is none or its buffer is full (the
+    /// coordinator resyncs on reconnect: Hello lists our jobs and it asks for a resend).
+    fn send(&self, msg: AgentMsg) -> bool {
+        match &self.out {
+            Some(out) => out.try_send(AgentMessage::new(msg)).is_ok(),
+            None => false,
+        }
+    }
+
+    fn on_status(&mut self) {
+        let status = self.status.borrow_and_update().clone();
+        if let Some(limits) = status.limits {
+            let _ = self.engine.set_limits(limits);
+        }
+        if status.must_evict {
+            self.evict_all(&status.state.reason);
+        }
+        self.send_state();
+    }
+
+    fn send_state(&self) {
+        let mut state = self.status.borrow().state.clone();
+        if self.draining {
+            state.eligible = false;
+        }
+        let stats = self.engine.stats();
+        state.slots_free = stats.slots_total.saturating_sub(self.jobs.len() as u32);
+        let _ = self.send(AgentMsg::State(state));
+    }
+
+    fn evict_all(&mut self, reason: &str) {
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for id in ids {
+            self.evict(&id, reason);
+        }
+    }
+
+    /// Gives a job back: its stream is dropped now, and the coordinator learns how far it got.
+    fn evict(&mut self, job_id: &str, reason: &str) {
+        if let Some(job) = self.jobs.remove(job_id) {
+            job.task.abort();
+            // Tokens not yet sent are not reported: the next vehicle regenerates them.
+            let next_index = job.base + job.sent as u32;
+            tracing::info!(job = job_id, next_index, reason, "job evicted");
+            let _ = self.send(AgentMsg::Evicted(v1::JobEvicted {
+                job_id: job_id.to_string(),
+                reason: reason.to_string(),
+                next_index,
+            }));
+            // (If the session is down the lease expires instead and the job resumes the same way.)
+        }
+    }
+
+    fn handle(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Attach(out) => {
+                self.out = Some(out);
+                self.send_state();
+            }
+            CoreMsg::Detach => self.out = None,
+            CoreMsg::Hello(reply) => {
+                let mut hello = self.hello_template.clone();
+                hello.held_jobs = self
+                    .jobs
+                    .iter()
+                    .map(|(id, j)| v1::HeldJob {
+                        job_id: id.clone(),
+                        next_index: j.next_index(),
+                    })
+                    .collect();
+                let _ = reply.send(hello);
+            }
+            CoreMsg::Engine(job_id, event) => self.on_engine(job_id, event),
+            CoreMsg::FromCoordinator(msg) => self.on_coordinator(msg),
+        }
+    }
+
+    fn on_coordinator(&mut self, msg: CoordinatorMsg) {
+        match msg {
+            CoordinatorMsg::Assign(a) => self.assign(a),
+            CoordinatorMsg::Cancel(c) => {
+                if let Some(job) = self.jobs.remove(&c.job_id) {
+                    job.task.abort();
+                    tracing::info!(job = %c.job_id, reason = %c.reason, "job cancelled by coordinator");
+                }
+            }
+            CoordinatorMsg::Drain(d) => {
+                self.draining = true;
+                if d.evict {
+                    self.evict_all(&format!("drain: {}", d.reason));
+                }
+                self.send_state();
+            }
+            CoordinatorMsg::Resend(r) => {
+                if let Some(job) = self.jobs.get_mut(&r.job_id) {
+                    let from = r.from_index.saturating_sub(job.base) as usize;
+                    if from <= job.history.len() {
+                        job.sent = from;
+                    }
+                }
+            }
+            CoordinatorMsg::Welcome(_) | CoordinatorMsg::HeartbeatAck(_) => {}
+        }
+    }
+
+    fn assign(&mut self, a: v1::Assign) {
+        let job_id = a.job_id.clone();
+        let fail = |core: &Core, message: String, retryable: bool| {
+            tracing::warn!(job = %job_id, %message, "cannot run assigned job");
+            let _ = core.send(AgentMsg::Failed(v1::JobFailed {
+                job_id: job_id.clone(),
+                message,
+                retryable,
+            }));
+        };
+        if self.draining || self.status.borrow().must_evict {
+            return fail(self, "vehicle is leaving".into(), true);
+        }
+        let prompt = match a.prompt {
+            Some(v1::assign::Prompt::Chat(c)) => {
+                let messages: Vec<ChatMessage> = c
+                    .messages
+                    .into_iter()
+                    .map(|m| ChatMessage::new(m.role, m.content))
+                    .collect();
+                match self.engine.render_chat(&messages) {
+                    Ok(text) => self.engine.tokenize(&text, true),
+                    Err(e) => return fail(self, e.to_string(), false),
+                }
+            }
+            Some(v1::assign::Prompt::Text(t)) => self.engine.tokenize(&t, true),
+            Some(v1::assign::Prompt::Tokens(t)) => t.ids,
+            None => return fail(self, "Assign without a prompt".into(), false),
+        };
+        let sampling = a.sampling.unwrap_or_default();
+        let request = GenerationRequest {
+            prompt,
+            resume: a.resume_token_ids.clone(),
+            max_tokens: a.max_tokens,
+            sampling: SamplingParams {
+                temperature: sampling.temperature,
+                top_p: if sampling.top_p > 0.0 {
+                    sampling.top_p
+                } else {
+                    1.0
+                },
+                top_k: sampling.top_k,
+                seed: sampling.seed,
+            },
+            stop: a.stop,
+            logprobs: a.logprobs,
+            top_logprobs: a.top_logprobs.min(20) as u8,
+            ignore_eos: false,
+        };
+        let prompt_tokens = request.prompt.len() as u32;
+        let base = request.resume.len() as u32;
+        let mut stream = match self.engine.generate(request) {
+            Ok(s) => s,
+            Err(e) => {
+                let retryable = matches!(e, EngineError::Overloaded(_) | EngineError::Shutdown);
+                let message = match e {
+                    EngineError::ContextOverflow { .. } => {
+                        format!("This model's maximum context length is exceeded: {e}")
+                    }
+                    other => other.to_string(),
+                };
+                return fail(self, message, retryable);
+            }
+        };
+        let tx = self.tx.clone();
+        let id = job_id.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = stream.next().await {
+                let last = !matches!(ev, GenerationEvent::Token(_));
+                if tx.send(CoreMsg::Engine(id.clone(), ev)).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        tracing::debug!(job = %job_id, resume = base, "job started");
+        self.jobs.insert(
+            job_id,
+            RunningJob {
+                base,
+                prompt_tokens,
+                history: Vec::new(),
+                sent: 0,
+                top_logprobs: a.top_logprobs > 0,
+                task,
+            },
+        );
+    }
+
+    fn on_engine(&mut self, job_id: String, event: GenerationEvent) {
+        match event {
+            GenerationEvent::Token(t) => {
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    let top = t
+                        .top_logprobs
+                        .into_iter()
+                        .map(|a| (a.id, a.text, a.logprob))
+                        .collect();
+                    job.history.push((t.id, t.text, t.logprob, top));
+                }
+            }
+            GenerationEvent::Finished(f) => {
+                self.flush_job(&job_id);
+                if let Some(job) = self.jobs.remove(&job_id) {
+                    let finish_reason = match f.reason {
+                        tokenfleet_engine::FinishReason::Stop => v1::FinishReason::Stop,
+                        tokenfleet_engine::FinishReason::Length => v1::FinishReason::Length,
+                    };
+                    let _ = self.send(AgentMsg::Done(v1::JobDone {
+                        job_id,
+                        finish_reason: finish_reason as i32,
+                        text_tail: f.text_tail,
+                        next_index: job.next_index(),
+                        prompt_tokens: f.prompt_tokens,
+                        queue_ms: f.timings.queue.as_millis() as u32,
+                        prefill_ms: f.timings.prefill.as_millis() as u32,
+                        decode_ms: f.timings.decode.as_millis() as u32,
+                        energy_j: 0.0,
+                        energy_measured: false,
+                    }));
+                }
+            }
+            GenerationEvent::Failed(message) => {
+                if self.jobs.remove(&job_id).is_some() {
+                    let _ = self.send(AgentMsg::Failed(v1::JobFailed {
+                        job_id,
+                        message,
+                        retryable: true,
+                    }));
+                }
+            }
+        }
+    }
+
+    fn flush_job(&mut self, job_id: &str) {
+        if self.out.is_none() {
+            return;
+        }
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        if job.sent >= job.history.len() {
+            return;
+        }
+        let chunk = job.chunk(job_id, job.sent);
+        let len = job.history.len();
+        if self.send(AgentMsg::Chunk(chunk)) {
+            if let Some(job) = self.jobs.get_mut(job_id) {
+                job.sent = len;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let ids: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.sent < j.history.len())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.flush_job(&id);
+        }
+    }
+}

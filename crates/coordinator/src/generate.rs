@@ -1,0 +1,402 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: accept, store, follow the job.
+//!
+//! A request is validated, stored, then handed to the manager; the handler follows the job's
+//! token list from its own index, so a job that moves between vehicles mid-answer reaches the
+//! client once per token. Streaming answers start only when the first token (or an error) is
+//! there, so an error the vehicle reports before any token is still a proper HTTP error.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use tokenfleet_scheduler::JobClass;
+use tokio::sync::watch;
+
+use crate::api::{authenticate, Shared};
+use crate::error::ApiError;
+use crate::jobs::{JobHandle, JobOutcome, JobView};
+use crate::manager::{unix_ms, Manager, NewJob};
+use crate::responses;
+use crate::store::{JobState, StoredJob, StoredToken};
+use crate::validation::{validate_chat, validate_completion, Endpoint, ValidRequest};
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+const JOB_ID_HEADER: &str = "x-tokenfleet-job-id";
+
+pub async fn chat_completions(
+    state: State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let endpoint_label = "chat_completions";
+    let response = generate(state.0.clone(), headers, body, Endpoint::ChatCompletions).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[endpoint_label, response.status().as_str()])
+        .inc();
+    response
+}
+
+pub async fn completions(
+    state: State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let response = generate(state.0.clone(), headers, body, Endpoint::Completions).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&["completions", response.status().as_str()])
+        .inc();
+    response
+}
+
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        let mut e = ApiError::invalid(rejection.body_text(), None);
+        e.status = rejection.status();
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            e.message = "The request body is too large for this fleet.".into();
+            e.code = Some("request_too_large");
+        }
+        e
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::invalid(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )
+    })
+}
+
+async fn generate(
+    state: Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    match accept(&state, &headers, body, endpoint).await {
+        Ok(Accepted::Live(handle)) => respond(state.manager.clone(), handle).await,
+        Ok(Accepted::Finished(job)) => respond_stored(job),
+        Err(e) => e.into_response(),
+    }
+}
+
+enum Accepted {
+    Live(JobHandle),
+    Finished(Box<StoredJob>),
+}
+
+async fn accept(
+    state: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Accepted, ApiError> {
+    let tenant = authenticate(state, headers)?;
+    let request: ValidRequest = match endpoint {
+        Endpoint::ChatCompletions => validate_chat(parse(body)?, &state.config)?,
+        Endpoint::Completions => validate_completion(parse(body)?, &state.config)?,
+    };
+    if !state.manager.models().await.contains(&request.model) {
+        return Err(ApiError::model_not_found(&request.model));
+    }
+    let key = match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "Idempotency-Key must be 1–255 visible ASCII characters",
+                        Some("Idempotency-Key"),
+                    )
+                })?;
+            Some(k.to_string())
+        }
+    };
+    let prefix = match endpoint {
+        Endpoint::ChatCompletions => "chatcmpl-",
+        Endpoint::Completions => "cmpl-",
+    };
+    let public_id = format!("{prefix}{}", hex::encode(rand::random::<[u8; 12]>()));
+    let created_ms = unix_ms();
+    // Stored before the client gets any byte back.
+    match state
+        .store
+        .insert_job(public_id.clone(), tenant.clone(), key, &request, created_ms)
+        .await?
+    {
+        Ok(id) => {
+            let handle = state
+                .manager
+                .submit(NewJob {
+                    id,
+                    public_id,
+                    tenant,
+                    request,
+                    created_ms,
+                })
+                .await;
+            if handle.is_err() {
+                let _ = state
+                    .store
+                    .finish_job(
+                        id,
+                        crate::store::Outcome {
+                            state: JobState::Failed,
+                            finished_ms: unix_ms(),
+                            finish_reason: None,
+                            text_tail: String::new(),
+                            prompt_tokens: 0,
+                            error: Some("rejected: queue full".into()),
+                        },
+                    )
+                    .await;
+            }
+            Ok(Accepted::Live(handle?))
+        }
+        Err(existing) => {
+            // A retry of a request we already accepted: follow the same job.
+            if let Some(handle) = state.manager.attach(existing).await {
+                return Ok(Accepted::Live(handle));
+            }
+            let job = state
+                .store
+                .load_job(existing)
+                .await?
+                .ok_or_else(|| ApiError::internal("job vanished from the store"))?;
+            if job.tenant != tenant {
+                return Err(ApiError::not_found("No such job."));
+            }
+            Ok(Accepted::Finished(Box::new(job)))
+        }
+    }
+}
+
+/// Cancels the job if the client goes away before it ends (interactive work only: a batch
+/// request keeps running for its batch).
+struct CancelOnDrop {
+    manager: Manager,
+    job: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let manager = self.manager.clone();
+            let job = self.job;
+            tokio::spawn(async move { manager.cancel(job).await });
+        }
+    }
+}
+
+/// Waits until the job has tokens past `from` or has ended; returns the new tokens.
+async fn next(
+    view: &mut watch::Receiver<JobView>,
+    from: &mut usize,
+) -> (Vec<StoredToken>, Option<JobOutcome>, u32) {
+    loop {
+        {
+            let v = view.borrow_and_update();
+            if v.tokens.len() > *from || v.outcome.is_some() {
+                let new = v.tokens[*from..].to_vec();
+                *from = v.tokens.len();
+                return (new, v.outcome.clone(), v.prompt_tokens);
+            }
+        }
+        if view.changed().await.is_err() {
+            let v = view.borrow();
+            let outcome = v
+                .outcome
+                .clone()
+                .or(Some(JobOutcome::Failed(ApiError::internal(
+                    "the job ended unexpectedly",
+                ))));
+            let new = v.tokens[*from..].to_vec();
+            *from = v.tokens.len();
+            return (new, outcome, v.prompt_tokens);
+        }
+    }
+}
+
+async fn respond(manager: Manager, mut handle: JobHandle) -> Response {
+    let guard = CancelOnDrop {
+        manager,
+        job: handle.id,
+        armed: handle.request.class == JobClass::Interactive,
+    };
+    let mut from = 0usize;
+    if !handle.request.stream {
+        let mut tokens = Vec::new();
+        let mut guard = guard;
+        loop {
+            let (new, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
+            tokens.extend(new);
+            if let Some(outcome) = outcome {
+                guard.armed = false;
+                return match outcome {
+                    JobOutcome::Done {
+                        finish_reason,
+                        text_tail,
+                        ..
+                    } => with_job_id(
+                        Json(responses::full(
+                            &handle.request,
+                            &handle.public_id,
+                            handle.created_s,
+                            &tokens,
+                            &text_tail,
+                            &finish_reason,
+                            prompt_tokens,
+                        ))
+                        .into_response(),
+                        &handle.public_id,
+                    ),
+                    JobOutcome::Failed(e) => e.into_response(),
+                    JobOutcome::Cancelled => {
+                        ApiError::unavailable("the request was cancelled").into_response()
+                    }
+                };
+            }
+        }
+    }
+    // Streaming: wait for the first token or an early error.
+    let (first, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
+    if first.is_empty() {
+        if let Some(JobOutcome::Failed(e)) = &outcome {
+            return e.clone().into_response();
+        }
+    }
+    let public_id = handle.public_id.clone();
+    let stream = async_stream::stream! {
+        let mut guard = guard;
+        let mut handle = handle;
+        let r = handle.request.clone();
+        let (id, created) = (handle.public_id.clone(), handle.created_s);
+        let mut completion_tokens = first.len() as u32;
+        let mut prompt_tokens = prompt_tokens;
+        if r.endpoint == Endpoint::ChatCompletions {
+            yield Ok::<Event, std::convert::Infallible>(Event::default().data(responses::role_chunk(&r, &id, created).to_string()));
+        }
+        let mut pending = Some((first, outcome));
+        loop {
+            let (new, outcome) = match pending.take() {
+                Some(p) => p,
+                None => {
+                    let (n, o, p) = next(&mut handle.view, &mut from).await;
+                    prompt_tokens = p;
+                    completion_tokens += n.len() as u32;
+                    (n, o)
+                }
+            };
+            if !new.is_empty() {
+                yield Ok(Event::default().data(responses::token_chunk(&r, &id, created, &new).to_string()));
+            }
+            if let Some(outcome) = outcome {
+                guard.armed = false;
+                match outcome {
+                    JobOutcome::Done { finish_reason, text_tail, prompt_tokens: p } => {
+                        let p = if p > 0 { p } else { prompt_tokens };
+                        yield Ok(Event::default().data(responses::final_chunk(&r, &id, created, &text_tail, &finish_reason).to_string()));
+                        if r.include_usage {
+                            yield Ok(Event::default().data(responses::usage_chunk(&r, &id, created, p, completion_tokens).to_string()));
+                        }
+                    }
+                    JobOutcome::Failed(e) => {
+                        yield Ok(Event::default().data(e.body().to_string()));
+                    }
+                    JobOutcome::Cancelled => {
+                        yield Ok(Event::default().data(ApiError::unavailable("the request was cancelled").body().to_string()));
+                    }
+                }
+                yield Ok(Event::default().data("[DONE]"));
+                break;
+            }
+        }
+    };
+    with_job_id(
+        Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+        &public_id,
+    )
+}
+
+fn with_job_id(mut response: Response, public_id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(public_id) {
+        response.headers_mut().insert(JOB_ID_HEADER, v);
+    }
+    response
+}
+
+/// A retried request whose job already ended: answer from the store.
+fn respond_stored(job: Box<StoredJob>) -> Response {
+    match job.state {
+        JobState::Done => {
+            let r = &job.request;
+            let reason = job.finish_reason.clone().unwrap_or_else(|| "stop".into());
+            let created = job.created_ms / 1000;
+            if !r.stream {
+                return with_job_id(
+                    Json(responses::full(
+                        r,
+                        &job.public_id,
+                        created,
+                        &job.tokens,
+                        &job.text_tail,
+                        &reason,
+                        job.prompt_tokens,
+                    ))
+                    .into_response(),
+                    &job.public_id,
+                );
+            }
+            let mut events: Vec<Result<Event, std::convert::Infallible>> = Vec::new();
+            if r.endpoint == Endpoint::ChatCompletions {
+                events.push(Ok(Event::default().data(
+                    responses::role_chunk(r, &job.public_id, created).to_string(),
+                )));
+            }
+            if !job.tokens.is_empty() {
+                events.push(Ok(Event::default().data(
+                    responses::token_chunk(r, &job.public_id, created, &job.tokens).to_string(),
+                )));
+            }
+            events.push(Ok(Event::default().data(
+                responses::final_chunk(r, &job.public_id, created, &job.text_tail, &reason)
+                    .to_string(),
+            )));
+            if r.include_usage {
+                events.push(Ok(Event::default().data(
+                    responses::usage_chunk(
+                        r,
+                        &job.public_id,
+                        created,
+                        job.prompt_tokens,
+                        job.tokens.len() as u32,
+                    )
+                    .to_string(),
+                )));
+            }
+            events.push(Ok(Event::default().data("[DONE]")));
+            Sse::new(futures::stream::iter(events)).into_response()
+        }
+        JobState::Failed => {
+            ApiError::unavailable(job.error.unwrap_or_else(|| "the request failed".into()))
+                .into_response()
+        }
+        JobState::Cancelled => ApiError::unavailable("the request was cancelled").into_response(),
+        JobState::Queued => {
+            ApiError::unavailable("the request is still queued; retry shortly").into_response()
+        }
+    }
+}

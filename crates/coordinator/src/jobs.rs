@@ -1,0 +1,82 @@
+//! What a job is while the coordinator runs it, and what a client holds to follow one.
+
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::store::StoredToken;
+use crate::validation::ValidRequest;
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    Done {
+        finish_reason: String,
+        text_tail: String,
+        prompt_tokens: u32,
+    },
+    Failed(ApiError),
+    Cancelled,
+}
+
+/// The part of a job clients read: its tokens so far (each index once, in order) and, at the
+/// end, its outcome. Published through a `watch` channel, so a slow reader never holds up the
+/// coordinator and never misses a token: it reads from its own index onwards.
+#[derive(Debug, Clone, Default)]
+pub struct JobView {
+    pub tokens: Vec<StoredToken>,
+    pub prompt_tokens: u32,
+    pub outcome: Option<JobOutcome>,
+}
+
+/// A client's handle on a job.
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    pub id: u64,
+    pub public_id: String,
+    pub created_s: u64,
+    pub request: ValidRequest,
+    pub view: watch::Receiver<JobView>,
+}
+
+/// Where a job is in its life inside the manager.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Placement {
+    Queued { since: Instant },
+    Running { node: tokenfleet_scheduler::NodeId },
+    Ended,
+}
+
+/// The manager's record of a job.
+pub struct Job {
+    pub id: u64,
+    pub public_id: String,
+    pub tenant: String,
+    pub request: ValidRequest,
+    pub created_ms: u64,
+    pub accepted: Instant,
+    pub view: watch::Sender<JobView>,
+    pub placement: Placement,
+    /// Tokens already written to the store.
+    pub persisted: usize,
+    pub first_token_seen: bool,
+    /// Times the job was placed on a vehicle.
+    pub attempts: u32,
+}
+
+impl Job {
+    pub fn generated(&self) -> usize {
+        self.view.borrow().tokens.len()
+    }
+
+    pub fn handle(&self) -> JobHandle {
+        JobHandle {
+            id: self.id,
+            public_id: self.public_id.clone(),
+            created_s: self.created_ms / 1000,
+            request: self.request.clone(),
+            view: self.view.subscribe(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics, all described here, all prefixed `tokenfleet_`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by endpoint and status code.
+    pub requests: IntCounterVec,
+    /// Tokens received from agents (including ones later superseded).
+    pub tokens_generated: IntCounter,
+    /// Tokens accepted into a job's output (each index once).
+    pub tokens_delivered: IntCounter,
+    /// Jobs waiting for a vehicle, by class.
+    pub queue_depth: IntGaugeVec,
+    /// Connected nodes by governor state.
+    pub nodes: IntGaugeVec,
+    /// Jobs handed back by vehicles, by reason.
+    pub evictions: IntCounterVec,
+    /// Jobs continued on another vehicle from their generated tokens.
+    pub resumes: IntCounter,
+    /// Jobs taken from a silent node after its lease ran out.
+    pub lease_expiries: IntCounter,
+    /// Jobs ended, by outcome.
+    pub jobs_finished: IntCounterVec,
+    /// Requests refused for overload or quota, by reason.
+    pub rejected: IntCounterVec,
+    /// Time from a job entering the queue to its Assign being sent.
+    pub dispatch_latency: Histogram,
+    /// Time from job acceptance to its first token.
+    pub ttft: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tokenfleet_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
+            &["endpoint", "status"],
+        )
+        .expect("valid metric");
+        let tokens_generated = IntCounter::new(
+            "tokenfleet_tokens_generated_total",
+            "Tokens received from agents",
+        )
+        .expect("valid metric");
+        let tokens_delivered = IntCounter::new(
+            "tokenfleet_tokens_delivered_total",
+            "Tokens accepted into job outputs, each once",
+        )
+        .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("tokenfleet_queue_depth", "Jobs waiting for a vehicle"),
+            &["class"],
+        )
+        .expect("valid metric");
+        let nodes = IntGaugeVec::new(
+            Opts::new("tokenfleet_nodes", "Connected nodes by governor state"),
+            &["state"],
+        )
+        .expect("valid metric");
+        let evictions = IntCounterVec::new(
+            Opts::new("tokenfleet_evictions_total", "Jobs handed back by vehicles"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let resumes = IntCounter::new(
+            "tokenfleet_resumes_total",
+            "Jobs continued on another vehicle from their tokens",
+        )
+        .expect("valid metric");
+        let lease_expiries = IntCounter::new(
+            "tokenfleet_lease_expiries_total",
+            "Jobs taken from silent nodes",
+        )
+        .expect("valid metric");
+        let jobs_finished = IntCounterVec::new(
+            Opts::new("tokenfleet_jobs_finished_total", "Jobs ended by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new("tokenfleet_rejected_total", "Requests refused, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let buckets = vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+        ];
+        let dispatch_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "tokenfleet_dispatch_latency_seconds",
+                "Queue entry to Assign sent",
+            )
+            .buckets(buckets.clone()),
+        )
+        .expect("valid metric");
+        let ttft = Histogram::with_opts(
+            HistogramOpts::new("tokenfleet_ttft_seconds", "Acceptance to first token")
+                .buckets(buckets),
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tokens_generated.clone()),
+            Box::new(tokens_delivered.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(nodes.clone()),
+            Box::new(evictions.clone()),
+            Box::new(resumes.clone()),
+            Box::new(lease_expiries.clone()),
+            Box::new(jobs_finished.clone()),
+            Box::new(rejected.clone()),
+            Box::new(dispatch_latency.clone()),
+            Box::new(ttft.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            tokens_generated,
+            tokens_delivered,
+            queue_depth,
+            nodes,
+            evictions,
+            resumes,
+            lease_expiries,
+            jobs_finished,
+            rejected,
+            dispatch_latency,
+            ttft,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

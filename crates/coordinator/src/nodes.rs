@@ -1,0 +1,112 @@
+//! The coordinator's view of one connected vehicle.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tokenfleet_protocol::v1::{self, CoordinatorMessage, GovernorState};
+use tokenfleet_protocol::CoordinatorMsg;
+use tokenfleet_scheduler::{DepartureForecast, NodeId, NodeView};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// The outbound half of a node's session.
+pub type NodeSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+pub const GOVERNOR_LABELS: [&str; 6] = [
+    "unknown",
+    "unavailable",
+    "eligible",
+    "computing",
+    "throttled",
+    "draining",
+];
+
+pub struct Node {
+    pub id: NodeId,
+    pub name: String,
+    pub hello: v1::Hello,
+    pub state: v1::State,
+    /// Current session; None while disconnected.
+    pub sender: Option<NodeSender>,
+    pub conn: u64,
+    pub last_seen: Instant,
+    /// Jobs running here.
+    pub jobs: HashSet<u64>,
+}
+
+impl Node {
+    pub fn new(id: NodeId, hello: v1::Hello) -> Self {
+        Self {
+            id,
+            name: hello.node_id.clone(),
+            hello,
+            state: v1::State::default(),
+            sender: None,
+            conn: 0,
+            last_seen: Instant::now(),
+            jobs: HashSet::new(),
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.sender.as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Sends without waiting; false when the session is gone or its buffer is full.
+    pub fn try_send(&self, msg: CoordinatorMessage) -> bool {
+        self.sender
+            .as_ref()
+            .is_some_and(|s| s.try_send(Ok(msg)).is_ok())
+    }
+
+    pub fn send(&self, msg: CoordinatorMsg) {
+        if !self.try_send(CoordinatorMessage::new(msg)) {
+            tracing::warn!(node = %self.name, "could not send to node (session closed or full)");
+        }
+    }
+
+    pub fn governor_label(&self) -> &'static str {
+        match GovernorState::try_from(self.state.governor).unwrap_or(GovernorState::Unspecified) {
+            GovernorState::Unspecified => "unknown",
+            GovernorState::Unavailable => "unavailable",
+            GovernorState::Eligible => "eligible",
+            GovernorState::Computing => "computing",
+            GovernorState::Throttled => "throttled",
+            GovernorState::Draining => "draining",
+        }
+    }
+
+    /// What the scheduler sees of this node.
+    pub fn view(&self, now_ms: u64) -> NodeView {
+        let hw = self.hello.hardware.clone().unwrap_or_default();
+        let s = &self.state;
+        let departure = if s.expected_parked_s > 0 {
+            let e = s.expected_parked_s as f32;
+            DepartureForecast::from_quantiles(now_ms, [0.4 * e, 0.7 * e, e, 1.3 * e, 1.8 * e])
+        } else {
+            DepartureForecast::unknown(now_ms)
+        };
+        NodeView {
+            id: self.id,
+            models: self.hello.models.iter().map(|m| m.name.clone()).collect(),
+            slots_total: self.hello.engine_slots,
+            slots_busy: self.jobs.len() as u32,
+            decode_tps_single: hw.decode_tps_single.max(1.0),
+            decode_tps_batched: hw.decode_tps_batched.max(hw.decode_tps_single).max(1.0),
+            prefill_tps: 10.0 * hw.decode_tps_single.max(1.0),
+            eligible: self.connected() && s.eligible,
+            soc_pct: s.soc_pct,
+            soc_reserve_pct: s.soc_reserve_pct,
+            plugged_in: s.plugged_in,
+            regions: Vec::new(),
+            tariff_per_kwh: s.tariff_per_kwh,
+            power_w: s.compute_power_w,
+            link_rtt_ms: s.link_rtt_ms,
+            reputation: 1.0,
+            attested: false,
+            departure,
+            running_batch: Vec::new(),
+            oracle_departure: None,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! A real fleet for tests: a coordinator and agents in this process, each agent with its own
+//! llama.cpp engine on the real model. Everything binds 127.0.0.1:0 and stops on drop.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokenfleet_agent::{Agent, AgentConfig, VehicleStatus};
+use tokenfleet_coordinator::config::ApiKey;
+use tokenfleet_coordinator::CoordinatorConfig;
+use tokenfleet_engine::{Engine, EngineConfig};
+
+pub const KEY: &str = "test-key-0123456789abcdef";
+pub const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TOKENFLEET_MODEL") {
+        return PathBuf::from(p);
+    }
+    let path = tokenfleet::cli::default_model_path();
+    assert!(
+        path.exists(),
+        "test model missing at {}: run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+pub struct TestAgent {
+    pub agent: Option<Agent>,
+    pub engine: Engine,
+    pub name: String,
+}
+
+pub struct Fleet {
+    pub http: String,
+    pub grpc: String,
+    pub agents: Vec<TestAgent>,
+    pub client: reqwest::Client,
+    pub db: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn test_config(db: PathBuf) -> CoordinatorConfig {
+    CoordinatorConfig {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        db_path: db,
+        api_keys: vec![ApiKey {
+            key: KEY.into(),
+            tenant: "default".into(),
+        }],
+        heartbeat_interval: Duration::from_millis(250),
+        lease_timeout: Duration::from_millis(1500),
+        max_body_bytes: 64 * 1024,
+        ..Default::default()
+    }
+}
+
+pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
+    let mut ec = EngineConfig::new(model_path());
+    ec.slots = slots;
+    ec.ctx_per_slot = 1024;
+    ec.threads = 1;
+    let engine = Engine::load_async(ec).await.expect("engine");
+    let config = AgentConfig::new(format!("http://{grpc}"), name, MODEL);
+    let agent = Agent::start(
+        config,
+        engine.clone(),
+        "test-sha".into(),
+        VehicleStatus::parked(),
+    );
+    TestAgent {
+        agent: Some(agent),
+        engine,
+        name: name.into(),
+    }
+}
+
+impl Fleet {
+    pub async fn start(agents: usize) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("jobs.db");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokenfleet_coordinator::start(test_config(db.clone()), async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("coordinator starts");
+        let http = format!("http://{}", running.bound.http);
+        let grpc = running.bound.grpc.to_string();
+        let mut list = Vec::new();
+        for i in 0..agents {
+            list.push(start_agent(&grpc, &format!("vehicle-{}", i + 1), 4).await);
+        }
+        let fleet = Fleet {
+            http,
+            grpc,
+            agents: list,
+            client: reqwest::Client::new(),
+            db,
+            shutdown: Some(tx),
+            _dir: dir,
+        };
+        fleet.wait_for_nodes(agents).await;
+        fleet
+    }
+
+    /// Waits until `n` agents are connected (bounded).
+    pub async fn wait_for_nodes(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = self
+                .client
+                .get(format!("{}/metrics", self.http))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let connected: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("tokenfleet_nodes{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if connected as usize >= n && !self.models().await.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agents did not connect: {metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn models(&self) -> Vec<String> {
+        let v: serde_json::Value = self
+            .client
+            .get(format!("{}/v1/models", self.http))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.http))
+            .bearer_auth(KEY)
+            .json(&body)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Reads an SSE body into its `data:` payloads (bounded by `timeout`).
+pub async fn sse_events(resp: reqwest::Response, timeout: Duration) -> Vec<String> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(pos) = buf.find("\n\n") {
+            let event: String = buf.drain(..pos + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data: ") {
+                    out.push(data.to_string());
+                }
+            }
+        }
+        if out.last().map(String::as_str) == Some("[DONE]") {
+            break;
+        }
+    }
+    out
+}
+
+/// The concatenated content of chat-completion SSE chunks.
+pub fn chat_stream_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+pub fn greedy_chat(prompt: &str, max_tokens: u32, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": stream},
+    })
+}
