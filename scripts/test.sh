@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Sets up the machine (packages, model) and runs the checks CI runs, in CI's order:
-# formatting, clippy with warnings as errors, then every test on the real model.
+# Sets up the machine (packages, model, the pinned OpenAI client) and runs the checks CI runs,
+# in CI's order: formatting, clippy with warnings as errors, every Rust test on the real model,
+# then the official `openai` Python client against a real fleet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+
+CACHE="${TOKENFLEET_CACHE:-$HOME/.cache/tokenfleet}"
+VENV="$CACHE/venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+cargo build -p tokenfleet
+"$VENV/bin/python" -m pytest -q tests/python

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokenfleet_engine::{Engine, Limits};
 use tokenfleet_protocol::v1::{self, GovernorState as WireState};
 use tokenfleet_vehicle::{
-    Governor, GovernorDecision, GovernorState, Millis, Policy, Schedule, SimulatedVehicle,
+    ComputeBudget, Governor, GovernorDecision, GovernorState, Millis, Policy, Schedule, SimulatedVehicle,
     StepContext, VehicleParams, VehicleState,
 };
 
@@ -102,10 +102,18 @@ pub fn status_from(
             tariff_per_kwh: 0.25,
         },
         must_evict: decision.must_evict,
-        limits: Some(Limits {
-            max_active: u32::from(decision.budget.max_batch.max(1)),
-            duty_cycle: decision.budget.duty_cycle.clamp(0.05, 1.0) as f32,
-        }),
+        limits: Some(engine_limits(&decision.budget)),
+    }
+}
+
+/// The engine throttle for a governor budget. The engine's thread count is fixed when the
+/// model is loaded, so the budget's thread share is applied as duty cycle too: the engine
+/// decodes for `utilization` of wall time (not `duty_cycle`, which assumes the thread count
+/// also dropped) with at most `max_batch` sequences.
+pub fn engine_limits(budget: &ComputeBudget) -> Limits {
+    Limits {
+        max_active: u32::from(budget.max_batch.max(1)),
+        duty_cycle: budget.utilization.clamp(0.05, 1.0) as f32,
     }
 }
 

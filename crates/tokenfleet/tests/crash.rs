@@ -1,0 +1,302 @@
+//! Crashes on the real model: a coordinator killed with SIGKILL mid-work loses no accepted job
+//! and runs none to completion twice; an agent killed with SIGKILL mid-job has its job finished
+//! by another agent.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{chat_stream_text, greedy_chat, model_path, sse_events, start_agent, Fleet, KEY};
+use futures::StreamExt;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenfleet");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_coordinator(http: u16, grpc: u16, db: &Path) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args([
+                "coordinator",
+                "--http",
+                &format!("127.0.0.1:{http}"),
+                "--grpc",
+                &format!("127.0.0.1:{grpc}"),
+            ])
+            .arg("--db")
+            .arg(db)
+            .args(["--api-key", KEY, "--lease-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the coordinator"),
+    )
+}
+
+async fn wait_http(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn job_rows(db: &Path) -> Vec<(String, String, i64)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT j.idempotency_key, j.state, (SELECT count(*) FROM job_tokens t WHERE t.job_id = j.id) FROM jobs j ORDER BY j.id")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            r.get(1)?,
+            r.get(2)?,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+fn prompt(i: usize) -> String {
+    let topics = [
+        "the moon",
+        "bicycles",
+        "rain",
+        "volcanoes",
+        "bread",
+        "trains",
+        "owls",
+        "music",
+        "glass",
+        "rivers",
+    ];
+    format!("Write two sentences about {}.", topics[i % topics.len()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("jobs.db");
+    let (http, grpc) = (free_port(), free_port());
+    let base = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    let mut coordinator = spawn_coordinator(http, grpc, &db);
+    wait_http(&client, &base).await;
+    let grpc_addr = format!("127.0.0.1:{grpc}");
+    let _agents = vec![
+        start_agent(&grpc_addr, "vehicle-a", 4).await,
+        start_agent(&grpc_addr, "vehicle-b", 4).await,
+    ];
+
+    // 20 jobs, half streaming, each with an Idempotency-Key; 8 slots, so some queue.
+    let mut inflight = Vec::new();
+    for i in 0..20 {
+        let body = greedy_chat(&prompt(i), 48, i % 2 == 0);
+        let req = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", format!("job-{i}"))
+            .json(&body);
+        inflight.push(tokio::spawn(async move {
+            req.send().await.ok().map(|r| r.status())
+        }));
+    }
+    // Kill once all 20 are stored (accepted) and some tokens exist.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = job_rows(&db);
+        if rows.len() == 20 && rows.iter().any(|r| r.2 > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs not accepted: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = job_rows(&db);
+    let _ = coordinator.0.kill();
+    let _ = coordinator.0.wait();
+    for t in inflight {
+        let _ = t.await;
+    }
+    let done_before = before.iter().filter(|r| r.1 == "done").count();
+    println!(
+        "at SIGKILL: {} jobs stored, {done_before} done, {} with tokens",
+        before.len(),
+        before.iter().filter(|r| r.2 > 0).count()
+    );
+
+    // Restart on the same store and ports; agents reconnect by themselves.
+    coordinator = spawn_coordinator(http, grpc, &db);
+    wait_http(&client, &base).await;
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let body = greedy_chat(&prompt(i), 48, i % 2 == 0);
+        let resp = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", format!("job-{i}"))
+            .json(&body)
+            .timeout(Duration::from_secs(180))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "job-{i}");
+        let text = if i % 2 == 0 {
+            let events = sse_events(resp, Duration::from_secs(180)).await;
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "job-{i}");
+            chat_stream_text(&events)
+        } else {
+            let v: Value = resp.json().await.unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(!text.is_empty(), "job-{i}");
+        answers.push(text);
+    }
+    // Exactly 20 jobs, all done once: no duplicate row, each job's tokens stored once.
+    let rows = job_rows(&db);
+    assert_eq!(rows.len(), 20, "{rows:?}");
+    for (key, state, tokens) in &rows {
+        assert_eq!(state, "done", "{key}");
+        assert!(*tokens > 0 && *tokens <= 48, "{key}: {tokens} tokens");
+    }
+    // A resumed greedy answer equals a fresh uninterrupted one.
+    let fresh: Value = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&greedy_chat(&prompt(1), 48, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh["choices"][0]["message"]["content"].as_str().unwrap(),
+        answers[1]
+    );
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_sigkill_mid_job_finishes_on_another_agent() {
+    let mut fleet = Fleet::start(0).await;
+    let grpc = fleet.grpc.clone();
+    let victim = Proc(
+        Command::new(BIN)
+            .args([
+                "agent",
+                "--coordinator",
+                &format!("http://{grpc}"),
+                "--node-id",
+                "doomed",
+                "--slots",
+                "2",
+                "--ctx",
+                "1024",
+                "--threads",
+                "1",
+            ])
+            .arg("--model")
+            .arg(model_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    fleet.wait_for_nodes(1).await;
+    let reference_prompt = "Write a long essay about the history of electric cars.";
+    let resp = fleet
+        .post(
+            "/v1/chat/completions",
+            greedy_chat(reference_prompt, 96, true),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut raw = String::new();
+    let mut killed_at = None;
+    let mut victim = Some(victim);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        let events: Vec<String> = raw
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+            .collect();
+        if killed_at.is_none() && chat_stream_text(&events).len() >= 60 {
+            drop(victim.take()); // SIGKILL
+            killed_at = Some(Instant::now());
+            fleet.agents.push(start_agent(&grpc, "rescuer", 2).await);
+        }
+        if raw.contains("data: [DONE]") {
+            break;
+        }
+    }
+    let killed_at = killed_at.expect("stream ended before the kill");
+    println!(
+        "finished {:.1} s after the SIGKILL (lease timeout 1.5 s)",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let events: Vec<String> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect();
+    let text = chat_stream_text(&events);
+    let reference: Value = fleet
+        .post(
+            "/v1/chat/completions",
+            greedy_chat(reference_prompt, 96, false),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        reference["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+    let metrics = fleet
+        .client
+        .get(format!("{}/metrics", fleet.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tokenfleet_lease_expiries_total 1"),
+        "{metrics}"
+    );
+}
