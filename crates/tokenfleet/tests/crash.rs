@@ -106,7 +106,7 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
     let mut coordinator = spawn_coordinator(http, grpc, &db);
     wait_http(&client, &base).await;
     let grpc_addr = format!("127.0.0.1:{grpc}");
-    let _agents = vec![
+    let _agents = [
         start_agent(&grpc_addr, "vehicle-a", 4).await,
         start_agent(&grpc_addr, "vehicle-b", 4).await,
     ];
