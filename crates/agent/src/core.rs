@@ -281,7 +281,7 @@ impl Core {
             stop: a.stop,
             logprobs: a.logprobs,
             top_logprobs: a.top_logprobs.min(20) as u8,
-            ignore_eos: false,
+            ignore_eos: a.ignore_eos,
         };
         let prompt_tokens = request.prompt.len() as u32;
         let base = request.resume.len() as u32;

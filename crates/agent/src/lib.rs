@@ -9,9 +9,13 @@
 //! - [`status`]: [`VehicleStatus`], what the vehicle side (governor) publishes to the core.
 //! - `core`: the task owning running jobs; chunking, eviction, resend after reconnect.
 //! - `session`: the gRPC session, heartbeats, reconnects.
+//! - [`vehicle`]: the governor on a simulated vehicle, publishing [`VehicleStatus`].
+//! - [`replay`]: a recorded day through the governor with the engine measured at each
+//!   budget, and the day's report (`tokenfleet agent --replay FILE --report`).
 
 pub mod config;
 mod core;
+pub mod replay;
 mod session;
 pub mod status;
 pub mod vehicle;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tokenfleet_engine::{Engine, Limits};
 use tokenfleet_protocol::v1::{self, GovernorState as WireState};
 use tokenfleet_vehicle::{
-    ComputeBudget, Governor, GovernorDecision, GovernorState, Millis, Policy, Schedule, SimulatedVehicle,
-    StepContext, VehicleParams, VehicleState,
+    ComputeBudget, Governor, GovernorDecision, GovernorState, Millis, Policy, Schedule,
+    SimulatedVehicle, StepContext, VehicleParams, VehicleState,
 };
 
 use crate::status::{StatusSender, VehicleStatus};

@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`: accept, store, follow the job.
 //!
-//! A request is validated, stored, then handed to the manager; the handler follows the job's
+//! A request is validated, stored (durably before the client hears anything), and handed to the
+//! manager; the handler follows the job's
 //! token list from its own index, so a job that moves between vehicles mid-answer reaches the
 //! client once per token. Streaming answers start only when the first token (or an error) is
 //! there, so an error the vehicle reports before any token is still a proper HTTP error.
@@ -103,7 +104,7 @@ async fn accept(
         Endpoint::ChatCompletions => validate_chat(parse(body)?, &state.config)?,
         Endpoint::Completions => validate_completion(parse(body)?, &state.config)?,
     };
-    if !state.manager.models().await.contains(&request.model) {
+    if !state.manager.has_model(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
     }
     let key = match headers.get(IDEMPOTENCY_HEADER) {
@@ -128,57 +129,88 @@ async fn accept(
     };
     let public_id = format!("{prefix}{}", hex::encode(rand::random::<[u8; 12]>()));
     let created_ms = unix_ms();
-    // Stored before the client gets any byte back.
-    match state
-        .store
-        .insert_job(public_id.clone(), tenant.clone(), key, &request, created_ms)
-        .await?
-    {
-        Ok(id) => {
-            let handle = state
-                .manager
-                .submit(NewJob {
-                    id,
-                    public_id,
-                    tenant,
-                    request,
-                    created_ms,
-                })
-                .await;
-            if handle.is_err() {
-                let _ = state
-                    .store
-                    .finish_job(
-                        id,
-                        crate::store::Outcome {
-                            state: JobState::Failed,
-                            finished_ms: unix_ms(),
-                            finish_reason: None,
-                            text_tail: String::new(),
-                            prompt_tokens: 0,
-                            error: Some("rejected: queue full".into()),
-                        },
-                    )
-                    .await;
-            }
-            Ok(Accepted::Live(handle?))
-        }
-        Err(existing) => {
-            // A retry of a request we already accepted: follow the same job.
-            if let Some(handle) = state.manager.attach(existing).await {
-                return Ok(Accepted::Live(handle));
-            }
-            let job = state
+    // Stored before the client gets any byte back. A request without an idempotency key is
+    // dispatched while its insert commits (the store answers after the sync of the group the
+    // insert joined); one with a key is checked against earlier requests first.
+    let (id, durable) = match key {
+        None => {
+            let (id, durable) = state
                 .store
-                .load_job(existing)
-                .await?
-                .ok_or_else(|| ApiError::internal("job vanished from the store"))?;
-            if job.tenant != tenant {
-                return Err(ApiError::not_found("No such job."));
+                .queue_job(public_id.clone(), tenant.clone(), &request, created_ms)
+                .await?;
+            (id, Some(durable))
+        }
+        Some(key) => match state
+            .store
+            .insert_job(
+                public_id.clone(),
+                tenant.clone(),
+                Some(key),
+                &request,
+                created_ms,
+            )
+            .await?
+        {
+            Ok(id) => (id, None),
+            Err(existing) => return follow_existing(state, existing, &tenant).await,
+        },
+    };
+    let handle = state
+        .manager
+        .submit(NewJob {
+            id,
+            public_id,
+            tenant,
+            request,
+            created_ms,
+        })
+        .await;
+    if let Some(durable) = durable {
+        if let Err(e) = durable.wait().await {
+            // Never acknowledged, so nothing is lost: stop the job wherever it started.
+            if handle.is_ok() {
+                state.manager.cancel(id).await;
             }
-            Ok(Accepted::Finished(Box::new(job)))
+            return Err(e.into());
         }
     }
+    if handle.is_err() {
+        let _ = state
+            .store
+            .finish_job(
+                id,
+                crate::store::Outcome {
+                    state: JobState::Failed,
+                    finished_ms: unix_ms(),
+                    finish_reason: None,
+                    text_tail: String::new(),
+                    prompt_tokens: 0,
+                    error: Some("rejected: queue full".into()),
+                },
+            )
+            .await;
+    }
+    Ok(Accepted::Live(handle?))
+}
+
+/// A retry of a request we already accepted: follow the same job, or answer from the store.
+async fn follow_existing(
+    state: &Shared,
+    existing: u64,
+    tenant: &str,
+) -> Result<Accepted, ApiError> {
+    if let Some(handle) = state.manager.attach(existing).await {
+        return Ok(Accepted::Live(handle));
+    }
+    let job = state
+        .store
+        .load_job(existing)
+        .await?
+        .ok_or_else(|| ApiError::internal("job vanished from the store"))?;
+    if job.tenant != tenant {
+        return Err(ApiError::not_found("No such job."));
+    }
+    Ok(Accepted::Finished(Box::new(job)))
 }
 
 /// Cancels the job if the client goes away before it ends (interactive work only: a batch

@@ -34,7 +34,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use config::CoordinatorConfig;
-use tokenfleet_protocol::v1::node_session_server::NodeSessionServer;
 use tokenfleet_scheduler::Scheduler;
 use tokio::net::TcpListener;
 
@@ -91,6 +90,7 @@ pub async fn start(
         recovered,
         stop_rx.clone(),
     );
+    let flush_store = store.clone();
     let state = Arc::new(api::AppState {
         manager: manager.clone(),
         store,
@@ -121,11 +121,13 @@ pub async fn start(
                 .identity(tonic::transport::Identity::from_pem(cert, key)),
         )?;
     }
-    let service = NodeSessionServer::new(session::NodeService {
-        manager,
-        config: Arc::clone(&config),
-    })
-    .max_decoding_message_size(4 << 20);
+    let service = session::NodeSessionServer::new(
+        session::NodeService {
+            manager,
+            config: Arc::clone(&config),
+        },
+        4 << 20,
+    );
     tracing::info!(http = %bound.http, grpc = %bound.grpc, tls = config.grpc_tls.is_some(), "coordinator listening");
     let task = tokio::spawn(async move {
         let mut stop_http = stop_rx.clone();
@@ -146,6 +148,10 @@ pub async fn start(
         });
         let (h, g) = tokio::join!(http_server, grpc_server);
         let _ = manager_task.await;
+        // Everything the manager queued for the store is durable before we report stopped.
+        if let Err(e) = flush_store.flush().await {
+            tracing::error!(cause = %e, "job store flush at shutdown failed");
+        }
         h?;
         g?;
         Ok(())

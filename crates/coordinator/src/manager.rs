@@ -19,7 +19,7 @@ use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
 use crate::jobs::{Job, JobHandle, JobOutcome, JobView, Placement};
 use crate::metrics::Metrics;
-use crate::nodes::{Node, NodeSender};
+use crate::nodes::{LastSeen, Node, NodeSender};
 use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
 use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
@@ -43,11 +43,11 @@ enum Cmd {
     Submit(NewJob, oneshot::Sender<Result<JobHandle, ApiError>>),
     Attach(u64, oneshot::Sender<Option<JobHandle>>),
     Cancel(u64),
-    Models(oneshot::Sender<Vec<String>>),
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
         Box<v1::Hello>,
         NodeSender,
+        LastSeen,
         oneshot::Sender<Result<Registered, Status>>,
     ),
     NodeMsg(NodeId, u64, AgentMsg),
@@ -58,7 +58,14 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Manager {
     tx: mpsc::Sender<Cmd>,
+    /// Models held by at least one connected node, sorted; kept current by the manager so
+    /// that requests check a model without a round trip to its task.
+    models: watch::Receiver<Arc<Vec<String>>>,
 }
+
+/// Commands the manager handles before it runs the scheduler once (bounded, so ticks and
+/// dispatch still come round under a flood of messages).
+const MAX_CMDS_PER_DISPATCH: usize = 256;
 
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -78,7 +85,8 @@ impl Manager {
         shutdown: watch::Receiver<bool>,
     ) -> (Manager, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
-        let writer = StoreWriter::spawn(store);
+        let writer = StoreWriter::new(store);
+        let (models_tx, models) = watch::channel(Arc::new(Vec::new()));
         let mut state = State {
             config,
             metrics,
@@ -92,12 +100,15 @@ impl Manager {
             next_conn: 1,
             dirty_nodes: HashSet::new(),
             wants_dispatch: true,
+            model_sessions: HashMap::new(),
+            models_tx,
+            node_gauges_dirty: true,
         };
         for job in recovered {
             state.recover(job);
         }
         let task = tokio::spawn(state.run(rx, shutdown));
-        (Manager { tx }, task)
+        (Manager { tx, models }, task)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
@@ -121,9 +132,14 @@ impl Manager {
         let _ = self.tx.send(Cmd::Cancel(job)).await;
     }
 
-    /// Names of models held by at least one connected node.
+    /// Names of models held by at least one connected node, sorted.
     pub async fn models(&self) -> Vec<String> {
-        self.ask(Cmd::Models).await.unwrap_or_default()
+        self.models.borrow().to_vec()
+    }
+
+    /// Whether at least one connected node holds `model`.
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models.borrow().iter().any(|m| m == model)
     }
 
     pub async fn queue_len(&self) -> usize {
@@ -134,8 +150,9 @@ impl Manager {
         &self,
         hello: v1::Hello,
         sender: NodeSender,
+        last_seen: LastSeen,
     ) -> Result<Registered, Status> {
-        self.ask(|tx| Cmd::NodeUp(Box::new(hello), sender, tx))
+        self.ask(|tx| Cmd::NodeUp(Box::new(hello), sender, last_seen, tx))
             .await
             .unwrap_or_else(|| Err(Status::unavailable("coordinator shutting down")))
     }
@@ -164,6 +181,41 @@ struct State {
     /// Nodes whose view changed since the scheduler last saw them.
     dirty_nodes: HashSet<NodeId>,
     wants_dispatch: bool,
+    /// Connected sessions per model name (the source of [`Manager::models`]).
+    model_sessions: HashMap<String, usize>,
+    models_tx: watch::Sender<Arc<Vec<String>>>,
+    /// A session opened or closed or a governor state changed since the node gauges were
+    /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
+    node_gauges_dirty: bool,
+}
+
+/// Counts a node's models in or out of `sessions` when its session starts or ends, and
+/// publishes the set of names when it changes.
+fn count_models(
+    sessions: &mut HashMap<String, usize>,
+    publish: &watch::Sender<Arc<Vec<String>>>,
+    hello: &v1::Hello,
+    up: bool,
+) {
+    let mut changed = false;
+    for m in &hello.models {
+        if up {
+            let c = sessions.entry(m.name.clone()).or_insert(0);
+            changed |= *c == 0;
+            *c += 1;
+        } else if let Some(c) = sessions.get_mut(&m.name) {
+            *c -= 1;
+            if *c == 0 {
+                sessions.remove(&m.name);
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        let mut names: Vec<String> = sessions.keys().cloned().collect();
+        names.sort();
+        publish.send_replace(Arc::new(names));
+    }
 }
 
 impl State {
@@ -174,7 +226,16 @@ impl State {
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd).await,
+                    Some(cmd) => {
+                        self.handle(cmd).await;
+                        // Take what else is waiting, then run the scheduler once for all.
+                        for _ in 1..MAX_CMDS_PER_DISPATCH {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick().await,
@@ -231,31 +292,28 @@ impl State {
                 let _ = reply.send(self.jobs.get(&id).map(Job::handle));
             }
             Cmd::Cancel(id) => self.cancel(id, "client went away").await,
-            Cmd::Models(reply) => {
-                let mut names: Vec<String> = self
-                    .nodes
-                    .values()
-                    .filter(|n| n.connected())
-                    .flat_map(|n| n.hello.models.iter().map(|m| m.name.clone()))
-                    .collect();
-                names.sort();
-                names.dedup();
-                let _ = reply.send(names);
-            }
             Cmd::QueueLen(reply) => {
                 let _ = reply.send(self.queue.len());
             }
-            Cmd::NodeUp(hello, sender, reply) => {
-                let _ = reply.send(self.node_up(*hello, sender));
+            Cmd::NodeUp(hello, sender, last_seen, reply) => {
+                let _ = reply.send(self.node_up(*hello, sender, last_seen));
             }
             Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
             Cmd::NodeDown(node, conn) => {
                 if let Some(n) = self.nodes.get_mut(&node) {
                     if n.conn == conn {
-                        tracing::info!(node = %n.name, "node session closed; its jobs stay leased until the lease runs out");
-                        n.sender = None;
+                        tracing::debug!(node = %n.name, "node session closed; its jobs stay leased until the lease runs out");
+                        if n.sender.take().is_some() {
+                            count_models(
+                                &mut self.model_sessions,
+                                &self.models_tx,
+                                &n.hello,
+                                false,
+                            );
+                        }
                         self.scheduler.remove_node(node);
                         self.dirty_nodes.remove(&node);
+                        self.node_gauges_dirty = true;
                     }
                 }
             }
@@ -296,7 +354,12 @@ impl State {
         Ok(handle)
     }
 
-    fn node_up(&mut self, hello: v1::Hello, sender: NodeSender) -> Result<Registered, Status> {
+    fn node_up(
+        &mut self,
+        hello: v1::Hello,
+        sender: NodeSender,
+        last_seen: LastSeen,
+    ) -> Result<Registered, Status> {
         if hello.node_id.is_empty() {
             return Err(Status::invalid_argument("Hello.node_id is empty"));
         }
@@ -322,11 +385,15 @@ impl State {
             .nodes
             .entry(id)
             .or_insert_with(|| Node::new(id, hello.clone()));
-        node.hello = hello;
+        let old = std::mem::replace(&mut node.hello, hello);
+        if node.sender.is_some() {
+            count_models(&mut self.model_sessions, &self.models_tx, &old, false);
+        }
+        count_models(&mut self.model_sessions, &self.models_tx, &node.hello, true);
         node.conn = conn;
         node.sender = Some(sender);
-        node.last_seen = Instant::now();
-        tracing::info!(node = %node.name, conn, held = held.len(), "node connected");
+        node.last_seen = last_seen;
+        tracing::debug!(node = %node.name, conn, held = held.len(), "node connected");
         // Jobs the agent still runs: keep the ones still leased to it (it resends what we
         // lack), cancel the ones that moved on.
         for h in held {
@@ -350,6 +417,7 @@ impl State {
         }
         self.dirty_nodes.insert(id);
         self.wants_dispatch = true;
+        self.node_gauges_dirty = true;
         Ok(Registered { node: id, conn })
     }
 
@@ -361,20 +429,15 @@ impl State {
             if node.conn != conn {
                 return; // a stale session of a node that has reconnected
             }
-            node.last_seen = Instant::now();
         }
         match msg {
-            AgentMsg::Heartbeat(hb) => {
-                self.nodes[&id].send(CoordinatorMsg::HeartbeatAck(v1::HeartbeatAck {
-                    sent_unix_ms: hb.sent_unix_ms,
-                    lease_deadline_unix_ms: unix_ms()
-                        + self.config.lease_timeout.as_millis() as u64,
-                }));
-            }
+            // Answered by the session task, which also keeps `last_seen`.
+            AgentMsg::Heartbeat(_) => {}
             AgentMsg::State(state) => {
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.state = state;
                 }
+                self.node_gauges_dirty = true;
                 self.dirty_nodes.insert(id);
                 self.wants_dispatch = true;
             }
@@ -499,6 +562,10 @@ impl State {
         if let Some(n) = self.nodes.get_mut(&node) {
             n.jobs.remove(&job);
             self.dirty_nodes.insert(node);
+            // A slot came free: jobs still waiting may take it now rather than at the tick.
+            if !self.queue.is_empty() {
+                self.wants_dispatch = true;
+            }
         }
     }
 
@@ -651,14 +718,22 @@ impl State {
         let silent: Vec<NodeId> = self
             .nodes
             .values()
-            .filter(|n| !n.jobs.is_empty() && n.last_seen.elapsed() > lease)
+            .filter(|n| !n.jobs.is_empty() && n.silent_for() > lease)
             .map(|n| n.id)
             .collect();
         for id in silent {
             let node = self.nodes.get_mut(&id).expect("listed above");
             tracing::warn!(node = %node.name, jobs = node.jobs.len(), "node silent past its lease; requeueing its jobs");
             // A live but silent session is cut so the agent reconnects and resyncs.
-            node.sender = None;
+            if node.sender.take().is_some() {
+                count_models(
+                    &mut self.model_sessions,
+                    &self.models_tx,
+                    &node.hello,
+                    false,
+                );
+            }
+            self.node_gauges_dirty = true;
             self.scheduler.remove_node(id);
             let jobs: Vec<u64> = node.jobs.iter().copied().collect();
             for job in jobs {
@@ -711,7 +786,7 @@ impl State {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         let (mut interactive, mut batch) = (0, 0);
         for id in self.queue.keys() {
             match self.jobs[id].request.class {
@@ -727,6 +802,9 @@ impl State {
             .queue_depth
             .with_label_values(&["batch"])
             .set(batch);
+        if !std::mem::take(&mut self.node_gauges_dirty) {
+            return;
+        }
         let mut by_state: HashMap<&'static str, i64> = HashMap::new();
         for n in self.nodes.values().filter(|n| n.connected()) {
             *by_state.entry(n.governor_label()).or_default() += 1;
@@ -845,6 +923,7 @@ impl State {
             stop: r.stop.clone(),
             logprobs: r.logprobs,
             top_logprobs: r.top_logprobs as u32,
+            ignore_eos: r.ignore_eos,
         }));
         if !node.try_send(msg) {
             tracing::warn!(node = %node.name, job = id, "node session is full or closed; job stays queued");

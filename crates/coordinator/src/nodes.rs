@@ -1,16 +1,28 @@
 //! The coordinator's view of one connected vehicle.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokenfleet_protocol::v1::{self, CoordinatorMessage, GovernorState};
 use tokenfleet_protocol::CoordinatorMsg;
 use tokenfleet_scheduler::{DepartureForecast, NodeId, NodeView};
 use tokio::sync::mpsc;
-use tonic::Status;
 
-/// The outbound half of a node's session.
-pub type NodeSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+/// The outbound half of a node's session (boxed: a fleet holds one such queue per vehicle,
+/// and a queue allocates room for a block of messages up front).
+pub type NodeSender = mpsc::Sender<Box<CoordinatorMessage>>;
+
+/// When a session last heard from its agent, in [`clock_ms`]: written by the session task on
+/// every message (heartbeats never reach the manager), read by the manager for leases.
+pub type LastSeen = Arc<AtomicU64>;
+
+/// Milliseconds on a monotonic clock shared by the sessions and the manager.
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
 pub const GOVERNOR_LABELS: [&str; 6] = [
     "unknown",
@@ -29,7 +41,8 @@ pub struct Node {
     /// Current session; None while disconnected.
     pub sender: Option<NodeSender>,
     pub conn: u64,
-    pub last_seen: Instant,
+    /// Of the current session.
+    pub last_seen: LastSeen,
     /// Jobs running here.
     pub jobs: HashSet<u64>,
 }
@@ -43,9 +56,14 @@ impl Node {
             state: v1::State::default(),
             sender: None,
             conn: 0,
-            last_seen: Instant::now(),
+            last_seen: Arc::new(AtomicU64::new(clock_ms())),
             jobs: HashSet::new(),
         }
+    }
+
+    /// How long the current session has been silent.
+    pub fn silent_for(&self) -> Duration {
+        Duration::from_millis(clock_ms().saturating_sub(self.last_seen.load(Ordering::Relaxed)))
     }
 
     pub fn connected(&self) -> bool {
@@ -56,7 +74,7 @@ impl Node {
     pub fn try_send(&self, msg: CoordinatorMessage) -> bool {
         self.sender
             .as_ref()
-            .is_some_and(|s| s.try_send(Ok(msg)).is_ok())
+            .is_some_and(|s| s.try_send(Box::new(msg)).is_ok())
     }
 
     pub fn send(&self, msg: CoordinatorMsg) {

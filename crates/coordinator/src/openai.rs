@@ -61,6 +61,9 @@ pub struct Extension {
     /// Only attested vehicles may run it.
     #[serde(default)]
     pub sensitive: bool,
+    /// Generate exactly max_tokens tokens, past end-of-generation (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,16 +1,20 @@
 //! The durable job store: SQLite in WAL mode, versioned migrations.
 //!
 //! Everything a client was promised lives here before the client hears back: the job (its
-//! validated request, seed included) is inserted before any byte is returned, generated tokens
-//! are appended in small batches, and the outcome is written when the job ends. After a crash
+//! validated request, seed included) is committed before any byte is returned (it may already
+//! be running on a vehicle while that commit syncs), generated tokens are appended in small
+//! batches, and the outcome is written when the job ends. One thread owns the connection and
+//! commits in groups (see [`Store`]). After a crash
 //! the coordinator reloads unfinished jobs with their tokens and resumes them from the last
 //! persisted token. The SQL is plain (no SQLite-only features beyond `WITHOUT ROWID` and
 //! `INSERT OR IGNORE`) so a PostgreSQL backend can implement the same [`Store`] methods.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::validation::ValidRequest;
 
@@ -20,8 +24,12 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored request is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("the store thread panicked")]
-    Panicked,
+    #[error("the job store has stopped")]
+    Closed,
+    #[error("the job store could not start its thread: {0}")]
+    Thread(std::io::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -120,10 +128,72 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-/// Handle to the store; cheap to clone. Calls run on the blocking pool.
+/// Handle to the store; cheap to clone.
+///
+/// One thread owns the SQLite connection and commits in groups: it takes every operation
+/// waiting in its queue (up to [`MAX_BATCH`]), applies them in queue order inside one
+/// transaction (each in its own savepoint, so one failing operation does not undo the others),
+/// commits once (one WAL sync with `synchronous=FULL`), and only then answers. Concurrent
+/// requests thus share a sync instead of queueing for one each, and nothing is acknowledged
+/// before it is durable. Reads run after the commit of the group they arrived in, so they see
+/// every write queued before them.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    tx: mpsc::Sender<Op>,
+    /// Job ids are handed out here, not by SQLite, so a job can be queued (and dispatched)
+    /// before the commit that makes it durable; an id is never reused within a run, even when
+    /// its insert fails.
+    next_id: Arc<AtomicU64>,
+}
+
+/// Resolves when a job queued with [`Store::queue_job`] is durable (or could not be stored).
+pub struct Durable(oneshot::Receiver<Result<Result<u64, u64>, StoreError>>);
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        self.0.await.map_err(|_| StoreError::Closed)?.map(|_| ())
+    }
+}
+
+/// Operations applied in one transaction, at most.
+pub const MAX_BATCH: usize = 1024;
+/// Operations waiting for the store thread beyond which callers wait (backpressure).
+const QUEUE: usize = 8192;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Op {
+    Insert {
+        id: u64,
+        public_id: String,
+        tenant: String,
+        idempotency_key: Option<String>,
+        request: String,
+        created_ms: u64,
+        reply: Reply<Result<u64, u64>>,
+    },
+    Tokens {
+        job: u64,
+        start: u32,
+        tokens: Vec<StoredToken>,
+        reply: Option<Reply<()>>,
+    },
+    Finish {
+        job: u64,
+        outcome: Outcome,
+        reply: Option<Reply<()>>,
+    },
+    /// Runs on the store thread after the current group's commit.
+    Read(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// A write applied inside the open transaction, waiting for the commit to answer.
+enum Applied {
+    Insert(
+        Reply<Result<u64, u64>>,
+        Result<Result<u64, u64>, StoreError>,
+    ),
+    Unit(Option<Reply<()>>, Result<(), StoreError>),
 }
 
 impl Store {
@@ -150,26 +220,41 @@ impl Store {
             tx.commit()?;
             tracing::info!(version = i + 1, "job store migrated");
         }
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        let last: u64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
+        let next_id = Arc::new(AtomicU64::new(last + 1));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("job-store".into())
+            .spawn(move || serve(conn, rx))
+            .map_err(StoreError::Thread)?;
+        Ok(Self { tx, next_id })
     }
 
-    async fn call<T: Send + 'static>(
+    async fn request<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| StoreError::Panicked)?;
-            f(&mut guard)
+        self.request(|reply| {
+            Op::Read(Box::new(move |conn| {
+                let _ = reply.send(f(conn));
+            }))
         })
         .await
-        .map_err(|_| StoreError::Panicked)?
     }
 
-    /// Inserts a new job and returns its id; with an idempotency key already used by the
-    /// tenant, returns the existing job's id instead (`Err(existing)` in the inner result).
+    /// Inserts a new job and returns its id once it is durable; with an idempotency key
+    /// already used by the tenant, returns the existing job's id instead (`Err(existing)` in
+    /// the inner result).
     pub async fn insert_job(
         &self,
         public_id: String,
@@ -179,101 +264,112 @@ impl Store {
         created_ms: u64,
     ) -> Result<Result<u64, u64>, StoreError> {
         let request = serde_json::to_string(request)?;
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            if let Some(key) = &idempotency_key {
-                let existing: Option<u64> = tx
-                    .query_row(
-                        "SELECT id FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2",
-                        params![tenant, key],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if let Some(id) = existing {
-                    return Ok(Err(id));
-                }
-            }
-            tx.execute(
-                "INSERT INTO jobs (public_id, tenant, idempotency_key, request, state, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
-                params![
-                    public_id,
-                    tenant,
-                    idempotency_key,
-                    request,
-                    created_ms as i64
-                ],
-            )?;
-            let id = tx.last_insert_rowid() as u64;
-            tx.commit()?;
-            Ok(Ok(id))
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.request(|reply| Op::Insert {
+            id,
+            public_id,
+            tenant,
+            idempotency_key,
+            request,
+            created_ms,
+            reply,
         })
         .await
     }
 
-    /// Appends tokens `tokens[i]` at indices `start + i` (already-stored indices are kept).
+    /// Queues the insert of a new job (without idempotency key) and returns its id as soon as
+    /// the insert is in the store's queue, with a [`Durable`] to await its commit. Writes
+    /// queued later (the job's tokens and outcome) land after it. Lets the caller dispatch the
+    /// job while the commit runs; the caller must not answer its client before
+    /// [`Durable::wait`] returns Ok.
+    pub async fn queue_job(
+        &self,
+        public_id: String,
+        tenant: String,
+        request: &ValidRequest,
+        created_ms: u64,
+    ) -> Result<(u64, Durable), StoreError> {
+        let request = serde_json::to_string(request)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Insert {
+            id,
+            public_id,
+            tenant,
+            idempotency_key: None,
+            request,
+            created_ms,
+            reply,
+        };
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        Ok((id, Durable(rx)))
+    }
+
+    /// Appends tokens `tokens[i]` at indices `start + i` (already-stored indices are kept);
+    /// returns once they are durable.
     pub async fn append_tokens(
         &self,
         job: u64,
         start: u32,
         tokens: Vec<StoredToken>,
     ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO job_tokens (job_id, idx, token_id, text, logprob, top)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for (i, t) in tokens.iter().enumerate() {
-                    let top = if t.top.is_empty() {
-                        None
-                    } else {
-                        Some(serde_json::to_string(&t.top)?)
-                    };
-                    stmt.execute(params![
-                        job as i64,
-                        start + i as u32,
-                        t.id,
-                        t.text,
-                        t.logprob,
-                        top
-                    ])?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
+        self.request(|reply| Op::Tokens {
+            job,
+            start,
+            tokens,
+            reply: Some(reply),
         })
         .await
     }
 
+    /// Writes a job's outcome; returns once it is durable.
     pub async fn finish_job(&self, job: u64, outcome: Outcome) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            conn.execute(
-                "UPDATE jobs SET state = ?2, finished_ms = ?3, finish_reason = ?4, text_tail = ?5,
-                 prompt_tokens = ?6, error = ?7 WHERE id = ?1",
-                params![
-                    job as i64,
-                    outcome.state.as_str(),
-                    outcome.finished_ms as i64,
-                    outcome.finish_reason,
-                    outcome.text_tail,
-                    outcome.prompt_tokens,
-                    outcome.error
-                ],
-            )?;
-            Ok(())
+        self.request(|reply| Op::Finish {
+            job,
+            outcome,
+            reply: Some(reply),
         })
         .await
+    }
+
+    /// Queues a token append without waiting for it (it lands after every write queued before
+    /// it; a failure is logged). Waits only while the store's queue is full.
+    pub async fn queue_tokens(&self, job: u64, start: u32, tokens: Vec<StoredToken>) {
+        let op = Op::Tokens {
+            job,
+            start,
+            tokens,
+            reply: None,
+        };
+        if self.tx.send(op).await.is_err() {
+            tracing::error!("job store stopped; tokens not written");
+        }
+    }
+
+    /// Queues an outcome without waiting for it (see [`Store::queue_tokens`]).
+    pub async fn queue_finish(&self, job: u64, outcome: Outcome) {
+        let op = Op::Finish {
+            job,
+            outcome,
+            reply: None,
+        };
+        if self.tx.send(op).await.is_err() {
+            tracing::error!("job store stopped; outcome not written");
+        }
+    }
+
+    /// Returns once every operation queued before it is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.read(|_| Ok(())).await
     }
 
     pub async fn load_job(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
-        self.call(move |conn| load_one(conn, job)).await
+        self.read(move |conn| load_one(conn, job)).await
     }
 
     /// Every job not yet ended, with its tokens (for recovery after a restart).
     pub async fn load_unfinished(&self) -> Result<Vec<StoredJob>, StoreError> {
-        self.call(|conn| {
+        self.read(|conn| {
             let ids: Vec<u64> = conn
                 .prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id")?
                 .query_map([], |r| r.get(0))?
@@ -288,6 +384,227 @@ impl Store {
         })
         .await
     }
+}
+
+/// The store thread: group commits until every [`Store`] handle is gone.
+fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(op) = rx.blocking_recv() {
+        batch.push(op);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, &mut batch);
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>) {
+    let mut applied = Vec::with_capacity(batch.len());
+    let mut reads = Vec::new();
+    let committed = match conn.transaction() {
+        Ok(mut tx) => {
+            for op in batch.drain(..) {
+                match op {
+                    Op::Read(f) => reads.push(f),
+                    write => applied.push(apply_in_savepoint(&mut tx, write)),
+                }
+            }
+            tx.commit().map_err(|e| e.to_string())
+        }
+        Err(e) => {
+            for op in batch.drain(..) {
+                match op {
+                    Op::Read(f) => reads.push(f),
+                    write => applied.push(not_applied(write)),
+                }
+            }
+            Err(e.to_string())
+        }
+    };
+    for a in applied {
+        match a {
+            Applied::Insert(reply, result) => {
+                let _ = reply.send(match &committed {
+                    Ok(()) => result,
+                    Err(e) => Err(StoreError::Commit(e.clone())),
+                });
+            }
+            Applied::Unit(reply, result) => {
+                let result = match &committed {
+                    Ok(()) => result,
+                    Err(e) => Err(StoreError::Commit(e.clone())),
+                };
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(result);
+                    }
+                    // The job stays recoverable: unpersisted tokens are regenerated after a
+                    // restart, an unpersisted outcome means the job is re-run from its tokens.
+                    None => {
+                        if let Err(e) = result {
+                            tracing::error!(cause = %e, "job store write failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for f in reads {
+        f(conn);
+    }
+}
+
+fn not_applied(op: Op) -> Applied {
+    let err = || StoreError::Commit("the operation could not be applied".into());
+    match op {
+        Op::Insert { reply, .. } => Applied::Insert(reply, Err(err())),
+        Op::Tokens { reply, .. } | Op::Finish { reply, .. } => Applied::Unit(reply, Err(err())),
+        Op::Read(_) => unreachable!("reads are not applied"),
+    }
+}
+
+fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op) -> Applied {
+    let sp = match tx.savepoint() {
+        Ok(sp) => sp,
+        Err(e) => {
+            let applied = not_applied(op);
+            tracing::error!(cause = %e, "job store savepoint failed");
+            return applied;
+        }
+    };
+    let applied = match op {
+        Op::Insert {
+            id,
+            public_id,
+            tenant,
+            idempotency_key,
+            request,
+            created_ms,
+            reply,
+        } => Applied::Insert(
+            reply,
+            insert(
+                &sp,
+                NewRow {
+                    id,
+                    public_id: &public_id,
+                    tenant: &tenant,
+                    idempotency_key: idempotency_key.as_deref(),
+                    request: &request,
+                    created_ms,
+                },
+            ),
+        ),
+        Op::Tokens {
+            job,
+            start,
+            tokens,
+            reply,
+        } => Applied::Unit(reply, append(&sp, job, start, &tokens)),
+        Op::Finish {
+            job,
+            outcome,
+            reply,
+        } => Applied::Unit(reply, finish(&sp, job, &outcome)),
+        Op::Read(_) => unreachable!("reads are not applied"),
+    };
+    let ok = match &applied {
+        Applied::Insert(_, r) => r.is_ok(),
+        Applied::Unit(_, r) => r.is_ok(),
+    };
+    let end = if ok {
+        sp.commit()
+    } else {
+        // Undo this operation only; the rest of the group commits.
+        sp.finish()
+    };
+    match (end, applied) {
+        (Ok(()), applied) => applied,
+        (Err(e), Applied::Insert(reply, _)) => Applied::Insert(reply, Err(e.into())),
+        (Err(e), Applied::Unit(reply, _)) => Applied::Unit(reply, Err(e.into())),
+    }
+}
+
+struct NewRow<'a> {
+    id: u64,
+    public_id: &'a str,
+    tenant: &'a str,
+    idempotency_key: Option<&'a str>,
+    request: &'a str,
+    created_ms: u64,
+}
+
+fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreError> {
+    if let Some(key) = row.idempotency_key {
+        let existing: Option<u64> = conn
+            .prepare_cached("SELECT id FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
+            .query_row(params![row.tenant, key], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = existing {
+            return Ok(Err(id));
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO jobs (id, public_id, tenant, idempotency_key, request, state, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+    )?
+    .execute(params![
+        row.id as i64,
+        row.public_id,
+        row.tenant,
+        row.idempotency_key,
+        row.request,
+        row.created_ms as i64
+    ])?;
+    Ok(Ok(row.id))
+}
+
+fn append(
+    conn: &Connection,
+    job: u64,
+    start: u32,
+    tokens: &[StoredToken],
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO job_tokens (job_id, idx, token_id, text, logprob, top)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (i, t) in tokens.iter().enumerate() {
+        let top = if t.top.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&t.top)?)
+        };
+        stmt.execute(params![
+            job as i64,
+            start + i as u32,
+            t.id,
+            t.text,
+            t.logprob,
+            top
+        ])?;
+    }
+    Ok(())
+}
+
+fn finish(conn: &Connection, job: u64, outcome: &Outcome) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE jobs SET state = ?2, finished_ms = ?3, finish_reason = ?4, text_tail = ?5,
+         prompt_tokens = ?6, error = ?7 WHERE id = ?1",
+    )?
+    .execute(params![
+        job as i64,
+        outcome.state.as_str(),
+        outcome.finished_ms as i64,
+        outcome.finish_reason,
+        outcome.text_tail,
+        outcome.prompt_tokens,
+        outcome.error
+    ])?;
+    Ok(())
 }
 
 fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
@@ -398,6 +715,7 @@ mod tests {
             residency: None,
             deadline_ms: None,
             sensitive: false,
+            ignore_eos: false,
         }
     }
 
@@ -458,6 +776,49 @@ mod tests {
             .unwrap();
         assert_eq!(b, Err(a.unwrap()));
         assert!(c.is_ok(), "keys are per tenant");
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_does_not_undo_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = Store::open(&path).unwrap();
+        // Queued back to back, so they share a transaction; the second repeats a unique
+        // public id and must fail alone.
+        let (a, da) = store
+            .queue_job("same".into(), "t".into(), &request(), 1)
+            .await
+            .unwrap();
+        let (b, db) = store
+            .queue_job("same".into(), "t".into(), &request(), 2)
+            .await
+            .unwrap();
+        let (c, dc) = store
+            .queue_job("other".into(), "t".into(), &request(), 3)
+            .await
+            .unwrap();
+        assert!(da.wait().await.is_ok());
+        assert!(db.wait().await.is_err());
+        assert!(dc.wait().await.is_ok());
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<u64> = store
+            .load_unfinished()
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(ids, vec![a, c]);
+        // Ids continue after the highest stored one; the failed insert's id is not reused
+        // within a run.
+        assert!(b > a && c > b);
+        let (d, dd) = store
+            .queue_job("next".into(), "t".into(), &request(), 4)
+            .await
+            .unwrap();
+        dd.wait().await.unwrap();
+        assert!(d > c);
     }
 
     #[tokio::test]

@@ -55,6 +55,8 @@ pub struct ValidRequest {
     /// Unix milliseconds.
     pub deadline_ms: Option<u64>,
     pub sensitive: bool,
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 const MAX_STOP: usize = 4;
@@ -141,6 +143,7 @@ struct ExtensionFields {
     residency: Option<Vec<String>>,
     deadline_ms: Option<u64>,
     sensitive: bool,
+    ignore_eos: bool,
 }
 
 fn extension(ext: Option<Extension>) -> Result<ExtensionFields, ApiError> {
@@ -168,6 +171,7 @@ fn extension(ext: Option<Extension>) -> Result<ExtensionFields, ApiError> {
         residency: ext.residency,
         deadline_ms: ext.deadline.map(|s| s.saturating_mul(1000)),
         sensitive: ext.sensitive,
+        ignore_eos: ext.ignore_eos,
     })
 }
 
@@ -290,6 +294,7 @@ pub fn validate_chat(
         residency: ext.residency,
         deadline_ms: ext.deadline_ms,
         sensitive: ext.sensitive,
+        ignore_eos: ext.ignore_eos,
     })
 }
 
@@ -342,6 +347,7 @@ pub fn validate_completion(
         residency: ext.residency,
         deadline_ms: ext.deadline_ms,
         sensitive: ext.sensitive,
+        ignore_eos: ext.ignore_eos,
     })
 }
 

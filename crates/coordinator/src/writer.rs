@@ -1,7 +1,8 @@
 //! Ordered, backpressured writes to the job store: token batches and outcomes of one job land
 //! in the order the manager issued them, off the manager's task.
-
-use tokio::sync::mpsc;
+//!
+//! The store applies its queue in order on its own thread and commits in groups, so the
+//! manager only waits for room in that queue, never for a disk sync.
 
 use crate::store::{Outcome, Store, StoredToken};
 
@@ -11,34 +12,24 @@ pub enum WriteOp {
 }
 
 pub struct StoreWriter {
-    tx: mpsc::Sender<WriteOp>,
+    store: Store,
 }
 
 impl StoreWriter {
-    pub fn spawn(store: Store) -> Self {
-        let (tx, mut rx) = mpsc::channel::<WriteOp>(4096);
-        tokio::spawn(async move {
-            while let Some(op) = rx.recv().await {
-                let result = match op {
-                    WriteOp::Tokens(job, start, tokens) => {
-                        store.append_tokens(job, start, tokens).await
-                    }
-                    WriteOp::Finish(job, outcome) => store.finish_job(job, outcome).await,
-                };
-                if let Err(e) = result {
-                    // The job stays recoverable: unpersisted tokens are regenerated after a
-                    // restart, an unpersisted outcome means the job is re-run from its tokens.
-                    tracing::error!(cause = %e, "job store write failed");
-                }
-            }
-        });
-        Self { tx }
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 
-    /// Queues a write; waits when the store is behind (backpressure on the manager).
+    /// Queues a write; waits when the store is behind (backpressure on the manager). A write
+    /// that fails is logged by the store; the job stays recoverable (unpersisted tokens are
+    /// regenerated after a restart, an unpersisted outcome means the job is re-run from its
+    /// tokens).
     pub async fn send(&self, op: WriteOp) {
-        if self.tx.send(op).await.is_err() {
-            tracing::error!("job store writer stopped");
+        match op {
+            WriteOp::Tokens(job, start, tokens) => {
+                self.store.queue_tokens(job, start, tokens).await
+            }
+            WriteOp::Finish(job, outcome) => self.store.queue_finish(job, outcome).await,
         }
     }
 }

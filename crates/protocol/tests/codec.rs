@@ -79,6 +79,7 @@ fn assign_bytes() {
         stop: vec![],
         logprobs: false,
         top_logprobs: 0,
+        ignore_eos: false,
     }));
     let bytes = roundtrip_coordinator(&m);
     assert_eq!(

@@ -69,11 +69,66 @@ pub(crate) struct FleetIndex {
     pub regions: Interner,
     slots: Vec<Option<Entry>>,
     free_slots: Vec<u32>,
-    by_id: HashMap<NodeId, u32>,
+    by_id: SlotMap,
     set_ids: HashMap<SetKey, u32>,
     sets: Vec<Vec<Member>>,
     /// Registered nodes per (model, region): (all, attested).
     registered: HashMap<(u32, u32), (u32, u32)>,
+}
+
+/// Node id -> slot: a plain array for small ids (the simulator numbers its vehicles densely, so
+/// the per-job lookup is one load instead of a hash probe), a hash map for the rest.
+#[derive(Default)]
+struct SlotMap {
+    dense: Vec<u32>,
+    sparse: HashMap<NodeId, u32>,
+    len: usize,
+}
+
+impl SlotMap {
+    const DENSE_MAX: u64 = 1 << 24;
+    const NONE: u32 = u32::MAX;
+
+    fn get(&self, id: NodeId) -> Option<u32> {
+        if id.0 < Self::DENSE_MAX {
+            self.dense
+                .get(id.0 as usize)
+                .copied()
+                .filter(|&s| s != Self::NONE)
+        } else {
+            self.sparse.get(&id).copied()
+        }
+    }
+
+    fn insert(&mut self, id: NodeId, slot: u32) {
+        let old = if id.0 < Self::DENSE_MAX {
+            let i = id.0 as usize;
+            if self.dense.len() <= i {
+                self.dense.resize(i + 1, Self::NONE);
+            }
+            std::mem::replace(&mut self.dense[i], slot) != Self::NONE
+        } else {
+            self.sparse.insert(id, slot).is_some()
+        };
+        if !old {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: NodeId) -> Option<u32> {
+        let old = if id.0 < Self::DENSE_MAX {
+            self.dense
+                .get_mut(id.0 as usize)
+                .map(|s| std::mem::replace(s, Self::NONE))
+                .filter(|&s| s != Self::NONE)
+        } else {
+            self.sparse.remove(&id)
+        };
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
 }
 
 fn desired_kind(v: &NodeView) -> Option<Kind> {
@@ -90,11 +145,11 @@ fn desired_kind(v: &NodeView) -> Option<Kind> {
 
 impl FleetIndex {
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.by_id.len
     }
 
     pub fn slot_of(&self, id: NodeId) -> Option<u32> {
-        self.by_id.get(&id).copied()
+        self.by_id.get(id)
     }
 
     pub fn entry(&self, slot: u32) -> &Entry {
@@ -181,7 +236,7 @@ impl FleetIndex {
     }
 
     pub fn remove(&mut self, id: NodeId) {
-        let Some(slot) = self.by_id.remove(&id) else {
+        let Some(slot) = self.by_id.remove(id) else {
             return;
         };
         self.leave(slot);

@@ -34,12 +34,23 @@ pub struct Scheduler {
 }
 
 /// Jobs sharing this key see the same candidate sets.
-#[derive(Hash, PartialEq, Eq)]
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
 struct MemoKey<'a> {
     model: &'a str,
     residency: Option<&'a [String]>,
     sensitive: bool,
     class: JobClass,
+}
+
+/// What the jobs of one [`MemoKey`] share during a `decide` call.
+struct Group {
+    /// Some registered node (in any state) holds the model inside the allowed regions.
+    registered: bool,
+    /// Candidate-set keys with a free slot, and running preemptible batch work.
+    free: Vec<SetKey>,
+    preemptible: Vec<SetKey>,
+    /// None = not tried yet; Some(None) = no candidate; Some(Some(t)) = declined at >= t ms.
+    memo: Option<Option<u64>>,
 }
 
 enum Pick {
@@ -129,30 +140,43 @@ impl Scheduler {
             (j.class, urgency, j.enqueued_at, j.id)
         });
         let mut out = Decisions::default();
-        // Per call: None = no candidate at all; Some(t) = declined jobs needing >= t ms.
-        let mut memo: HashMap<MemoKey<'_>, Option<u64>> = HashMap::default();
+        // Per call: the candidate-set keys of each (model, residency, sensitivity, class), and
+        // the memo: None = no candidate at all; Some(t) = declined jobs needing >= t ms. Sorted
+        // jobs come in runs of the same key, so the previous key is checked before hashing.
+        let mut groups: Vec<Group> = Vec::new();
+        let mut group_of: HashMap<MemoKey<'_>, usize> = HashMap::default();
+        let mut last: Option<(MemoKey<'_>, usize)> = None;
         for job in order {
-            if let Err(reason) = self.admit(now, job) {
-                out.rejections.push(Rejection {
-                    job: job.id,
-                    reason,
-                });
-                continue;
-            }
             let key = MemoKey {
                 model: &job.model,
                 residency: job.residency.as_deref(),
                 sensitive: job.sensitive,
                 class: job.class,
             };
-            if let Some(m) = memo.get(&key) {
-                match m {
-                    None => continue,
-                    Some(t) if self.rough_run_ms(job) >= *t => continue,
-                    Some(_) => {}
+            let g = match &last {
+                Some((k, g)) if *k == key => *g,
+                _ => {
+                    let g = *group_of.entry(key).or_insert_with(|| {
+                        groups.push(self.group(job));
+                        groups.len() - 1
+                    });
+                    last = Some((key, g));
+                    g
                 }
+            };
+            if let Err(reason) = self.admit(now, job, groups[g].registered) {
+                out.rejections.push(Rejection {
+                    job: job.id,
+                    reason,
+                });
+                continue;
             }
-            match self.pick(now, job) {
+            match groups[g].memo {
+                Some(None) => continue,
+                Some(Some(t)) if self.rough_run_ms(job) >= t => continue,
+                _ => {}
+            }
+            match self.pick(now, job, &groups[g]) {
                 Pick::Free(slot) => {
                     let node = self.assign(slot, job);
                     out.assignments.push(Assignment { job: job.id, node });
@@ -175,16 +199,15 @@ impl Scheduler {
                 }
                 Pick::Declined(t) => {
                     let t = self.rough_run_ms(job).min(t);
-                    memo.entry(key)
-                        .and_modify(|m| {
-                            if let Some(old) = m {
-                                *old = (*old).min(t);
-                            }
-                        })
-                        .or_insert(Some(t));
+                    let m = &mut groups[g].memo;
+                    match m {
+                        Some(Some(old)) => *old = (*old).min(t),
+                        Some(None) => {}
+                        None => *m = Some(Some(t)),
+                    }
                 }
                 Pick::Nothing => {
-                    memo.insert(key, None);
+                    groups[g].memo = Some(None);
                 }
             }
         }
@@ -200,7 +223,8 @@ impl Scheduler {
             * 1000.0) as u64
     }
 
-    fn admit(&self, now: Millis, job: &QueuedJob) -> Result<(), RejectReason> {
+    /// `registered`: whether any registered node matches the job's group (see [`Group`]).
+    fn admit(&self, now: Millis, job: &QueuedJob, registered: bool) -> Result<(), RejectReason> {
         if job.model.is_empty() || job.remaining_tokens() == 0 {
             return Err(RejectReason::InvalidJob);
         }
@@ -217,41 +241,26 @@ impl Scheduler {
         {
             return Err(RejectReason::QueueTimeout);
         }
-        let Some(model) = self.index.models.get(&job.model) else {
-            return Err(RejectReason::NoMatchingNode);
-        };
-        let matching = |region: u32| {
-            let (all, attested) = self.index.registered(model, region);
-            if job.sensitive {
-                attested
-            } else {
-                all
-            }
-        };
-        let any = match &job.residency {
-            None => matching(ANY_REGION) > 0,
-            Some(rs) => rs
-                .iter()
-                .filter_map(|r| self.index.regions.get(r))
-                .any(|r| matching(r) > 0),
-        };
-        if any {
+        if registered {
             Ok(())
         } else {
             Err(RejectReason::NoMatchingNode)
         }
     }
 
-    fn keys(&self, job: &QueuedJob, kind: Kind) -> Vec<SetKey> {
-        let Some(model) = self.index.models.get(&job.model) else {
-            return Vec::new();
+    /// Resolve what a job's group (model, residency, sensitivity, class) needs from the index.
+    fn group(&self, job: &QueuedJob) -> Group {
+        let mut g = Group {
+            registered: false,
+            free: Vec::new(),
+            preemptible: Vec::new(),
+            memo: None,
         };
-        match &job.residency {
-            None => vec![SetKey {
-                model,
-                region: ANY_REGION,
-                kind,
-            }],
+        let Some(model) = self.index.models.get(&job.model) else {
+            return g;
+        };
+        let regions: Vec<u32> = match &job.residency {
+            None => vec![ANY_REGION],
             Some(rs) => {
                 let mut ids: Vec<u32> = rs
                     .iter()
@@ -259,15 +268,26 @@ impl Scheduler {
                     .collect();
                 ids.sort_unstable();
                 ids.dedup();
-                ids.into_iter()
-                    .map(|region| SetKey {
-                        model,
-                        region,
-                        kind,
-                    })
-                    .collect()
+                ids
             }
-        }
+        };
+        g.registered = regions.iter().any(|&region| {
+            let (all, attested) = self.index.registered(model, region);
+            (if job.sensitive { attested } else { all }) > 0
+        });
+        let keys = |kind| {
+            regions
+                .iter()
+                .map(|&region| SetKey {
+                    model,
+                    region,
+                    kind,
+                })
+                .collect()
+        };
+        g.free = keys(Kind::Free);
+        g.preemptible = keys(Kind::Preemptible);
+        g
     }
 
     /// The `i`-th member of the concatenated sets.
@@ -281,10 +301,10 @@ impl Scheduler {
         unreachable!("member index beyond the candidate sets")
     }
 
-    fn pick(&mut self, now: Millis, job: &QueuedJob) -> Pick {
-        match self.pick_in(now, job, Kind::Free) {
+    fn pick(&mut self, now: Millis, job: &QueuedJob, group: &Group) -> Pick {
+        match self.pick_in(now, job, &group.free, false) {
             Pick::Nothing if job.class == JobClass::Interactive => {
-                match self.pick_in(now, job, Kind::Preemptible) {
+                match self.pick_in(now, job, &group.preemptible, true) {
                     Pick::Free(s) => Pick::Preempt(s),
                     other => other,
                 }
@@ -293,12 +313,13 @@ impl Scheduler {
         }
     }
 
-    fn pick_in(&mut self, now: Millis, job: &QueuedJob, kind: Kind) -> Pick {
-        let keys = self.keys(job, kind);
-        let freeing = kind == Kind::Preemptible;
+    fn pick_in(&mut self, now: Millis, job: &QueuedJob, keys: &[SetKey], freeing: bool) -> Pick {
         let limit = match self.policy {
             PolicyKind::Random | PolicyKind::FirstFit => usize::MAX,
-            PolicyKind::Tokenfleet | PolicyKind::Oracle => self.config.sample_size.max(1),
+            PolicyKind::Tokenfleet | PolicyKind::Oracle => match job.class {
+                JobClass::Interactive => self.config.sample_size_interactive.max(1),
+                JobClass::Batch => self.config.sample_size.max(1),
+            },
         };
         let random_start = self.policy != PolicyKind::FirstFit;
         match self.policy {
@@ -315,7 +336,7 @@ impl Scheduler {
                 };
                 for i in 0..total.min(limit) {
                     let mut at = (start + i) % total;
-                    for k in &keys {
+                    for k in keys {
                         let set = self.index.set(k);
                         if at < set.len() {
                             let slot = set[at].slot;
@@ -340,23 +361,28 @@ impl Scheduler {
                 // Score from the cards only: set membership already guarantees model, region,
                 // eligibility, SoC reserve and a free slot; attestation is on the card. The
                 // winner is checked against every hard constraint below.
-                let mut best: Option<(f32, f32, u64, u32)> = None;
+                let mut best: Option<(f32, u64, &Member)> = None;
                 let mut min_refused = u64::MAX;
                 for i in 0..n {
                     let m = Self::member(&sets, (start + i) % total);
-                    let (slot, card) = (m.slot, &m.card);
-                    if job.sensitive && !card.attested {
+                    if job.sensitive && !m.card.attested {
                         continue;
                     }
-                    let (s, p, run) = card.score(self.policy, job, now);
-                    if best.is_none_or(|(bs, _, _, _)| s > bs) {
-                        best = Some((s, p, run, slot));
+                    let (s, _, run) = m.card.score(self.policy, job, now);
+                    if best.is_none_or(|(bs, _, _)| s > bs) {
+                        best = Some((s, run, m));
                     }
                     min_refused = min_refused.min(run);
                 }
-                let Some((_, p, run, slot)) = best else {
+                let Some((_, run, m)) = best else {
                     return Pick::Nothing;
                 };
+                let slot = m.slot;
+                // Work is continued after an eviction (acknowledged tokens are kept), so a node
+                // that leaves before the end still delivers until it leaves; only one likely to
+                // leave before doing a useful amount of work is refused.
+                let useful = run.min(self.config.batch_useful_ms);
+                let p = m.card.stay_probability(self.policy, now, useful);
                 if check_placement(job, self.index.view(slot), freeing).is_err() {
                     // The index and the view disagree (cannot happen while `refresh` keeps them
                     // in step); refuse rather than break a hard constraint.

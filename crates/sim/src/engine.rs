@@ -1,8 +1,7 @@
-//! The discrete-event core: virtual time, an event heap, vehicles (stays, energy, governor,
+//! The discrete-event core: virtual time, a calendar event queue, vehicles (stays, energy, governor,
 //! links) and the measurement window. Job execution lives in [`crate::jobs`].
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use tokenfleet_scheduler::forecast::LEVELS;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
@@ -10,6 +9,7 @@ use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
 use crate::driver::Driver;
 use crate::jobs::Job;
 use crate::metrics::{Metrics, SeriesPoint};
+use crate::queue::EventQueue;
 use crate::rng::Rng;
 use crate::scenario::{ArchetypeKind, Scenario};
 use crate::vehicle_model::{self, Clock, Place, Stay, DAY, HOUR, MIN};
@@ -72,8 +72,7 @@ pub struct Sim<'a> {
     pub t_end: Millis,
     pub now: Millis,
     pub live: bool,
-    heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
-    seq: u64,
+    events: EventQueue<Ev>,
     pub rng: Rng,
     pub vehicles: Vec<Vehicle>,
     pub jobs: Vec<Job>,
@@ -84,6 +83,9 @@ pub struct Sim<'a> {
     /// Vehicles the scheduler knows (later changes go through the cheap `update` path).
     pub registered: Vec<bool>,
     pub scratch: Vec<tokenfleet_scheduler::JobId>,
+    /// Reused between dispatches (no per-job allocation on the hot path).
+    pub queue_buf: Vec<tokenfleet_scheduler::QueuedJob>,
+    pub ids_buf: Vec<u32>,
     calib_cursor: usize,
     pub pending_int: VecDeque<u32>,
     pub pending_batch: BTreeSet<(Millis, Millis, u32)>,
@@ -115,7 +117,9 @@ impl<'a> Sim<'a> {
         let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
         let days = opts.days.unwrap_or(sc.days);
         let t0 = (EPOCH_MONDAY as i64 - sc.utc_offset_min as i64 * 60_000) as Millis;
-        let t_start = t0 + sc.warmup_days as u64 * DAY;
+        let t_start = t0
+            + sc.warmup_days as u64 * DAY
+            + (sc.start_hour.clamp(0.0, 24.0) * HOUR as f64) as u64;
         let t_end = t_start + (days * DAY as f64) as u64;
         let clock = Clock { t0 };
         let mut rng = Rng::derive(seed, 1);
@@ -201,8 +205,7 @@ impl<'a> Sim<'a> {
             t_end,
             now: t_start,
             live: false,
-            heap: BinaryHeap::new(),
-            seq: 0,
+            events: EventQueue::new(t_start),
             rng: Rng::derive(seed, 2),
             vehicles,
             jobs: Vec::new(),
@@ -210,6 +213,8 @@ impl<'a> Sim<'a> {
             next_run: 0,
             registered: vec![false; vehicles_n as usize],
             scratch: Vec::new(),
+            queue_buf: Vec::new(),
+            ids_buf: Vec::new(),
             calib_cursor: 0,
             pending_int: VecDeque::new(),
             pending_batch: BTreeSet::new(),
@@ -243,14 +248,13 @@ impl<'a> Sim<'a> {
     }
 
     pub fn push(&mut self, t: Millis, ev: Ev) {
-        self.seq += 1;
-        self.heap.push(Reverse((t, self.seq, ev)));
+        self.events.push(t, ev);
     }
 
     pub fn run(&mut self) {
         let span = (self.t_end - self.t_start).max(1) as f64;
         let mut next_progress = self.t_start;
-        while let Some(Reverse((t, _, ev))) = self.heap.pop() {
+        while let Some((t, ev)) = self.events.pop() {
             self.now = t;
             self.m.events += 1;
             if self.live && t >= next_progress {
@@ -311,11 +315,11 @@ impl<'a> Sim<'a> {
         }
         if self.trace.is_empty() {
             self.interactive_arrival_schedule();
-            let days = ((self.t_end - self.t_start) as f64 / DAY as f64).ceil() as u32;
+            let days = ((self.t_end - self.t_start) as f64 / DAY as f64).ceil() as u32 + 1;
             for (i, d) in self.sc.workload.batch.iter().enumerate() {
                 for day in 0..days {
                     let t = self.clock.at(self.t_start, day as u64, d.at_hour);
-                    if t < self.t_end {
+                    if (self.t_start..self.t_end).contains(&t) {
                         self.push(t, Ev::Dump(i as u32, day));
                     }
                 }

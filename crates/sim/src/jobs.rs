@@ -32,6 +32,10 @@ pub struct Job {
     pub rate: f32,
     pub rtt_ms: f32,
     pub ttft_done: bool,
+    /// Interactive: the first TTFT met the SLO and no departure has cut the answer since.
+    pub slo_ok: bool,
+    /// Interactive: when a departure (or outage, SoC floor) cut the answer being streamed.
+    pub cut_at: Option<Millis>,
     pub finished: bool,
     /// Run id of the current placement (matches its `JobDone` event).
     pub run: u32,
@@ -49,6 +53,16 @@ impl Job {
         let partial = self.generated % m;
         (self.shard.saturating_sub(done_reqs)) * self.prompt + partial
     }
+}
+
+/// `dst = src`, reusing `dst`'s strings.
+fn clone_into_vec(src: &[String], dst: &mut Vec<String>) {
+    dst.truncate(src.len());
+    let common = dst.len();
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.clone_from(s);
+    }
+    dst.extend(src[common..].iter().cloned());
 }
 
 impl Sim<'_> {
@@ -78,6 +92,8 @@ impl Sim<'_> {
             rate: 0.0,
             rtt_ms: 0.0,
             ttft_done: false,
+            slo_ok: false,
+            cut_at: None,
             finished: false,
             run: 0,
         };
@@ -108,22 +124,58 @@ impl Sim<'_> {
         self.want_dispatch();
     }
 
-    fn queued(&self, j: u32) -> QueuedJob {
+    /// Write job `j` into `q`, reusing `q`'s string and vector allocations (`clone_from`): a
+    /// busy day offers ~10^8 jobs to the scheduler, and a fresh `QueuedJob` costs three
+    /// allocations.
+    fn fill_queued(&self, j: u32, q: &mut QueuedJob) {
         let job = &self.jobs[j as usize];
-        QueuedJob {
-            id: JobId(j as u64),
-            class: job.class,
-            model: self.model_ids[job.model as usize].clone(),
-            prompt_tokens: job.prefill_tokens(),
-            max_tokens: job.max_total(),
-            generated_tokens: job.generated,
-            deadline: job.deadline,
-            residency: job.residency.as_ref().map(|r| r.to_vec()),
-            tenant: "sim".into(),
-            sensitive: job.sensitive,
-            enqueued_at: job.enqueued,
-            running_on: None,
+        q.id = JobId(j as u64);
+        q.class = job.class;
+        q.model.clone_from(&self.model_ids[job.model as usize]);
+        q.prompt_tokens = job.prefill_tokens();
+        q.max_tokens = job.max_total();
+        q.generated_tokens = job.generated;
+        q.deadline = job.deadline;
+        match (&job.residency, &mut q.residency) {
+            (None, r) => *r = None,
+            (Some(src), Some(dst)) => clone_into_vec(src, dst),
+            (Some(src), r) => *r = Some(src.to_vec()),
         }
+        if q.tenant != "sim" {
+            q.tenant.clear();
+            q.tenant.push_str("sim");
+        }
+        q.sensitive = job.sensitive;
+        q.enqueued_at = job.enqueued;
+        q.running_on = None;
+    }
+
+    /// Fill the reusable queue buffer with `ids` (in order); returns how many it holds.
+    fn build_queue(&mut self, ids: &[u32]) -> usize {
+        let mut buf = std::mem::take(&mut self.queue_buf);
+        let mut n = 0;
+        for &j in ids {
+            if n == buf.len() {
+                buf.push(QueuedJob {
+                    id: JobId(0),
+                    class: JobClass::Batch,
+                    model: String::new(),
+                    prompt_tokens: 0,
+                    max_tokens: 0,
+                    generated_tokens: 0,
+                    deadline: None,
+                    residency: None,
+                    tenant: String::new(),
+                    sensitive: false,
+                    enqueued_at: 0,
+                    running_on: None,
+                });
+            }
+            self.fill_queued(j, &mut buf[n]);
+            n += 1;
+        }
+        self.queue_buf = buf;
+        n
     }
 
     /// `sweep`: the periodic pass that offers a large batch window (declined jobs get retried).
@@ -144,16 +196,14 @@ impl Sim<'_> {
             (self.freed + 64).min(65_536)
         };
         self.freed = 0;
-        let mut queue: Vec<QueuedJob> = self.pending_int.iter().map(|&j| self.queued(j)).collect();
-        let batch: Vec<u32> = self
-            .pending_batch
-            .iter()
-            .take(window)
-            .map(|&(_, _, j)| j)
-            .collect();
-        queue.extend(batch.into_iter().map(|j| self.queued(j)));
+        let mut ids = std::mem::take(&mut self.ids_buf);
+        ids.clear();
+        ids.extend(self.pending_int.iter().copied());
+        ids.extend(self.pending_batch.iter().take(window).map(|&(_, _, j)| j));
+        let n = self.build_queue(&ids);
+        self.ids_buf = ids;
         self.m.scheduler_calls += 1;
-        let d = self.driver.decide(self.now, &queue);
+        let d = self.driver.decide(self.now, &self.queue_buf[..n]);
         let mut touched: Vec<u32> = Vec::new();
         for p in &d.preemptions {
             let j = p.job.0 as u32;
@@ -261,7 +311,12 @@ impl Sim<'_> {
             self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
             if ttft <= sc.workload.ttft_slo_ms {
                 self.m.int_slo_ok += 1;
+                job.slo_ok = true;
             }
+        } else if let Some(cut) = job.cut_at.take() {
+            // The user waits a second time for the answer to continue.
+            let ttft = job.decode_from - cut;
+            self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
         }
         let remaining_tokens = job.max_total().saturating_sub(job.generated);
         let other_prefill = job.prefill_tokens().saturating_sub(first_prefill);
@@ -347,6 +402,17 @@ impl Sim<'_> {
             produced % chunk
         };
         let acked = produced - lost;
+        let now = self.now;
+        let job = &mut self.jobs[j as usize];
+        if job.class == JobClass::Interactive && job.ttft_done {
+            // A cut answer stalls for at least a round trip, the queue wait and the re-prefill,
+            // and the user sees a second TTFT: the request no longer meets its SLO.
+            job.cut_at = Some(now);
+            self.m.int_cut += 1;
+            if std::mem::take(&mut job.slo_ok) {
+                self.m.int_slo_ok -= 1;
+            }
+        }
         self.credit(j, acked);
         self.m.wasted += lost;
         self.m.evictions += 1;
@@ -370,9 +436,14 @@ impl Sim<'_> {
         self.free_jobs.push(j);
         let job = &mut self.jobs[j as usize];
         job.finished = true;
-        // Tokens already delivered for a job that is then refused are wasted after all.
-        let partial = job.generated as u64;
+        // Tokens already delivered for a request that is then refused are wasted after all. A
+        // batch shard's requests are independent: the finished ones are returned (as a batch
+        // API returns the completed part of an expired batch); only the partial one is lost.
         let class = job.class;
+        let partial = match class {
+            JobClass::Interactive => job.generated,
+            JobClass::Batch => job.generated % job.max_per_req.max(1),
+        } as u64;
         match class {
             JobClass::Interactive => {
                 self.m.int_rejected += 1;

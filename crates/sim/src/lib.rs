@@ -8,6 +8,7 @@
 //!   (a stand-in until `tokenfleet-vehicle`'s governor is wired in).
 //! - [`workload`]: diurnal Poisson interactive requests, batch dumps, JSON-lines traces.
 //! - [`driver`]: the scheduler driver; records and replays [`SchedulerTrace`]s.
+//! - `queue`: the calendar event queue.
 //! - `engine` / `jobs`: the event loop, vehicles, job execution, evictions with continuation.
 //! - [`metrics`]: [`RunReport`], [`CompareReport`].
 //! - [`report`]: the readable text report; [`plot`]: PNG/SVG plots with plotters.
@@ -20,6 +21,7 @@ mod fleet;
 mod jobs;
 pub mod metrics;
 pub mod plot;
+mod queue;
 pub mod report;
 mod rng;
 pub mod scenario;

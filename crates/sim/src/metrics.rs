@@ -50,8 +50,13 @@ pub struct RunReport {
     pub evictions: u64,
     pub preemptions: u64,
     pub interactive_jobs: u64,
-    /// Fraction of interactive requests served with TTFT within the SLO.
+    /// Fraction of interactive requests served with TTFT within the SLO and not cut by an
+    /// eviction (a cut answer stalls and costs the user a second TTFT).
     pub slo_interactive: f64,
+    /// Interactive answers cut while streaming (each costs a second TTFT, which is also part of
+    /// the TTFT percentiles).
+    #[serde(default)]
+    pub interactive_cut: u64,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
     pub interactive_rejected: u64,
@@ -95,6 +100,7 @@ pub struct Metrics {
     pub ttft_ms: MsHistogram,
     pub int_jobs: u64,
     pub int_slo_ok: u64,
+    pub int_cut: u64,
     pub int_rejected: u64,
     pub batch_jobs: u64,
     pub batch_completed: u64,

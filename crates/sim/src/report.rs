@@ -54,6 +54,7 @@ pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
         ttft_p50_ms: m.ttft_ms.percentile(0.5),
         ttft_p99_ms: m.ttft_ms.percentile(0.99),
         interactive_rejected: m.int_rejected,
+        interactive_cut: m.int_cut,
         batch_jobs: m.batch_jobs,
         batch_completed: m.batch_completed,
         slo_batch: if m.batch_due == 0 {
@@ -103,8 +104,13 @@ pub fn text(r: &RunReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  interactive SLO {:.3} (TTFT p50 {:.0} ms, p99 {:.0} ms; {} jobs, {} rejected)",
-        r.slo_interactive, r.ttft_p50_ms, r.ttft_p99_ms, r.interactive_jobs, r.interactive_rejected
+        "  interactive SLO {:.3} (TTFT p50 {:.0} ms, p99 {:.0} ms; {} jobs, {} rejected, {} cut)",
+        r.slo_interactive,
+        r.ttft_p50_ms,
+        r.ttft_p99_ms,
+        r.interactive_jobs,
+        r.interactive_rejected,
+        r.interactive_cut
     );
     let _ = writeln!(
         s,

@@ -236,6 +236,10 @@ pub struct Scenario {
     /// Days simulated before measurement so every vehicle has a dwell history.
     #[serde(default = "d_warmup")]
     pub warmup_days: u32,
+    /// Local hour at which measurement starts (0 = midnight). Starting at noon puts a whole
+    /// night, with the deadlines of the evening batch dumps, inside a one-day run.
+    #[serde(default)]
+    pub start_hour: f64,
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Local time offset, minutes (simulation starts Monday 00:00 local).

@@ -82,6 +82,9 @@ pub fn load_trace(path: &str) -> Result<Vec<TraceRequest>, TraceError> {
 pub struct InteractiveGen {
     rng: Rng,
     peak_rps: f64,
+    /// Time of the last arrival with its sub-millisecond part: above 1,000 requests/s several
+    /// arrivals share a millisecond, and rounding each gap to whole ms would cap the rate.
+    last: f64,
 }
 
 impl InteractiveGen {
@@ -89,6 +92,7 @@ impl InteractiveGen {
         Self {
             rng: Rng::derive(seed, 0x1A7E),
             peak_rps,
+            last: 0.0,
         }
     }
 
@@ -107,17 +111,19 @@ impl InteractiveGen {
         if peak <= 0.0 {
             return None;
         }
-        let mut t = now;
-        loop {
-            t += (self.rng.exp(1000.0 / self.peak_rps)).max(1.0) as Millis;
+        let mut tf = self.last.max(now as f64);
+        let t = loop {
+            tf += self.rng.exp(1000.0 / self.peak_rps);
+            let t = tf as Millis;
             if t >= end {
                 return None;
             }
             let rel = sc.workload.diurnal[hour_of(t) % 24] / peak;
             if self.rng.chance(rel) {
-                break;
+                break t;
             }
-        }
+        };
+        self.last = tf;
         let w = &sc.workload;
         let model = pick_model(&mut self.rng, sc);
         let residency = if w.residency.is_empty() {

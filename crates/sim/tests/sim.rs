@@ -125,3 +125,22 @@ fn oracle_is_never_evicted_by_a_departure_it_could_see() {
         f.evictions
     );
 }
+
+#[test]
+fn an_interactive_answer_cut_by_an_eviction_misses_its_slo() {
+    // Frequent link outages cut answers while they stream; every cut request must be counted
+    // as missing the SLO, and its second TTFT must enter the TTFT distribution.
+    let (mut sc, mut opts) = small();
+    sc.link.outages_per_hour = 2.0;
+    sc.link.outage_minutes = 1.0;
+    opts.days = Some(0.25);
+    let r = run(&sc, PolicyKind::FirstFit, &opts);
+    assert!(r.interactive_cut > 0, "no answer was cut");
+    let ok = (r.slo_interactive * r.interactive_jobs as f64).round() as u64;
+    assert!(
+        ok + r.interactive_cut <= r.interactive_jobs,
+        "{ok} within SLO + {} cut > {} jobs",
+        r.interactive_cut,
+        r.interactive_jobs
+    );
+}

@@ -79,6 +79,8 @@ pub struct ChatArgs {
 pub enum BenchCommand {
     /// Our engine against llama.cpp's llama-bench and llama-server on the same model/threads.
     Engine(crate::bench::engine::EngineBenchArgs),
+    /// Coordinator + agent against llama-server directly: TTFT and 8-client throughput.
+    E2e(crate::bench::e2e::E2eArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -110,6 +112,7 @@ pub fn main() -> ExitCode {
             }
             Command::Chat(args) => crate::chat::run(args).await,
             Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
+            Command::Bench(BenchCommand::E2e(args)) => crate::bench::e2e::run(args).await,
         }
     });
     match result {

@@ -4,11 +4,14 @@
 //! - [`cli`]: argument parsing (clap) and dispatch to the subcommands.
 //! - [`serve`]: `tokenfleet up`, `coordinator`, `agent`.
 //! - [`sim_cmd`]: `tokenfleet sim`, the fleet simulator's command line.
+//! - [`tls`]: a self-signed certificate for fleets on one machine.
 //! - [`chat`]: `tokenfleet chat`, one prompt through the local engine, streamed.
 //! - [`bench`]: `tokenfleet bench ...`, our figures next to a reference measured in the same run.
 
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod replay_cmd;
 pub mod serve;
 pub mod sim_cmd;
+pub mod tls;

@@ -115,8 +115,8 @@ pub struct AgentArgs {
     #[arg(long, env = "TOKENFLEET_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// This vehicle's id.
-    #[arg(long, env = "TOKENFLEET_NODE_ID")]
-    pub node_id: String,
+    #[arg(long, env = "TOKENFLEET_NODE_ID", required_unless_present = "replay")]
+    pub node_id: Option<String>,
     /// Name clients use for the model (default: the GGUF file stem).
     #[arg(long, env = "TOKENFLEET_MODEL_NAME")]
     pub model_name: Option<String>,
@@ -134,6 +134,9 @@ pub struct AgentArgs {
     /// Hour of the virtual day the simulated vehicle starts at.
     #[arg(long, default_value_t = 20.0)]
     pub start_hour: f64,
+    /// `--replay FILE --report`: a recorded day through the governor, offline.
+    #[command(flatten)]
+    pub replay: crate::replay_cmd::ReplayFlags,
 }
 
 pub fn model_name_of(path: &std::path::Path) -> String {
@@ -154,9 +157,10 @@ async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     let path = a.engine.model.clone();
     let sha =
         tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&path)).await??;
+    let node_id = a.node_id.clone().unwrap_or_else(|| "vehicle".into());
     let mut config = AgentConfig::new(
         &a.coordinator,
-        &a.node_id,
+        &node_id,
         a.model_name
             .clone()
             .unwrap_or_else(|| model_name_of(&a.engine.model)),
@@ -164,8 +168,7 @@ async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     config.ca_cert = a.ca_cert.clone();
     let agent = Agent::start(config, engine.clone(), sha, VehicleStatus::parked());
     if a.vehicle == VehicleMode::Simulated {
-        let seed = a
-            .node_id
+        let seed = node_id
             .bytes()
             .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let sim = SimulatedVehicleConfig::commuter(a.speedup, a.start_hour, seed)
@@ -176,6 +179,13 @@ async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    if args.replay.replay.is_some() {
+        let replay = crate::replay_cmd::ReplayArgs {
+            engine: args.engine,
+            replay: args.replay,
+        };
+        return crate::replay_cmd::run(replay).await;
+    }
     let agent = start_agent(&args, 2).await?;
     ctrl_c().await;
     agent.stop().await;
@@ -214,17 +224,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .api_key
         .clone()
         .unwrap_or_else(|| format!("tf-{}", hex::encode(rand::random::<[u8; 16]>())));
-    let db = match &args.db {
-        Some(p) => p.clone(),
-        None => {
-            let dir = default_cache_dir().join("up");
-            std::fs::create_dir_all(&dir)?;
-            dir.join(format!("fleet-{}.db", std::process::id()))
-        }
-    };
+    let run_dir = default_cache_dir()
+        .join("up")
+        .join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let db = args.db.clone().unwrap_or_else(|| run_dir.join("fleet.db"));
+    // Agent sessions run over TLS, as on a real fleet.
+    let tls = crate::tls::write_self_signed(&run_dir)?;
     let config = CoordinatorConfig {
         http_addr: args.http,
         grpc_addr: "127.0.0.1:0".parse()?,
+        grpc_tls: Some(tls.clone()),
         db_path: db.clone(),
         api_keys: vec![ApiKey {
             key: key.clone(),
@@ -244,9 +254,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 model: args.engine.model.clone(),
                 threads: args.engine.threads,
             },
-            coordinator: format!("http://{}", running.bound.grpc),
-            ca_cert: None,
-            node_id: format!("vehicle-{}", i + 1),
+            coordinator: format!("https://{}", running.bound.grpc),
+            ca_cert: Some(tls.cert.clone()),
+            node_id: Some(format!("vehicle-{}", i + 1)),
             model_name: None,
             slots: args.slots,
             ctx: 2048,
@@ -258,6 +268,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             speedup: args.speedup,
             // Spread the fleet over the day so some cars come and go while others stay.
             start_hour: 16.0 + 1.3 * i as f64,
+            replay: Default::default(),
         };
         agents.push(start_agent(&a, threads).await?);
     }
@@ -268,7 +279,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         running.bound.http
     );
     println!("  API key   {key}");
-    println!("  agents    grpc://{}", running.bound.grpc);
+    println!("  agents    https://{} (gRPC over TLS)", running.bound.grpc);
     println!("  job store {}", db.display());
     println!("  metrics   http://{}/metrics", running.bound.http);
     println!();

@@ -150,12 +150,23 @@ async fn departure_mid_stream_is_invisible_to_the_client() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("tokenfleet_resumes_total 1"), "{metrics}");
+    // At least one resume after the departure (a loaded machine may add a lease expiry).
     assert!(
-        metrics.contains("tokenfleet_evictions_total{reason=\"departure\"} 1"),
+        metric(&metrics, "tokenfleet_resumes_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "tokenfleet_evictions_total{reason=\"departure\"}") >= 1.0,
         "{metrics}"
     );
     fleet.agents[departed.unwrap()].agent.take();
+}
+
+/// The value of one Prometheus sample (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn assert_openai_error(body: &Value) {

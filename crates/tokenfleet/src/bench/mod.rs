@@ -1,6 +1,7 @@
 //! Benchmarks. Each prints our figure next to a reference measured in the same run, on the
 //! same machine, model and thread count, and their ratio; none of them is a pass/fail test.
 
+pub mod e2e;
 pub mod engine;
 pub mod reference;
 

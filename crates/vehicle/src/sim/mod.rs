@@ -6,204 +6,29 @@
 //! never allocates, so a fleet simulator can step millions of them. It emits the same VSS
 //! signals as a real vehicle into a [`VehicleState`], with noise on SoC, temperatures and
 //! voltages (deterministic from the seed).
+//!
+//! # Layout
+//!
+//! - `schedule` — [`Schedule`]: what the vehicle does when ([`Activity`], [`Segment`]).
+//! - `params` — [`VehicleParams`], including the diurnal ambient temperature.
+//! - `thermal` — [`ComputeThermal`], the compute unit's first-order thermal model.
+//! - here — [`SimulatedVehicle`], which integrates all of them and emits the signals.
 
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use crate::signals::{LowVoltageSystemState, Signal, SignalValue, VehicleState, GEAR_PARK};
 use crate::time::Millis;
 
+mod params;
+mod schedule;
+mod thermal;
+
+pub use params::VehicleParams;
+pub use schedule::{Activity, Schedule, Segment, HOME, WORK};
+pub use thermal::ComputeThermal;
+
 /// VSS `SelectedGear` for Drive.
 pub const GEAR_DRIVE: i32 = 127;
-
-/// What the vehicle does during one segment.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum Activity {
-    /// Parked at a location, with or without a charger of the given AC power (kW).
-    Park {
-        lat: f64,
-        lon: f64,
-        charger_kw: Option<f64>,
-    },
-    /// Driving to a location at an average speed, consuming kWh per km.
-    Drive {
-        to_lat: f64,
-        to_lon: f64,
-        speed_kmh: f64,
-        kwh_per_km: f64,
-    },
-}
-
-/// One schedule segment.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Segment {
-    pub duration: Duration,
-    pub activity: Activity,
-}
-
-/// A sequence of segments starting at `start`; repeated forever if `repeat`, otherwise
-/// the last segment lasts forever.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Schedule {
-    pub start: Millis,
-    pub segments: Vec<Segment>,
-    pub repeat: bool,
-}
-
-/// Home and work coordinates used by [`Schedule::commuter_day`].
-pub const HOME: (f64, f64) = (52.3702, 4.8952);
-/// Workplace coordinates.
-pub const WORK: (f64, f64) = (52.3340, 4.8690);
-
-impl Schedule {
-    /// A commuter's day starting at local midnight `midnight`: home overnight on a 7.4 kW
-    /// charger, a 35-minute drive at 07:40, work without a charger until 17:30, a 40-minute
-    /// drive home, plugged in at home for the evening.
-    pub fn commuter_day(midnight: Millis, repeat: bool) -> Schedule {
-        let min = |m: u64| Duration::from_secs(m * 60);
-        let home = Activity::Park {
-            lat: HOME.0,
-            lon: HOME.1,
-            charger_kw: Some(7.4),
-        };
-        Schedule {
-            start: midnight,
-            segments: vec![
-                Segment {
-                    duration: min(7 * 60 + 40),
-                    activity: home,
-                },
-                Segment {
-                    duration: min(35),
-                    activity: Activity::Drive {
-                        to_lat: WORK.0,
-                        to_lon: WORK.1,
-                        speed_kmh: 52.0,
-                        kwh_per_km: 0.17,
-                    },
-                },
-                Segment {
-                    duration: min(9 * 60 + 15),
-                    activity: Activity::Park {
-                        lat: WORK.0,
-                        lon: WORK.1,
-                        charger_kw: None,
-                    },
-                },
-                Segment {
-                    duration: min(40),
-                    activity: Activity::Drive {
-                        to_lat: HOME.0,
-                        to_lon: HOME.1,
-                        speed_kmh: 46.0,
-                        kwh_per_km: 0.18,
-                    },
-                },
-                Segment {
-                    duration: min(5 * 60 + 50),
-                    activity: home,
-                },
-            ],
-            repeat,
-        }
-    }
-
-    fn period_ms(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.duration.as_millis() as u64)
-            .sum()
-    }
-}
-
-/// First-order thermal model of the compute unit: `T' = (T_ambient + R_th·P − T) / τ`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ComputeThermal {
-    /// Thermal resistance to ambient, K/W.
-    pub r_th_k_per_w: f64,
-    /// Time constant, s.
-    pub tau_s: f64,
-    /// Current temperature, °C.
-    pub temp_c: f64,
-}
-
-impl ComputeThermal {
-    /// Advance by `dt_s` with constant ambient and power (exact solution).
-    pub fn step(&mut self, ambient_c: f64, power_w: f64, dt_s: f64) -> f64 {
-        let steady = ambient_c + self.r_th_k_per_w * power_w;
-        self.temp_c = steady + (self.temp_c - steady) * (-dt_s.max(0.0) / self.tau_s).exp();
-        self.temp_c
-    }
-}
-
-/// Physical parameters of a simulated vehicle.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct VehicleParams {
-    pub pack_capacity_kwh: f64,
-    pub initial_soc_pct: f64,
-    /// Charging stops here.
-    pub charge_limit_pct: f64,
-    pub charge_efficiency: f64,
-    /// Whole-vehicle draw while awake for compute when parked (FIELD-NOTES: ~300 W).
-    pub awake_overhead_w: f64,
-    /// Auxiliary load while driving (HVAC, electronics), W.
-    pub driving_aux_w: f64,
-    /// The compute unit's own load while driving (ADAS etc.), W.
-    pub driving_compute_w: f64,
-    /// Local time offset, minutes (for the diurnal ambient temperature).
-    pub utc_offset_min: i32,
-    pub ambient_mean_c: f64,
-    pub ambient_amplitude_c: f64,
-    /// Compute unit sits this much above ambient with no load (cabin/enclosure).
-    pub enclosure_offset_c: f64,
-    pub compute_r_th_k_per_w: f64,
-    pub compute_tau_s: f64,
-    /// Battery temperature rise per W of battery power, K/W, and its time constant.
-    pub battery_heat_k_per_w: f64,
-    pub battery_tau_s: f64,
-    /// Standard deviations of measurement noise.
-    pub soc_noise_pct: f64,
-    pub temp_noise_c: f64,
-    pub voltage_noise_v: f64,
-    /// Seconds between the driver switching on (12 V ON) and leaving Park.
-    pub departure_prep_s: f64,
-}
-
-impl Default for VehicleParams {
-    fn default() -> Self {
-        VehicleParams {
-            pack_capacity_kwh: 75.0,
-            initial_soc_pct: 52.0,
-            charge_limit_pct: 85.0,
-            charge_efficiency: 0.92,
-            awake_overhead_w: 300.0,
-            driving_aux_w: 600.0,
-            driving_compute_w: 25.0,
-            utc_offset_min: 120,
-            ambient_mean_c: 18.0,
-            ambient_amplitude_c: 6.0,
-            enclosure_offset_c: 4.0,
-            compute_r_th_k_per_w: 1.0,
-            compute_tau_s: 300.0,
-            battery_heat_k_per_w: 0.0004,
-            battery_tau_s: 3.0 * 3600.0,
-            soc_noise_pct: 0.15,
-            temp_noise_c: 0.2,
-            voltage_noise_v: 0.02,
-            departure_prep_s: 60.0,
-        }
-    }
-}
-
-impl VehicleParams {
-    /// Ambient air temperature at `t`: a sinusoid with its minimum at 05:00 local time.
-    pub fn ambient_c(&self, t: Millis) -> f64 {
-        let h = t.ms_of_local_day(self.utc_offset_min) as f64 / 3_600_000.0;
-        let phase = (h - 5.0) / 24.0 * std::f64::consts::TAU;
-        self.ambient_mean_c - self.ambient_amplitude_c * phase.cos()
-    }
-}
 
 /// splitmix64: tiny deterministic PRNG (no dependency, no allocation).
 #[derive(Debug, Clone, Copy)]
@@ -543,22 +368,6 @@ mod tests {
     fn midnight() -> Millis {
         // 2025-06-02T00:00:00+02:00
         Millis::from_secs(1_748_815_200)
-    }
-
-    #[test]
-    fn thermal_model_is_first_order() {
-        let mut th = ComputeThermal {
-            r_th_k_per_w: 1.0,
-            tau_s: 100.0,
-            temp_c: 20.0,
-        };
-        th.step(20.0, 50.0, 100.0);
-        // after one time constant: 63.2 % of the 50 K step
-        assert!((th.temp_c - (20.0 + 50.0 * (1.0 - (-1.0f64).exp()))).abs() < 1e-9);
-        for _ in 0..100 {
-            th.step(20.0, 50.0, 100.0);
-        }
-        assert!((th.temp_c - 70.0).abs() < 1e-6);
     }
 
     #[test]
