@@ -14,10 +14,10 @@
 //!   estimated) and prices battery energy with the wear model.
 //! - **Engine side, real time, measured.** The first time the governor grants a budget, the
 //!   real engine is calibrated at it: a synthetic workload keeps every slot busy, the budget
-//!   is applied with [`Engine::set_limits`] (see [`engine_limits`]), and the engine's own
-//!   token counter is read over [`ReplayOptions::calibration`] of real time. Utilization is
-//!   rounded *down* to a multiple of `1/levels`, so a day needs at most `levels` calibrations
-//!   and the token figure is never rounded up.
+//!   is applied with [`Engine::set_limits`] (see [`crate::vehicle::engine_limits`]), and
+//!   the engine's own token counter is read over [`ReplayOptions::calibration`] of real
+//!   time. Utilization is rounded *down* to a multiple of `1/levels`, so a day needs at
+//!   most `levels` calibrations and the token figure is never rounded up.
 //! - **Tokens = measured tok/s at the budget in force × virtual seconds Computing or
 //!   Throttled.** The report says so: [`TOKENS_METHOD`].
 //!

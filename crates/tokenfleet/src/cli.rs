@@ -45,7 +45,7 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// The demo model as `scripts/fetch-model.sh` installs it.
 pub fn default_model_path() -> PathBuf {
-    default_cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenfleet_engine::gguf::default_model_path()
 }
 
 #[derive(Debug, Args)]

@@ -6,16 +6,7 @@ use tokenfleet_engine::{ChatMessage, Engine, EngineConfig};
 
 /// The test model: `$TOKENFLEET_MODEL`, or where `scripts/fetch-model.sh` puts it.
 pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("TOKENFLEET_MODEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var("TOKENFLEET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/tokenfleet")
-        });
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = tokenfleet_engine::gguf::default_model_path();
     assert!(
         path.exists(),
         "test model missing at {}: run scripts/fetch-model.sh (the README's test command does)",
