@@ -89,10 +89,8 @@ async fn issue4_replayed_commuter_day_computes_only_parked_and_allowed() {
                 "{s:?}"
             );
         }
-        if s.state == GovernorState::Draining {
-            // handed back within one decode step: at most a second of drain, not a period
-            assert!(s.end.ms_since(s.start) <= 1000, "{s:?}");
-        }
+        // (How fast Draining hands work back is checked by tests/drain.rs on engine steps, not
+        // here: a wall-clock bound would fail on a loaded machine.)
         // no computing starts in the quiet hours (22:30-23:30 local)
         assert!(
             !(s.state.is_computing() && policy.in_quiet_hours(s.start)),
