@@ -108,17 +108,13 @@ impl Default for ReplayOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("cannot read {path}: {source}")]
-    Source {
-        path: PathBuf,
-        #[source]
-        source: SourceError,
-    },
+    #[error("cannot read {path}: {cause}")]
+    Source { path: PathBuf, cause: SourceError },
     #[error("{0}: no valid signal updates")]
     Empty(PathBuf),
     #[error("invalid replay options: {0}")]
     Options(String),
-    #[error("engine: {0}")]
+    #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("the engine's context ({ctx} tokens per slot) is too small for the synthetic workload ({needed} needed)")]
     Context { ctx: u32, needed: u32 },
@@ -182,9 +178,9 @@ fn validate(o: &ReplayOptions) -> Result<(), ReplayError> {
 
 /// Every valid update of the file, in time order (bad lines are logged and counted).
 async fn load(path: &Path) -> Result<(Vec<SignalUpdate>, u64), ReplayError> {
-    let err = |source| ReplayError::Source {
+    let err = |cause| ReplayError::Source {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let mut src = ReplaySource::open(path, Pace::AsFastAsPossible)
         .await

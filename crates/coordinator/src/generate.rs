@@ -210,6 +210,15 @@ async fn follow_existing(
     if job.tenant != tenant {
         return Err(ApiError::not_found("No such job."));
     }
+    if job.state == JobState::Cancelled {
+        // Cancelled because its client went away (a dropped connection, a coordinator
+        // restart): the same request again runs it again, from the tokens it has.
+        if let Some(reopened) = state.store.reopen_cancelled(existing).await? {
+            if let Some(handle) = state.manager.resume(reopened).await {
+                return Ok(Accepted::Live(handle));
+            }
+        }
+    }
     Ok(Accepted::Finished(Box::new(job)))
 }
 

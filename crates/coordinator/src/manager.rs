@@ -42,6 +42,7 @@ pub struct Registered {
 enum Cmd {
     Submit(NewJob, oneshot::Sender<Result<JobHandle, ApiError>>),
     Attach(u64, oneshot::Sender<Option<JobHandle>>),
+    Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
     Cancel(u64),
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
@@ -126,6 +127,12 @@ impl Manager {
     /// A handle on a job the manager still runs (None when it has ended or never existed).
     pub async fn attach(&self, job: u64) -> Option<JobHandle> {
         self.ask(|tx| Cmd::Attach(job, tx)).await.flatten()
+    }
+
+    /// Runs a stored job again (queued, continuing from its stored tokens) and returns a
+    /// handle on it; a handle on the running job when the manager already has it.
+    pub async fn resume(&self, job: StoredJob) -> Option<JobHandle> {
+        self.ask(|tx| Cmd::Resume(Box::new(job), tx)).await
     }
 
     pub async fn cancel(&self, job: u64) {
@@ -290,6 +297,16 @@ impl State {
             }
             Cmd::Attach(id, reply) => {
                 let _ = reply.send(self.jobs.get(&id).map(Job::handle));
+            }
+            Cmd::Resume(stored, reply) => {
+                let id = stored.id;
+                if !self.jobs.contains_key(&id) {
+                    self.recover(*stored);
+                    self.wants_dispatch = true;
+                }
+                if let Some(job) = self.jobs.get(&id) {
+                    let _ = reply.send(job.handle());
+                }
             }
             Cmd::Cancel(id) => self.cancel(id, "client went away").await,
             Cmd::QueueLen(reply) => {

@@ -183,7 +183,8 @@ enum Op {
         outcome: Outcome,
         reply: Option<Reply<()>>,
     },
-    /// Runs on the store thread after the current group's commit.
+    /// Runs on the store thread after the current group's commit, outside any transaction
+    /// (reads, and rare writes that commit on their own).
     Read(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
@@ -361,6 +362,23 @@ impl Store {
     /// Returns once every operation queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.read(|_| Ok(())).await
+    }
+
+    /// Puts a job that was cancelled (its client went away) back in the `queued` state and
+    /// returns it with its tokens; None when it is not a cancelled job. Durable on return.
+    pub async fn reopen_cancelled(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
+        self.read(move |conn| {
+            let changed = conn.execute(
+                "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
+                 text_tail = NULL, error = NULL WHERE id = ?1 AND state = 'cancelled'",
+                params![job as i64],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            load_one(conn, job)
+        })
+        .await
     }
 
     pub async fn load_job(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
@@ -819,6 +837,32 @@ mod tests {
             .unwrap();
         dd.wait().await.unwrap();
         assert!(d > c);
+    }
+
+    #[tokio::test]
+    async fn only_a_cancelled_job_is_reopened() {
+        let store = Store::open_in_memory().unwrap();
+        let id = store
+            .insert_job("a".into(), "t".into(), Some("k".into()), &request(), 1)
+            .await
+            .unwrap()
+            .unwrap();
+        store.append_tokens(id, 0, vec![token(7)]).await.unwrap();
+        assert!(store.reopen_cancelled(id).await.unwrap().is_none());
+        let cancelled = Outcome {
+            state: JobState::Cancelled,
+            finished_ms: 2,
+            finish_reason: None,
+            text_tail: String::new(),
+            prompt_tokens: 0,
+            error: None,
+        };
+        store.finish_job(id, cancelled).await.unwrap();
+        let job = store.reopen_cancelled(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.tokens, vec![token(7)]);
+        assert!(store.reopen_cancelled(id).await.unwrap().is_none());
+        assert_eq!(store.load_unfinished().await.unwrap().len(), 1);
     }
 
     #[tokio::test]

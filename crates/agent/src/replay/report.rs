@@ -176,7 +176,7 @@ impl fmt::Display for ReplayReport {
         writeln!(f, "  energy: {}", self.energy_method)?;
         let soc = self
             .min_soc_computing_pct
-            .map_or("-".to_string(), |s| format!("{s:.2}%"));
+            .map_or("-".to_string(), |s| format!("{s:.4}%"));
         writeln!(
             f,
             "  limits: compute energy while driving {:.3} kWh; lowest SoC while computing {soc} (reserve {:.1}%); hottest compute unit {:.1} °C (limit {:.1} °C)",
