@@ -81,6 +81,8 @@ pub enum BenchCommand {
     Engine(crate::bench::engine::EngineBenchArgs),
     /// Coordinator + agent against llama-server directly: TTFT and 8-client throughput.
     E2e(crate::bench::e2e::E2eArgs),
+    /// Coordinator dispatch at fleet scale: N simulated agents (null engine) over gRPC/TLS.
+    Dispatch(crate::bench::dispatch::DispatchArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -113,6 +115,7 @@ pub fn main() -> ExitCode {
             Command::Chat(args) => crate::chat::run(args).await,
             Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
             Command::Bench(BenchCommand::E2e(args)) => crate::bench::e2e::run(args).await,
+            Command::Bench(BenchCommand::Dispatch(args)) => crate::bench::dispatch::run(args).await,
         }
     });
     match result {

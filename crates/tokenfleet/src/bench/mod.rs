@@ -1,6 +1,8 @@
 //! Benchmarks. Each prints our figure next to a reference measured in the same run, on the
-//! same machine, model and thread count, and their ratio; none of them is a pass/fail test.
+//! same machine, model and thread count, and their ratio (`dispatch` has no reference
+//! implementation and prints the targets instead); none of them is a pass/fail test.
 
+pub mod dispatch;
 pub mod e2e;
 pub mod engine;
 pub mod reference;
