@@ -54,27 +54,7 @@ use bench::Bench;
 
 /// The default replay policy: the commuter policy of the vehicle crate's `commuter_day` test,
 /// which fits `crates/vehicle/fixtures/commuter-day.jsonl` (CEST, 74 % departure reserve).
-pub const REPLAY_POLICY: &str = r#"
-pack_capacity_kwh = 75.0
-utc_offset = "+02:00"
-require_plugged_in = false
-quiet_hours = ["22:30-23:30"]
-[soc]
-start = "76%"
-stop = "55.5 kWh"          # 74 % of 75 kWh: the departure reserve
-[battery]
-max_temperature_c = 40.0
-[compute]
-max_temperature_c = 70.0
-temperature_hysteresis_c = 5.0
-idle_power_w = 8.0
-full_power_w = 60.0
-max_threads = 2
-max_batch = 8
-[low_voltage]
-allowed_states = ["OFF", "LOCK"]
-min_voltage_v = 11.9
-"#;
+pub const REPLAY_POLICY: &str = tokenfleet_vehicle::COMMUTER_EXAMPLE_POLICY;
 
 /// How the report's token figure is obtained.
 pub const TOKENS_METHOD: &str = "estimated from measured engine speed × computing time";

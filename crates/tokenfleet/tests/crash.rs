@@ -286,15 +286,7 @@ async fn agent_sigkill_mid_job_finishes_on_another_agent() {
             .as_str()
             .unwrap()
     );
-    let metrics = fleet
-        .client
-        .get(format!("{}/metrics", fleet.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     assert!(
         metrics.contains("tokenfleet_lease_expiries_total 1"),
         "{metrics}"

@@ -141,15 +141,7 @@ async fn departure_mid_stream_is_invisible_to_the_client() {
         usage["usage"]["completion_tokens"].as_u64().unwrap(),
         reference_tokens
     );
-    let metrics = fleet
-        .client
-        .get(format!("{}/metrics", fleet.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     // At least one resume after the departure (a loaded machine may add a lease expiry).
     assert!(
         metric(&metrics, "tokenfleet_resumes_total") >= 1.0,
@@ -258,15 +250,7 @@ async fn a_disconnecting_stream_client_cancels_its_job_on_the_agent() {
         engine.stats().tokens_generated < 900,
         "the job ran to the end"
     );
-    let metrics = fleet
-        .client
-        .get(format!("{}/metrics", fleet.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics().await;
     assert!(
         metrics.contains("tokenfleet_jobs_finished_total{outcome=\"cancelled\"} 1"),
         "{metrics}"

@@ -144,27 +144,7 @@ fn fixture_is_a_commuter_day_with_every_signal() {
     assert_eq!(st.selected_gear(t).fresh(), Some(GEAR_PARK));
 }
 
-const POLICY: &str = r#"
-pack_capacity_kwh = 75.0
-utc_offset = "+02:00"
-require_plugged_in = false
-quiet_hours = ["22:30-23:30"]
-[soc]
-start = "76%"
-stop = "55.5 kWh"          # 74 % of 75 kWh: the departure reserve
-[battery]
-max_temperature_c = 40.0
-[compute]
-max_temperature_c = 70.0
-temperature_hysteresis_c = 5.0
-idle_power_w = 8.0
-full_power_w = 60.0
-max_threads = 2
-max_batch = 8
-[low_voltage]
-allowed_states = ["OFF", "LOCK"]
-min_voltage_v = 11.9
-"#;
+const POLICY: &str = tokenfleet_vehicle::COMMUTER_EXAMPLE_POLICY;
 
 /// Decode speed of the reference node at full budget (FIELD-NOTES: ~178 tok/s on 2 threads).
 const TOKENS_PER_S: f64 = 178.0;

@@ -114,15 +114,7 @@ impl Fleet {
     pub async fn wait_for_nodes(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let metrics = self
-                .client
-                .get(format!("{}/metrics", self.http))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = self.metrics().await;
             let connected: f64 = metrics
                 .lines()
                 .filter(|l| l.starts_with("tokenfleet_nodes{"))
@@ -137,6 +129,18 @@ impl Fleet {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The coordinator's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn models(&self) -> Vec<String> {

@@ -50,6 +50,10 @@
 //! - `types` — the validated [`Policy`] and its parts.
 //! - `fleet` — [`FleetPolicy`]: the fleet defaults plus per-vehicle override tables.
 
+/// The commuter example policy that fits `fixtures/commuter-day.jsonl` (CEST, 74 % departure
+/// reserve): the replay report's default and the replayed-day test's policy.
+pub const COMMUTER_EXAMPLE_POLICY: &str = include_str!("../../fixtures/commuter-policy.toml");
+
 use thiserror::Error;
 
 mod fleet;
