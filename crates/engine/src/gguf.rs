@@ -55,19 +55,24 @@ pub fn check_gguf_file(path: &Path) -> Result<(), EngineError> {
 }
 
 /// The demo/test model where `scripts/fetch-model.sh` puts it: `$TOKENFLEET_MODEL` if set,
-/// else `$TOKENFLEET_CACHE` (default `~/.cache/tokenfleet`) `/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+/// else [`default_cache_dir`]`/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 pub fn default_model_path() -> std::path::PathBuf {
-    use std::path::PathBuf;
-    if let Some(p) = std::env::var_os("TOKENFLEET_MODEL") {
-        return PathBuf::from(p);
+    match std::env::var_os("TOKENFLEET_MODEL") {
+        Some(p) => p.into(),
+        None => default_cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     }
+}
+
+/// Where tokenfleet caches models and built tools: `$TOKENFLEET_CACHE`, default
+/// `~/.cache/tokenfleet` (the same place `scripts/fetch-model.sh` uses).
+pub fn default_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
     std::env::var_os("TOKENFLEET_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
                 .join(".cache/tokenfleet")
         })
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// The sha256 of a file, hex encoded (models are identified by it across the fleet).

@@ -35,12 +35,7 @@ pub enum Command {
 
 /// Where models and built reference tools are cached.
 pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("TOKENFLEET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/tokenfleet")
-        })
+    tokenfleet_engine::gguf::default_cache_dir()
 }
 
 /// The demo model as `scripts/fetch-model.sh` installs it.

@@ -26,7 +26,7 @@
 //! Parent and child talk over the child's stdin (commands, one per line) and stdout (one JSON
 //! object per line). Every wait is bounded.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tokenfleet_coordinator::config::{ApiKey, TlsFiles};
+use tokenfleet_coordinator::config::ApiKey;
 use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_protocol::v1::node_session_client::NodeSessionClient;
 use tokenfleet_protocol::v1::{self, AgentMessage, CoordinatorMessage};
@@ -223,7 +223,7 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
         .prefix("tokenfleet-bench-dispatch-")
         .tempdir_in(&base)
         .with_context(|| format!("creating a temp dir in {}", base.display()))?;
-    let tls = write_self_signed(dir.path())?;
+    let tls = crate::tls::write_self_signed(dir.path())?;
     let db = dir.path().join("jobs.db");
     let config = CoordinatorConfig {
         http_addr: "127.0.0.1:0".parse()?,
@@ -622,17 +622,6 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f6
         .iter()
         .find(|(_, c)| *c >= q * total)
         .map_or(f64::INFINITY, |(le, _)| *le)
-}
-
-/// A self-signed certificate for 127.0.0.1 and localhost, as PEM files in `dir`.
-fn write_self_signed(dir: &Path) -> anyhow::Result<TlsFiles> {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .context("generating a self-signed certificate")?;
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, ck.cert.pem())?;
-    std::fs::write(&key, ck.signing_key.serialize_pem())?;
-    Ok(TlsFiles { cert, key })
 }
 
 /// CPU time (user + system) of a process (`self` or a pid), seconds; 0 when unreadable.
