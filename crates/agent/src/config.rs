@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tokenfleet_vehicle::{HardwareProfile, WearModel};
+
 /// How the agent connects and what it serves.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -21,6 +23,11 @@ pub struct AgentConfig {
     /// Reconnect backoff: first delay and cap.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Compute-unit power model, used for per-job energy when neither the vehicle's power
+    /// signal nor RAPL is available (reported as estimated).
+    pub power_model: HardwareProfile,
+    /// Prices the battery wear of compute energy drawn while unplugged.
+    pub wear_model: WearModel,
 }
 
 impl AgentConfig {
@@ -39,6 +46,13 @@ impl AgentConfig {
             decode_tps_batched: 250.0,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            // An Orin-class compute unit: ~8 W powered and idle, ~60 W inferring flat out.
+            power_model: HardwareProfile {
+                idle_w: 8.0,
+                full_w: 60.0,
+            },
+            // A 75 kWh pack at the policy's default $140/kWh replacement cost.
+            wear_model: WearModel::new(75.0, 140.0),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! engine frees their slots before its next decode step) and `JobEvicted` says how far each got.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use tokenfleet_engine::{
     ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, SamplingParams,
@@ -15,6 +16,7 @@ use tokenfleet_protocol::v1::{self, AgentMessage};
 use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::energy::{JobEnergyLedger, JOULES_PER_KWH};
 use crate::status::VehicleStatus;
 
 pub(crate) enum CoreMsg {
@@ -84,6 +86,7 @@ pub(crate) struct Core {
     jobs: HashMap<String, RunningJob>,
     out: Option<mpsc::Sender<AgentMessage>>,
     draining: bool,
+    energy: JobEnergyLedger,
 }
 
 impl Core {
@@ -93,6 +96,7 @@ impl Core {
         rx: mpsc::Receiver<CoreMsg>,
         tx: mpsc::Sender<CoreMsg>,
         status: watch::Receiver<VehicleStatus>,
+        energy: JobEnergyLedger,
     ) -> Self {
         Self {
             engine,
@@ -103,6 +107,7 @@ impl Core {
             jobs: HashMap::new(),
             out: None,
             draining: false,
+            energy,
         }
     }
 
@@ -138,7 +143,20 @@ impl Core {
         }
     }
 
+    /// Attributes compute energy since the last call to the running jobs; called before
+    /// anything can change the set of running jobs or the vehicle's power state.
+    fn account_energy(&mut self) {
+        self.energy.account(&self.status.borrow(), Instant::now());
+    }
+
+    /// Removes a job that stopped running, with the energy it used.
+    fn remove_job(&mut self, job_id: &str) -> Option<(RunningJob, tokenfleet_vehicle::JobEnergy)> {
+        let job = self.jobs.remove(job_id)?;
+        Some((job, self.energy.end(job_id)))
+    }
+
     fn on_status(&mut self) {
+        self.account_energy();
         let status = self.status.borrow_and_update().clone();
         if let Some(limits) = status.limits {
             let _ = self.engine.set_limits(limits);
@@ -168,7 +186,7 @@ impl Core {
 
     /// Gives a job back: its stream is dropped now, and the coordinator learns how far it got.
     fn evict(&mut self, job_id: &str, reason: &str) {
-        if let Some(job) = self.jobs.remove(job_id) {
+        if let Some((job, _)) = self.remove_job(job_id) {
             job.task.abort();
             // Tokens not yet sent are not reported: the next vehicle regenerates them.
             let next_index = job.base + job.sent as u32;
@@ -183,6 +201,7 @@ impl Core {
     }
 
     fn handle(&mut self, msg: CoreMsg) {
+        self.account_energy();
         match msg {
             CoreMsg::Attach(out) => {
                 self.out = Some(out);
@@ -210,7 +229,7 @@ impl Core {
         match msg {
             CoordinatorMsg::Assign(a) => self.assign(a),
             CoordinatorMsg::Cancel(c) => {
-                if let Some(job) = self.jobs.remove(&c.job_id) {
+                if let Some((job, _)) = self.remove_job(&c.job_id) {
                     job.task.abort();
                     tracing::info!(job = %c.job_id, reason = %c.reason, "job cancelled by coordinator");
                 }
@@ -309,6 +328,7 @@ impl Core {
             }
         });
         tracing::debug!(job = %job_id, resume = base, "job started");
+        self.energy.begin(&job_id);
         self.jobs.insert(
             job_id,
             RunningJob {
@@ -336,7 +356,7 @@ impl Core {
             }
             GenerationEvent::Finished(f) => {
                 self.flush_job(&job_id);
-                if let Some(job) = self.jobs.remove(&job_id) {
+                if let Some((job, energy)) = self.remove_job(&job_id) {
                     let finish_reason = match f.reason {
                         tokenfleet_engine::FinishReason::Stop => v1::FinishReason::Stop,
                         tokenfleet_engine::FinishReason::Length => v1::FinishReason::Length,
@@ -350,13 +370,17 @@ impl Core {
                         queue_ms: f.timings.queue.as_millis() as u32,
                         prefill_ms: f.timings.prefill.as_millis() as u32,
                         decode_ms: f.timings.decode.as_millis() as u32,
-                        energy_j: 0.0,
-                        energy_measured: false,
+                        energy_j: energy.total().kwh * JOULES_PER_KWH,
+                        energy_measured: energy.total().kwh > 0.0
+                            && energy.total().quality == tokenfleet_vehicle::Quality::Measured,
+                        grid_energy_j: energy.grid.kwh * JOULES_PER_KWH,
+                        battery_energy_j: energy.battery.kwh * JOULES_PER_KWH,
+                        battery_wear_usd: energy.wear.usd,
                     }));
                 }
             }
             GenerationEvent::Failed(message) => {
-                if self.jobs.remove(&job_id).is_some() {
+                if self.remove_job(&job_id).is_some() {
                     let _ = self.send(AgentMsg::Failed(v1::JobFailed {
                         job_id,
                         message,

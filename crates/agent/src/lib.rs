@@ -8,6 +8,8 @@
 //! - [`config`]: [`AgentConfig`], reconnect [`config::Backoff`].
 //! - [`status`]: [`VehicleStatus`], what the vehicle side (governor) publishes to the core.
 //! - `core`: the task owning running jobs; chunking, eviction, resend after reconnect.
+//! - [`energy`]: per-job energy (grid vs battery, measured vs estimated) and battery wear,
+//!   reported in `JobDone`.
 //! - `session`: the gRPC session, heartbeats, reconnects.
 //! - [`vehicle`]: the governor on a simulated vehicle, publishing [`VehicleStatus`].
 //! - [`replay`]: a recorded day through the governor with the engine measured at each
@@ -15,6 +17,7 @@
 
 pub mod config;
 mod core;
+pub mod energy;
 pub mod replay;
 mod session;
 pub mod status;
@@ -83,7 +86,8 @@ impl Agent {
         let (status, status_rx) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (core_tx, core_rx) = mpsc::channel(4096);
-        let core = core::Core::new(engine, hello, core_rx, core_tx.clone(), status_rx);
+        let ledger = energy::JobEnergyLedger::new(config.power_model, config.wear_model);
+        let core = core::Core::new(engine, hello, core_rx, core_tx.clone(), status_rx, ledger);
         let tasks = vec![
             tokio::spawn(core.run()),
             tokio::spawn(session::run(config, core_tx, shutdown_rx)),

@@ -14,6 +14,9 @@ pub struct VehicleStatus {
     pub must_evict: bool,
     /// Throttle for the engine (None: full speed).
     pub limits: Option<Limits>,
+    /// Whether `state.compute_power_w` is a measurement (a real vehicle power signal) rather
+    /// than a model's estimate; per-job energy is reported as measured only then.
+    pub compute_power_measured: bool,
 }
 
 impl VehicleStatus {
@@ -33,6 +36,7 @@ impl VehicleStatus {
             },
             must_evict: false,
             limits: None,
+            compute_power_measured: false,
         }
     }
 

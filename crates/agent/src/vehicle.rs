@@ -103,6 +103,8 @@ pub fn status_from(
         },
         must_evict: decision.must_evict,
         limits: Some(engine_limits(&decision.budget)),
+        // The simulated vehicle's compute-power signal comes from the hardware power model.
+        compute_power_measured: false,
     }
 }
 

@@ -558,6 +558,13 @@ impl State {
             return;
         }
         self.detach(id, node);
+        self.metrics.record_job_energy(
+            done.grid_energy_j,
+            done.battery_energy_j,
+            done.energy_measured,
+            done.battery_wear_usd,
+        );
+        tracing::debug!(node = %self.nodes[&node].name, job = id, energy_j = done.energy_j, measured = done.energy_measured, wear_usd = done.battery_wear_usd, "job done");
         let finish_reason = match v1::FinishReason::try_from(done.finish_reason) {
             Ok(v1::FinishReason::Length) => "length",
             _ => "stop",

@@ -1,8 +1,8 @@
 //! Prometheus metrics, all described here, all prefixed `tokenfleet_`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -31,6 +31,11 @@ pub struct Metrics {
     pub dispatch_latency: Histogram,
     /// Time from job acceptance to its first token.
     pub ttft: Histogram,
+    /// Compute energy of finished jobs as their vehicles reported it, by source (grid,
+    /// battery) and quality (measured, estimated).
+    pub energy_joules: CounterVec,
+    /// Battery wear that energy caused, US dollars of pack value.
+    pub battery_wear_usd: Counter,
 }
 
 impl Metrics {
@@ -105,8 +110,23 @@ impl Metrics {
                 .buckets(buckets),
         )
         .expect("valid metric");
+        let energy_joules = CounterVec::new(
+            Opts::new(
+                "tokenfleet_job_energy_joules_total",
+                "Compute energy of finished jobs, by source and quality",
+            ),
+            &["source", "quality"],
+        )
+        .expect("valid metric");
+        let battery_wear_usd = Counter::new(
+            "tokenfleet_job_battery_wear_usd_total",
+            "Battery wear caused by finished jobs, USD",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(energy_joules.clone()),
+            Box::new(battery_wear_usd.clone()),
             Box::new(tokens_generated.clone()),
             Box::new(tokens_delivered.clone()),
             Box::new(queue_depth.clone()),
@@ -135,6 +155,23 @@ impl Metrics {
             rejected,
             dispatch_latency,
             ttft,
+            energy_joules,
+            battery_wear_usd,
+        }
+    }
+
+    /// Counts a finished job's energy as its vehicle reported it in `JobDone`.
+    pub fn record_job_energy(&self, grid_j: f64, battery_j: f64, measured: bool, wear_usd: f64) {
+        let quality = if measured { "measured" } else { "estimated" };
+        for (source, joules) in [("grid", grid_j), ("battery", battery_j)] {
+            if joules.is_finite() && joules > 0.0 {
+                self.energy_joules
+                    .with_label_values(&[source, quality])
+                    .inc_by(joules);
+            }
+        }
+        if wear_usd.is_finite() && wear_usd > 0.0 {
+            self.battery_wear_usd.inc_by(wear_usd);
         }
     }
 

@@ -166,13 +166,24 @@ async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
             .unwrap_or_else(|| model_name_of(&a.engine.model)),
     );
     config.ca_cert = a.ca_cert.clone();
-    let agent = Agent::start(config, engine.clone(), sha, VehicleStatus::parked());
-    if a.vehicle == VehicleMode::Simulated {
+    let simulated = if a.vehicle == VehicleMode::Simulated {
         let seed = node_id
             .bytes()
             .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let sim = SimulatedVehicleConfig::commuter(a.speedup, a.start_hour, seed)
             .map_err(anyhow::Error::msg)?;
+        // Per-job energy and wear use the simulated vehicle's own hardware and pack.
+        config.power_model = sim.policy.compute.hardware;
+        config.wear_model = tokenfleet_vehicle::WearModel::new(
+            sim.policy.pack_capacity_kwh,
+            sim.policy.budgets.replacement_usd_per_kwh,
+        );
+        Some(sim)
+    } else {
+        None
+    };
+    let agent = Agent::start(config, engine.clone(), sha, VehicleStatus::parked());
+    if let Some(sim) = simulated {
         tokio::spawn(run_simulated(sim, engine, agent.status().clone()));
     }
     Ok(agent)

@@ -71,6 +71,19 @@ async fn completions_endpoint_works() {
     assert_eq!(body["object"], "text_completion");
     assert!(!body["choices"][0]["text"].as_str().unwrap().is_empty());
     assert_eq!(body["usage"]["completion_tokens"], 12);
+    // The agent reported the job's compute energy in JobDone (estimated from its power model
+    // here, or measured where RAPL is readable); plugged in, so all of it is grid energy.
+    let metrics = fleet.metrics().await;
+    let joules = |source: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tokenfleet_job_energy_joules_total{"))
+            .filter(|l| l.contains(&format!("source=\"{source}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(joules("grid") > 0.0, "{metrics}");
+    assert_eq!(joules("battery"), 0.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

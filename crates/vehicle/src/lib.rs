@@ -64,7 +64,7 @@ pub use energy::{EnergyMeter, JobEnergy, Kwh, Quality, RaplReader};
 pub use governor::{
     Departure, Governor, GovernorDecision, GovernorState, Reason, StepContext, UsageToday,
 };
-pub use policy::{FleetPolicy, Policy, PolicyError, COMMUTER_EXAMPLE_POLICY};
+pub use policy::{FleetPolicy, HardwareProfile, Policy, PolicyError, COMMUTER_EXAMPLE_POLICY};
 pub use report::DailyReport;
 pub use signals::{
     LowVoltageSystemState, Reading, Signal, SignalError, SignalUpdate, SignalValue, VehicleState,
