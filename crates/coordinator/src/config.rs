@@ -15,6 +15,9 @@ pub struct ApiKey {
     pub tenant: String,
 }
 
+/// Environment variable holding the job store's keys (`id:base64,...`, newest first).
+pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
+
 /// TLS material for a listener (PEM files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFiles {
@@ -54,6 +57,13 @@ pub struct CoordinatorConfig {
     pub default_max_tokens: u32,
     /// Jobs in the queue (all tenants) beyond which new requests get 429.
     pub max_queued_jobs: usize,
+    /// Keys sealing prompts and outputs in the job store (see `sealing`): one `id base64`
+    /// line per key, newest first. Default `<db_path>.keys`, created with a fresh key when
+    /// absent. `TOKENFLEET_STORE_KEYS` (`id:base64,...`) takes precedence over the file.
+    pub store_key_file: Option<PathBuf>,
+    /// Finished jobs (prompt, output, metadata) are deleted this long after they end.
+    #[serde(with = "millis")]
+    pub retention: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +84,8 @@ impl Default for CoordinatorConfig {
             max_tokens_limit: 4096,
             default_max_tokens: 512,
             max_queued_jobs: 10_000,
+            store_key_file: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -125,12 +137,30 @@ impl CoordinatorConfig {
                 "lease_timeout must be at least two heartbeat intervals".into(),
             ));
         }
+        if self.retention < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "retention must be at least a minute".into(),
+            ));
+        }
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.
+    pub fn store_sealer(&self) -> Result<crate::sealing::Sealer, crate::sealing::SealError> {
+        if let Some(spec) = std::env::var_os(STORE_KEYS_ENV) {
+            return crate::sealing::Sealer::from_spec(&spec.to_string_lossy());
+        }
+        let path = self.store_key_file.clone().unwrap_or_else(|| {
+            let mut p = self.db_path.clone().into_os_string();
+            p.push(".keys");
+            PathBuf::from(p)
+        });
+        crate::sealing::Sealer::from_key_file(&path)
     }
 
     pub fn policy_kind(&self) -> Result<PolicyKind, ConfigError> {

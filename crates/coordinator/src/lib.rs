@@ -12,6 +12,7 @@
 //! - [`jobs`], [`nodes`]: what the manager keeps per job and per vehicle.
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
 //! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
+//! - [`sealing`]: at-rest encryption of prompts and outputs in the store; key rotation.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 
 pub mod api;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod openai;
 pub mod responses;
+pub mod sealing;
 pub mod session;
 pub mod store;
 pub mod validation;
@@ -43,6 +45,8 @@ pub enum CoordinatorError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("job store keys: {0}")]
+    Keys(#[from] sealing::SealError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
@@ -58,6 +62,30 @@ pub struct Bound {
     pub grpc: SocketAddr,
 }
 
+/// Purges finished jobs older than `retention`, now and then periodically.
+fn spawn_retention(store: store::Store, retention: std::time::Duration) {
+    let every = (retention / 10).clamp(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(3600),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let cutoff = now_ms.saturating_sub(retention.as_millis() as u64);
+            match store.purge_finished_before(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "purged finished jobs past retention"),
+                Err(store::StoreError::Closed) => return,
+                Err(e) => tracing::error!(cause = %e, "retention purge failed"),
+            }
+        }
+    });
+}
+
 /// A running coordinator.
 pub struct Running {
     pub bound: Bound,
@@ -71,7 +99,8 @@ pub async fn start(
 ) -> Result<Running, CoordinatorError> {
     config.validate()?;
     let config = Arc::new(config);
-    let store = store::Store::open(&config.db_path)?;
+    let store = store::Store::open(&config.db_path, config.store_sealer()?)?;
+    spawn_retention(store.clone(), config.retention);
     let recovered = store.load_unfinished().await?;
     if !recovered.is_empty() {
         tracing::info!(

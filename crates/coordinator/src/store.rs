@@ -8,6 +8,11 @@
 //! the coordinator reloads unfinished jobs with their tokens and resumes them from the last
 //! persisted token. The SQL is plain (no SQLite-only features beyond `WITHOUT ROWID` and
 //! `INSERT OR IGNORE`) so a PostgreSQL backend can implement the same [`Store`] methods.
+//!
+//! Prompts (the stored request), output tokens and output text are sealed with the
+//! [`Sealer`] before they are written (see [`crate::sealing`]): the file holds no plaintext
+//! prompt or output. `secure_delete` zeroes what is deleted, and finished jobs are purged
+//! after the retention period ([`Store::purge_finished_before`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +21,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::sealing::{SealError, Sealer};
 use crate::validation::ValidRequest;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +36,21 @@ pub enum StoreError {
     Thread(std::io::Error),
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("sealed data: {0}")]
+    Seal(#[from] SealError),
+}
+
+/// A schema migration: SQL, or a step that needs the store's keys.
+enum Migration {
+    Sql(&'static str),
+    Sealed(fn(&Connection, &Sealer) -> Result<(), StoreError>),
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: jobs and their generated tokens.
-    "CREATE TABLE jobs (
+    Migration::Sql(
+        "CREATE TABLE jobs (
         id INTEGER PRIMARY KEY,
         public_id TEXT NOT NULL UNIQUE,
         tenant TEXT NOT NULL,
@@ -60,7 +75,108 @@ const MIGRATIONS: &[&str] = &[
         top TEXT,
         PRIMARY KEY (job_id, idx)
     ) WITHOUT ROWID;",
+    ),
+    // 2: prompts and outputs sealed at rest; tokens move to `job_outputs`, one sealed value
+    // per token (its id, text, logprob and alternatives).
+    Migration::Sealed(seal_plaintext_rows),
 ];
+
+/// Migration 2: seals every plaintext request, text tail and token written by version 1.
+fn seal_plaintext_rows(conn: &Connection, sealer: &Sealer) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE job_outputs (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            idx INTEGER NOT NULL,
+            sealed BLOB NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        ) WITHOUT ROWID;",
+    )?;
+    let tokens: Vec<(u64, u32, StoredToken)> = conn
+        .prepare("SELECT job_id, idx, token_id, text, logprob, top FROM job_tokens")?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, i32>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, f32>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })?
+        .map(|row| {
+            let (job, idx, id, text, logprob, top) = row?;
+            let top = match top {
+                Some(t) => serde_json::from_str(&t)?,
+                None => Vec::new(),
+            };
+            Ok((
+                job,
+                idx,
+                StoredToken {
+                    id,
+                    text,
+                    logprob,
+                    top,
+                },
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (job, idx, token) in &tokens {
+        insert_token(conn, sealer, *job, *idx, token)?;
+    }
+    conn.execute_batch("DROP TABLE job_tokens;")?;
+    let jobs: Vec<(u64, String, Option<String>)> = conn
+        .prepare("SELECT id, request, text_tail FROM jobs")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, request, tail) in jobs {
+        conn.execute(
+            "UPDATE jobs SET request = ?2, text_tail = ?3 WHERE id = ?1",
+            params![
+                id as i64,
+                sealer.seal(&request_aad(id), request.as_bytes()),
+                seal_tail(sealer, id, tail.as_deref().unwrap_or(""))
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn request_aad(job: u64) -> Vec<u8> {
+    format!("jobs.request:{job}").into_bytes()
+}
+
+fn tail_aad(job: u64) -> Vec<u8> {
+    format!("jobs.text_tail:{job}").into_bytes()
+}
+
+fn token_aad(job: u64, idx: u32) -> Vec<u8> {
+    format!("job_outputs:{job}:{idx}").into_bytes()
+}
+
+/// An empty tail is stored as NULL; anything else sealed.
+fn seal_tail(sealer: &Sealer, job: u64, tail: &str) -> Option<Vec<u8>> {
+    (!tail.is_empty()).then(|| sealer.seal(&tail_aad(job), tail.as_bytes()))
+}
+
+fn insert_token(
+    conn: &Connection,
+    sealer: &Sealer,
+    job: u64,
+    idx: u32,
+    token: &StoredToken,
+) -> Result<(), StoreError> {
+    let plain = serde_json::to_vec(token)?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO job_outputs (job_id, idx, sealed) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![
+        job as i64,
+        idx,
+        sealer.seal(&token_aad(job, idx), &plain)
+    ])?;
+    Ok(())
+}
 
 /// One generated token as stored and served.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -140,6 +256,8 @@ pub struct Outcome {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
+    /// Seals and opens prompts and outputs (shared with the store thread).
+    sealer: Arc<Sealer>,
     /// Job ids are handed out here, not by SQLite, so a job can be queued (and dispatched)
     /// before the commit that makes it durable; an id is never reused within a run, even when
     /// its insert fails.
@@ -198,25 +316,31 @@ enum Applied {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        Self::init(conn, sealer)
     }
 
-    pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+    pub fn open_in_memory(sealer: Sealer) -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?, sealer)
     }
 
-    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+    fn init(mut conn: Connection, sealer: Sealer) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Deleted rows (purged jobs, rows rewritten by migrations) are overwritten, not left
+        // in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         // FULL: a job acknowledged to a client survives power loss, not just a process kill.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
+            match migration {
+                Migration::Sql(sql) => tx.execute_batch(sql)?,
+                Migration::Sealed(step) => step(&tx, &sealer)?,
+            }
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
             tracing::info!(version = i + 1, "job store migrated");
@@ -225,11 +349,17 @@ impl Store {
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
         let next_id = Arc::new(AtomicU64::new(last + 1));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let sealer = Arc::new(sealer);
+        let thread_sealer = Arc::clone(&sealer);
         std::thread::Builder::new()
             .name("job-store".into())
-            .spawn(move || serve(conn, rx))
+            .spawn(move || serve(conn, rx, &thread_sealer))
             .map_err(StoreError::Thread)?;
-        Ok(Self { tx, next_id })
+        Ok(Self {
+            tx,
+            sealer,
+            next_id,
+        })
     }
 
     async fn request<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -243,12 +373,33 @@ impl Store {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &Sealer) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let sealer = Arc::clone(&self.sealer);
         self.request(|reply| {
             Op::Read(Box::new(move |conn| {
-                let _ = reply.send(f(conn));
+                let _ = reply.send(f(conn, &sealer));
             }))
+        })
+        .await
+    }
+
+    /// Deletes jobs that ended before `cutoff_ms` (epoch ms) with their outputs; returns how
+    /// many. Unfinished jobs are never purged.
+    pub async fn purge_finished_before(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        self.read(move |conn, _| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM job_outputs WHERE job_id IN
+                 (SELECT id FROM jobs WHERE state != 'queued' AND finished_ms < ?1)",
+                params![cutoff_ms as i64],
+            )?;
+            let n = tx.execute(
+                "DELETE FROM jobs WHERE state != 'queued' AND finished_ms < ?1",
+                params![cutoff_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(n)
         })
         .await
     }
@@ -361,13 +512,13 @@ impl Store {
 
     /// Returns once every operation queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.read(|_| Ok(())).await
+        self.read(|_, _| Ok(())).await
     }
 
     /// Puts a job that was cancelled (its client went away) back in the `queued` state and
     /// returns it with its tokens; None when it is not a cancelled job. Durable on return.
     pub async fn reopen_cancelled(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
-        self.read(move |conn| {
+        self.read(move |conn, sealer| {
             let changed = conn.execute(
                 "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
                  text_tail = NULL, error = NULL WHERE id = ?1 AND state = 'cancelled'",
@@ -376,25 +527,26 @@ impl Store {
             if changed == 0 {
                 return Ok(None);
             }
-            load_one(conn, job)
+            load_one(conn, sealer, job)
         })
         .await
     }
 
     pub async fn load_job(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
-        self.read(move |conn| load_one(conn, job)).await
+        self.read(move |conn, sealer| load_one(conn, sealer, job))
+            .await
     }
 
     /// Every job not yet ended, with its tokens (for recovery after a restart).
     pub async fn load_unfinished(&self) -> Result<Vec<StoredJob>, StoreError> {
-        self.read(|conn| {
+        self.read(|conn, sealer| {
             let ids: Vec<u64> = conn
                 .prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id")?
                 .query_map([], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let mut jobs = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(j) = load_one(conn, id)? {
+                if let Some(j) = load_one(conn, sealer, id)? {
                     jobs.push(j);
                 }
             }
@@ -405,7 +557,7 @@ impl Store {
 }
 
 /// The store thread: group commits until every [`Store`] handle is gone.
-fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>, sealer: &Sealer) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
@@ -415,11 +567,11 @@ fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, &mut batch);
+        run_batch(&mut conn, &mut batch, sealer);
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>) {
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
     let mut applied = Vec::with_capacity(batch.len());
     let mut reads = Vec::new();
     let committed = match conn.transaction() {
@@ -427,7 +579,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>) {
             for op in batch.drain(..) {
                 match op {
                     Op::Read(f) => reads.push(f),
-                    write => applied.push(apply_in_savepoint(&mut tx, write)),
+                    write => applied.push(apply_in_savepoint(&mut tx, write, sealer)),
                 }
             }
             tx.commit().map_err(|e| e.to_string())
@@ -484,7 +636,7 @@ fn not_applied(op: Op) -> Applied {
     }
 }
 
-fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op) -> Applied {
+fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op, sealer: &Sealer) -> Applied {
     let sp = match tx.savepoint() {
         Ok(sp) => sp,
         Err(e) => {
@@ -506,6 +658,7 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op) -> Applied {
             reply,
             insert(
                 &sp,
+                sealer,
                 NewRow {
                     id,
                     public_id: &public_id,
@@ -521,12 +674,12 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op) -> Applied {
             start,
             tokens,
             reply,
-        } => Applied::Unit(reply, append(&sp, job, start, &tokens)),
+        } => Applied::Unit(reply, append(&sp, sealer, job, start, &tokens)),
         Op::Finish {
             job,
             outcome,
             reply,
-        } => Applied::Unit(reply, finish(&sp, job, &outcome)),
+        } => Applied::Unit(reply, finish(&sp, sealer, job, &outcome)),
         Op::Read(_) => unreachable!("reads are not applied"),
     };
     let ok = match &applied {
@@ -555,7 +708,11 @@ struct NewRow<'a> {
     created_ms: u64,
 }
 
-fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreError> {
+fn insert(
+    conn: &Connection,
+    sealer: &Sealer,
+    row: NewRow<'_>,
+) -> Result<Result<u64, u64>, StoreError> {
     if let Some(key) = row.idempotency_key {
         let existing: Option<u64> = conn
             .prepare_cached("SELECT id FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
@@ -574,7 +731,7 @@ fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreE
         row.public_id,
         row.tenant,
         row.idempotency_key,
-        row.request,
+        sealer.seal(&request_aad(row.id), row.request.as_bytes()),
         row.created_ms as i64
     ])?;
     Ok(Ok(row.id))
@@ -582,33 +739,23 @@ fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreE
 
 fn append(
     conn: &Connection,
+    sealer: &Sealer,
     job: u64,
     start: u32,
     tokens: &[StoredToken],
 ) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT OR IGNORE INTO job_tokens (job_id, idx, token_id, text, logprob, top)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
     for (i, t) in tokens.iter().enumerate() {
-        let top = if t.top.is_empty() {
-            None
-        } else {
-            Some(serde_json::to_string(&t.top)?)
-        };
-        stmt.execute(params![
-            job as i64,
-            start + i as u32,
-            t.id,
-            t.text,
-            t.logprob,
-            top
-        ])?;
+        insert_token(conn, sealer, job, start + i as u32, t)?;
     }
     Ok(())
 }
 
-fn finish(conn: &Connection, job: u64, outcome: &Outcome) -> Result<(), StoreError> {
+fn finish(
+    conn: &Connection,
+    sealer: &Sealer,
+    job: u64,
+    outcome: &Outcome,
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE jobs SET state = ?2, finished_ms = ?3, finish_reason = ?4, text_tail = ?5,
          prompt_tokens = ?6, error = ?7 WHERE id = ?1",
@@ -618,14 +765,14 @@ fn finish(conn: &Connection, job: u64, outcome: &Outcome) -> Result<(), StoreErr
         outcome.state.as_str(),
         outcome.finished_ms as i64,
         outcome.finish_reason,
-        outcome.text_tail,
+        seal_tail(sealer, job, &outcome.text_tail),
         outcome.prompt_tokens,
         outcome.error
     ])?;
     Ok(())
 }
 
-fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
+fn load_one(conn: &Connection, sealer: &Sealer, job: u64) -> Result<Option<StoredJob>, StoreError> {
     let row = conn
         .query_row(
             "SELECT id, public_id, tenant, idempotency_key, request, state, created_ms,
@@ -638,11 +785,11 @@ fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
+                    r.get::<_, Vec<u8>>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, u64>(6)?,
                     r.get::<_, Option<String>>(7)?,
-                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<Vec<u8>>>(8)?,
                     r.get::<_, Option<u32>>(9)?,
                     r.get::<_, Option<String>>(10)?,
                 ))
@@ -665,38 +812,29 @@ fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError
     else {
         return Ok(None);
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT token_id, text, logprob, top FROM job_tokens WHERE job_id = ?1 ORDER BY idx",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT idx, sealed FROM job_outputs WHERE job_id = ?1 ORDER BY idx")?;
     let tokens = stmt
         .query_map(params![id as i64], |r| {
-            Ok((
-                r.get::<_, i32>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, f32>(2)?,
-                r.get::<_, Option<String>>(3)?,
-            ))
+            Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
         })?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .map(|(tid, text, logprob, top)| {
-            Ok(StoredToken {
-                id: tid,
-                text,
-                logprob,
-                top: match top {
-                    Some(t) => serde_json::from_str(&t)?,
-                    None => Vec::new(),
-                },
-            })
+        .map(|(idx, sealed)| {
+            let plain = sealer.open(&token_aad(id, idx), &sealed)?;
+            Ok(serde_json::from_slice::<StoredToken>(&plain)?)
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+    let request = sealer.open(&request_aad(id), &request)?;
+    let tail = tail
+        .map(|t| sealer.open_string(&tail_aad(id), &t))
+        .transpose()?;
     Ok(Some(StoredJob {
         id,
         public_id,
         tenant,
         idempotency_key: key,
-        request: serde_json::from_str(&request)?,
+        request: serde_json::from_slice(&request)?,
         state: JobState::parse(&state),
         created_ms,
         finish_reason,
@@ -737,6 +875,147 @@ mod tests {
         }
     }
 
+    /// The same key every time, so a test can reopen its store.
+    fn test_sealer() -> Sealer {
+        Sealer::from_spec("test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap()
+    }
+
+    /// Whether `marker` occurs in the database file or its WAL.
+    fn on_disk(path: &Path, marker: &str) -> bool {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        [path.to_path_buf(), std::path::PathBuf::from(wal)]
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .any(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn prompts_and_outputs_are_sealed_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let mut req = request();
+        req.prompt = Prompt::Text("PROMPT-MARKER-7f3a".into());
+        let store = Store::open(&path, test_sealer()).unwrap();
+        let id = store
+            .insert_job("a".into(), "t".into(), None, &req, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut tok = token(9);
+        tok.text = "OUTPUT-MARKER-c41d".into();
+        tok.top = vec![("TOP-MARKER-9e2b".into(), -1.0)];
+        store.append_tokens(id, 0, vec![tok.clone()]).await.unwrap();
+        let outcome = Outcome {
+            state: JobState::Done,
+            finished_ms: 5,
+            finish_reason: Some("stop".into()),
+            text_tail: "TAIL-MARKER-05aa".into(),
+            prompt_tokens: 3,
+            error: None,
+        };
+        store.finish_job(id, outcome).await.unwrap();
+        let job = store.load_job(id).await.unwrap().unwrap();
+        assert_eq!(job.request, req);
+        assert_eq!(job.tokens, vec![tok]);
+        assert_eq!(job.text_tail, "TAIL-MARKER-05aa");
+        drop(store);
+        for marker in [
+            "PROMPT-MARKER",
+            "OUTPUT-MARKER",
+            "TOP-MARKER",
+            "TAIL-MARKER",
+        ] {
+            assert!(!on_disk(&path, marker), "{marker} is on disk in plaintext");
+        }
+        // Another key cannot read the store back.
+        let other = Store::open(&path, Sealer::ephemeral()).unwrap();
+        assert!(matches!(
+            other.load_job(id).await,
+            Err(StoreError::Seal(SealError::UnknownKey(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_version_1_store_is_sealed_by_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        {
+            // What version 1 wrote: plaintext request, tail and tokens.
+            let conn = Connection::open(&path).unwrap();
+            let Migration::Sql(v1) = &MIGRATIONS[0] else {
+                panic!("migration 1 is SQL")
+            };
+            conn.execute_batch(v1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            let mut req = request();
+            req.prompt = Prompt::Text("OLD-PROMPT-MARKER".into());
+            conn.execute(
+                "INSERT INTO jobs (id, public_id, tenant, request, state, created_ms, text_tail)
+                 VALUES (1, 'a', 't', ?1, 'queued', 1, 'OLD-TAIL-MARKER')",
+                params![serde_json::to_string(&req).unwrap()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO job_tokens (job_id, idx, token_id, text, logprob, top)
+                 VALUES (1, 0, 42, 'OLD-OUTPUT-MARKER', -0.5, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, test_sealer()).unwrap();
+        let jobs = store.load_unfinished().await.unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].tokens[0].id, 42);
+        assert_eq!(jobs[0].tokens[0].text, "OLD-OUTPUT-MARKER");
+        assert_eq!(jobs[0].text_tail, "OLD-TAIL-MARKER");
+        drop(store);
+        // Checkpoint the WAL into the main file, then look for leftovers anywhere.
+        let conn = Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        drop(conn);
+        for marker in ["OLD-PROMPT-MARKER", "OLD-TAIL-MARKER", "OLD-OUTPUT-MARKER"] {
+            assert!(!on_disk(&path, marker), "{marker} survived the migration");
+        }
+    }
+
+    #[tokio::test]
+    async fn purge_removes_only_jobs_finished_before_the_cutoff() {
+        let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
+        let mut ids = Vec::new();
+        for (n, finished) in [(1, Some(100)), (2, Some(300)), (3, None)] {
+            let id = store
+                .insert_job(format!("j{n}"), "t".into(), None, &request(), 1)
+                .await
+                .unwrap()
+                .unwrap();
+            store.append_tokens(id, 0, vec![token(n)]).await.unwrap();
+            if let Some(finished_ms) = finished {
+                let outcome = Outcome {
+                    state: JobState::Done,
+                    finished_ms,
+                    finish_reason: Some("stop".into()),
+                    text_tail: String::new(),
+                    prompt_tokens: 1,
+                    error: None,
+                };
+                store.finish_job(id, outcome).await.unwrap();
+            }
+            ids.push(id);
+        }
+        assert_eq!(store.purge_finished_before(200).await.unwrap(), 1);
+        assert!(store.load_job(ids[0]).await.unwrap().is_none());
+        assert!(store.load_job(ids[1]).await.unwrap().is_some());
+        assert_eq!(store.load_unfinished().await.unwrap().len(), 1);
+        assert_eq!(store.purge_finished_before(u64::MAX / 2).await.unwrap(), 1);
+        assert_eq!(
+            store.load_unfinished().await.unwrap().len(),
+            1,
+            "unfinished jobs stay"
+        );
+    }
+
     fn token(id: i32) -> StoredToken {
         StoredToken {
             id,
@@ -751,7 +1030,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Store::open(&path, test_sealer()).unwrap();
             let id = store
                 .insert_job("cmpl-1".into(), "t".into(), Some("k".into()), &request(), 1)
                 .await
@@ -767,7 +1046,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_sealer()).unwrap();
         let jobs = store.load_unfinished().await.unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(
@@ -779,7 +1058,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idempotency_key_maps_to_the_first_job() {
-        let store = Store::open_in_memory().unwrap();
+        let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
         let a = store
             .insert_job("a".into(), "t".into(), Some("k".into()), &request(), 1)
             .await
@@ -800,7 +1079,7 @@ mod tests {
     async fn a_failing_write_does_not_undo_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_sealer()).unwrap();
         // Queued back to back, so they share a transaction; the second repeats a unique
         // public id and must fail alone.
         let (a, da) = store
@@ -819,7 +1098,7 @@ mod tests {
         assert!(db.wait().await.is_err());
         assert!(dc.wait().await.is_ok());
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, test_sealer()).unwrap();
         let ids: Vec<u64> = store
             .load_unfinished()
             .await
@@ -841,7 +1120,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_cancelled_job_is_reopened() {
-        let store = Store::open_in_memory().unwrap();
+        let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
         let id = store
             .insert_job("a".into(), "t".into(), Some("k".into()), &request(), 1)
             .await
@@ -867,7 +1146,7 @@ mod tests {
 
     #[tokio::test]
     async fn finished_jobs_are_not_reloaded() {
-        let store = Store::open_in_memory().unwrap();
+        let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
         let id = store
             .insert_job("a".into(), "t".into(), None, &request(), 1)
             .await

@@ -66,7 +66,7 @@ fn job_rows(db: &Path) -> Vec<(String, String, i64)> {
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
     let mut stmt = conn
-        .prepare("SELECT j.idempotency_key, j.state, (SELECT count(*) FROM job_tokens t WHERE t.job_id = j.id) FROM jobs j ORDER BY j.id")
+        .prepare("SELECT j.idempotency_key, j.state, (SELECT count(*) FROM job_outputs t WHERE t.job_id = j.id) FROM jobs j ORDER BY j.id")
         .unwrap();
     stmt.query_map([], |r| {
         Ok((

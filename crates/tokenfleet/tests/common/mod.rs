@@ -40,6 +40,8 @@ pub struct Fleet {
     pub client: reqwest::Client,
     pub db: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    coordinator:
+        Option<tokio::task::JoinHandle<Result<(), tokenfleet_coordinator::CoordinatorError>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -102,6 +104,7 @@ impl Fleet {
             client: reqwest::Client::new(),
             db,
             shutdown: Some(tx),
+            coordinator: Some(running.task),
             _dir: dir,
         };
         if agents > 0 {
@@ -169,6 +172,22 @@ impl Fleet {
             .post(format!("{}{path}", self.http))
             .bearer_auth(KEY)
             .json(&body)
+    }
+}
+
+impl Fleet {
+    /// Shuts the coordinator down gracefully and waits until its store is flushed.
+    pub async fn stop_coordinator(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.coordinator.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("coordinator stops within 30 s")
+                .expect("coordinator task")
+                .expect("coordinator stopped cleanly");
+        }
     }
 }
 
