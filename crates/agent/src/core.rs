@@ -328,6 +328,13 @@ impl Core {
             }
         });
         tracing::debug!(job = %job_id, resume = base, "job started");
+        // The coordinator re-assigns a job id only after taking it back; if our copy is still
+        // running (its Cancel was lost with a session), stop it so one job never has two
+        // streams.
+        if let Some((old, _)) = self.remove_job(&job_id) {
+            old.task.abort();
+            tracing::warn!(job = %job_id, "job re-assigned while still running here; restarted");
+        }
         self.energy.begin(&job_id);
         self.jobs.insert(
             job_id,

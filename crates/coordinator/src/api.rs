@@ -23,6 +23,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// API key → tenant.
     pub keys: HashMap<String, String>,
+    /// Per-tenant residency and rate limits.
+    pub tenants: crate::tenants::Tenants,
+    /// Residency regions, to refuse requests naming a region that does not exist.
+    pub regions: crate::regions::RegionMap,
 }
 
 pub type Shared = Arc<AppState>;

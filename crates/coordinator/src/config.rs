@@ -64,6 +64,12 @@ pub struct CoordinatorConfig {
     /// Finished jobs (prompt, output, metadata) are deleted this long after they end.
     #[serde(with = "millis")]
     pub retention: Duration,
+    /// Named data-residency regions (`[[regions]]`).
+    pub regions: Vec<crate::regions::RegionConfig>,
+    /// Country boundaries (GeoJSON with ISO alpha-2 properties) for regions listing countries.
+    pub country_boundaries: Option<PathBuf>,
+    /// Per-tenant residency and rate limits (`[[tenants]]`).
+    pub tenants: Vec<crate::tenants::TenantConfig>,
 }
 
 impl Default for CoordinatorConfig {
@@ -86,6 +92,9 @@ impl Default for CoordinatorConfig {
             max_queued_jobs: 10_000,
             store_key_file: None,
             retention: Duration::from_secs(7 * 24 * 3600),
+            regions: Vec::new(),
+            country_boundaries: None,
+            tenants: Vec::new(),
         }
     }
 }
@@ -137,6 +146,15 @@ impl CoordinatorConfig {
                 "lease_timeout must be at least two heartbeat intervals".into(),
             ));
         }
+        let regions = self.region_map()?;
+        for t in &self.tenants {
+            if let Some(unknown) = t.residency.iter().find(|r| !regions.knows(r)) {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant {:?}: residency region {unknown:?} is not defined in [[regions]]",
+                    t.name
+                )));
+            }
+        }
         if self.retention < Duration::from_secs(60) {
             return Err(ConfigError::Invalid(
                 "retention must be at least a minute".into(),
@@ -148,6 +166,12 @@ impl CoordinatorConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The residency regions, loaded (GeoJSON files are read here).
+    pub fn region_map(&self) -> Result<crate::regions::RegionMap, ConfigError> {
+        crate::regions::RegionMap::new(&self.regions, self.country_boundaries.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.

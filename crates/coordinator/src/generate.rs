@@ -100,10 +100,25 @@ async fn accept(
     endpoint: Endpoint,
 ) -> Result<Accepted, ApiError> {
     let tenant = authenticate(state, headers)?;
-    let request: ValidRequest = match endpoint {
+    let mut request: ValidRequest = match endpoint {
         Endpoint::ChatCompletions => validate_chat(parse(body)?, &state.config)?,
         Endpoint::Completions => validate_completion(parse(body)?, &state.config)?,
     };
+    state.tenants.bind_residency(&tenant, &mut request)?;
+    if let Some(unknown) = request
+        .residency
+        .iter()
+        .flatten()
+        .find(|r| !state.regions.knows(r))
+    {
+        return Err(ApiError::invalid(
+            format!("tokenfleet.residency names {unknown:?}, which is not a region of this fleet"),
+            Some("tokenfleet.residency"),
+        ));
+    }
+    state
+        .tenants
+        .admit(&tenant, &request, std::time::Instant::now())?;
     if !state.manager.has_model(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
     }

@@ -13,6 +13,8 @@
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
 //! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
 //! - [`sealing`]: at-rest encryption of prompts and outputs in the store; key rotation.
+//! - [`regions`]: residency regions (polygons, countries) and which a vehicle is in.
+//! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 
 pub mod api;
@@ -24,10 +26,12 @@ pub mod manager;
 pub mod metrics;
 pub mod nodes;
 pub mod openai;
+pub mod regions;
 pub mod responses;
 pub mod sealing;
 pub mod session;
 pub mod store;
+pub mod tenants;
 pub mod validation;
 pub mod writer;
 
@@ -130,6 +134,8 @@ pub async fn start(
             .iter()
             .map(|k| (k.key.clone(), k.tenant.clone()))
             .collect(),
+        tenants: tenants::Tenants::new(&config.tenants),
+        regions: config.region_map()?,
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;

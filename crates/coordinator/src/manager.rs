@@ -86,6 +86,7 @@ impl Manager {
         shutdown: watch::Receiver<bool>,
     ) -> (Manager, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
+        let config_regions = config.region_map().unwrap_or_default();
         let writer = StoreWriter::new(store);
         let (models_tx, models) = watch::channel(Arc::new(Vec::new()));
         let mut state = State {
@@ -104,6 +105,8 @@ impl Manager {
             model_sessions: HashMap::new(),
             models_tx,
             node_gauges_dirty: true,
+            // Validated when the coordinator started.
+            regions: config_regions,
         };
         for job in recovered {
             state.recover(job);
@@ -194,6 +197,8 @@ struct State {
     /// A session opened or closed or a governor state changed since the node gauges were
     /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
     node_gauges_dirty: bool,
+    /// Residency regions; a node's are recomputed from each `State`'s position.
+    regions: crate::regions::RegionMap,
 }
 
 /// Counts a node's models in or out of `sessions` when its session starts or ends, and
@@ -454,6 +459,7 @@ impl State {
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.state = state;
                 }
+                self.update_regions(id).await;
                 self.node_gauges_dirty = true;
                 self.dirty_nodes.insert(id);
                 self.wants_dispatch = true;
@@ -579,6 +585,52 @@ impl State {
             },
         )
         .await;
+    }
+
+    /// Recomputes a node's residency regions from its reported position; jobs whose residency
+    /// it no longer satisfies (it crossed a border, or lost its position fix) are taken back
+    /// and continue elsewhere from their acknowledged tokens.
+    async fn update_regions(&mut self, id: NodeId) {
+        if self.regions.is_empty() {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let regions = match (node.state.latitude, node.state.longitude) {
+            (Some(lat), Some(lon)) => self.regions.regions_at(lat, lon),
+            _ => Vec::new(),
+        };
+        if regions == node.regions {
+            return;
+        }
+        tracing::info!(node = %node.name, from = ?node.regions, to = ?regions, "node changed residency regions");
+        node.regions = regions;
+        self.dirty_nodes.insert(id);
+        let outside: Vec<u64> =
+            node.jobs
+                .iter()
+                .copied()
+                .filter(|j| {
+                    self.jobs.get(j).is_some_and(|job| {
+                        job.request.residency.as_ref().is_some_and(|allowed| {
+                            !allowed.iter().any(|r| node.regions.contains(r))
+                        })
+                    })
+                })
+                .collect();
+        for job in outside {
+            self.nodes[&id].send(CoordinatorMsg::Cancel(v1::Cancel {
+                job_id: job.to_string(),
+                reason: "vehicle left the job's residency region".into(),
+            }));
+            self.metrics
+                .evictions
+                .with_label_values(&["residency"])
+                .inc();
+            tracing::info!(node = %self.nodes[&id].name, job, "job taken back: vehicle left its residency region");
+            self.requeue(job, id).await;
+        }
     }
 
     /// Removes a job from a node's books.

@@ -45,6 +45,8 @@ pub struct Node {
     pub last_seen: LastSeen,
     /// Jobs running here.
     pub jobs: HashSet<u64>,
+    /// Residency regions its last reported position lies in (none without a position).
+    pub regions: Vec<String>,
 }
 
 impl Node {
@@ -58,6 +60,7 @@ impl Node {
             conn: 0,
             last_seen: Arc::new(AtomicU64::new(clock_ms())),
             jobs: HashSet::new(),
+            regions: Vec::new(),
         }
     }
 
@@ -116,7 +119,7 @@ impl Node {
             soc_pct: s.soc_pct,
             soc_reserve_pct: s.soc_reserve_pct,
             plugged_in: s.plugged_in,
-            regions: Vec::new(),
+            regions: self.regions.clone(),
             tariff_per_kwh: s.tariff_per_kwh,
             power_w: s.compute_power_w,
             link_rtt_ms: s.link_rtt_ms,

@@ -848,31 +848,10 @@ fn load_one(conn: &Connection, sealer: &Sealer, job: u64) -> Result<Option<Store
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validation::{Endpoint, Prompt, Sampling};
-    use tokenfleet_scheduler::JobClass;
+    use crate::validation::Prompt;
 
     fn request() -> ValidRequest {
-        ValidRequest {
-            endpoint: Endpoint::Completions,
-            model: "m".into(),
-            prompt: Prompt::Text("hi".into()),
-            max_tokens: 8,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 5,
-            },
-            stop: vec![],
-            logprobs: false,
-            top_logprobs: 0,
-            stream: false,
-            include_usage: false,
-            class: JobClass::Interactive,
-            residency: None,
-            deadline_ms: None,
-            sensitive: false,
-            ignore_eos: false,
-        }
+        ValidRequest::sample("hi", 8)
     }
 
     /// The same key every time, so a test can reopen its store.

@@ -59,6 +59,43 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
 }
 
+impl ValidRequest {
+    /// A small greedy completion request (unit tests of the modules that store and admit
+    /// requests).
+    #[cfg(test)]
+    pub(crate) fn sample(prompt: &str, max_tokens: u32) -> ValidRequest {
+        ValidRequest {
+            endpoint: Endpoint::Completions,
+            model: "m".into(),
+            prompt: Prompt::Text(prompt.into()),
+            max_tokens,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 5,
+            },
+            stop: vec![],
+            logprobs: false,
+            top_logprobs: 0,
+            stream: false,
+            include_usage: false,
+            class: tokenfleet_scheduler::JobClass::Interactive,
+            residency: None,
+            deadline_ms: None,
+            sensitive: false,
+            ignore_eos: false,
+        }
+    }
+
+    /// Characters of the prompt (for chat, of every message's content).
+    pub fn prompt_chars(&self) -> usize {
+        match &self.prompt {
+            Prompt::Chat(messages) => messages.iter().map(|m| m.content.chars().count()).sum(),
+            Prompt::Text(text) => text.chars().count(),
+        }
+    }
+}
+
 const MAX_STOP: usize = 4;
 
 fn stops(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {

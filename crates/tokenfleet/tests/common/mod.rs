@@ -83,10 +83,20 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
 
 impl Fleet {
     pub async fn start(agents: usize) -> Fleet {
+        Self::start_with(agents, |_| {}).await
+    }
+
+    /// A fleet whose coordinator config is adjusted by `configure` first.
+    pub async fn start_with(
+        agents: usize,
+        configure: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("jobs.db");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let running = tokenfleet_coordinator::start(test_config(db.clone()), async move {
+        let mut config = test_config(db.clone());
+        configure(&mut config);
+        let running = tokenfleet_coordinator::start(config, async move {
             let _ = rx.await;
         })
         .await

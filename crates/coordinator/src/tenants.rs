@@ -1,0 +1,267 @@
+//! Tenants: who an API key acts for, where that tenant's data may be processed, and how fast
+//! it may send work.
+//!
+//! Residency: a tenant's regions bound every request it makes. A request without its own
+//! `tokenfleet.residency` gets the tenant's; one with its own must stay inside the tenant's
+//! (otherwise 400), so a key can narrow its residency but never widen it.
+//!
+//! Rate limits, OpenAI-style: requests per minute and tokens per minute, each a token bucket
+//! refilled continuously. Tokens are counted at admission as prompt characters / 4 plus
+//! `max_tokens` (what OpenAI's limiter counts too: the budget a request may use, not what it
+//! ends up using). A refused request gets a 429 in OpenAI's shape with `Retry-After`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::validation::ValidRequest;
+
+/// One tenant as configured (`[[tenants]]`). Tenants not listed have no residency bound and
+/// no per-tenant limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Regions every request of this tenant must run in (empty: anywhere).
+    pub residency: Vec<String>,
+    /// Requests per minute (0: unlimited).
+    pub requests_per_minute: u32,
+    /// Tokens per minute, prompt estimate + max_tokens (0: unlimited).
+    pub tokens_per_minute: u32,
+}
+
+/// A continuously refilled bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(capacity: f64, now: Instant) -> Self {
+        Self {
+            level: capacity,
+            at: now,
+        }
+    }
+
+    /// Refills at `capacity` per minute, then takes `n` if there is enough; otherwise the
+    /// wait until there would be.
+    fn take(&mut self, n: f64, capacity: f64, now: Instant) -> Result<(), Duration> {
+        let rate = capacity / 60.0;
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * rate).min(capacity);
+        self.at = now;
+        if n <= self.level {
+            self.level -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                ((n - self.level) / rate).max(0.001),
+            ))
+        }
+    }
+
+    fn give_back(&mut self, n: f64, capacity: f64) {
+        self.level = (self.level + n).min(capacity);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Usage {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+}
+
+/// The configured tenants and their rate-limit state.
+#[derive(Debug, Default)]
+pub struct Tenants {
+    configs: HashMap<String, TenantConfig>,
+    usage: Mutex<HashMap<String, Usage>>,
+}
+
+impl Tenants {
+    pub fn new(configs: &[TenantConfig]) -> Self {
+        Self {
+            configs: configs
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+            usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies the tenant's residency to a validated request (400 when the request asks for
+    /// regions outside the tenant's).
+    pub fn bind_residency(&self, tenant: &str, request: &mut ValidRequest) -> Result<(), ApiError> {
+        let Some(allowed) = self
+            .configs
+            .get(tenant)
+            .map(|c| &c.residency)
+            .filter(|r| !r.is_empty())
+        else {
+            return Ok(());
+        };
+        match &mut request.residency {
+            None => request.residency = Some(allowed.clone()),
+            Some(asked) => {
+                if let Some(outside) = asked.iter().find(|r| !allowed.contains(r)) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "tokenfleet.residency {outside:?} is outside this API key's regions ({})",
+                            allowed.join(", ")
+                        ),
+                        Some("tokenfleet.residency"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a request against the tenant's limits, or refuses it with a 429.
+    pub fn admit(
+        &self,
+        tenant: &str,
+        request: &ValidRequest,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        let Some(cfg) = self.configs.get(tenant) else {
+            return Ok(());
+        };
+        if cfg.requests_per_minute == 0 && cfg.tokens_per_minute == 0 {
+            return Ok(());
+        }
+        let tokens = request.prompt_chars().div_ceil(4) as f64 + f64::from(request.max_tokens);
+        let mut usage = self.usage.lock().expect("tenant usage lock");
+        let u = usage.entry(tenant.to_string()).or_default();
+        let rpm = f64::from(cfg.requests_per_minute);
+        let tpm = f64::from(cfg.tokens_per_minute);
+        if rpm > 0.0 {
+            let bucket = u.requests.get_or_insert_with(|| Bucket::full(rpm, now));
+            if let Err(wait) = bucket.take(1.0, rpm, now) {
+                return Err(ApiError::rate_limited(
+                    format!(
+                        "Rate limit reached for tenant {tenant} on requests per min (RPM): Limit {}. Please try again in {:.1}s.",
+                        cfg.requests_per_minute,
+                        wait.as_secs_f64()
+                    ),
+                    "requests",
+                    wait,
+                ));
+            }
+        }
+        if tpm > 0.0 {
+            if tokens > tpm {
+                return Err(ApiError::rate_limited(
+                    format!(
+                        "Request too large for tenant {tenant} on tokens per min (TPM): Limit {}, Requested {tokens}. Lower max_tokens or the prompt.",
+                        cfg.tokens_per_minute
+                    ),
+                    "tokens",
+                    Duration::ZERO,
+                ));
+            }
+            let bucket = u.tokens.get_or_insert_with(|| Bucket::full(tpm, now));
+            if let Err(wait) = bucket.take(tokens, tpm, now) {
+                // The request was not admitted: it does not use up a request either.
+                if let Some(r) = u.requests.as_mut() {
+                    r.give_back(1.0, rpm);
+                }
+                return Err(ApiError::rate_limited(
+                    format!(
+                        "Rate limit reached for tenant {tenant} on tokens per min (TPM): Limit {}, Requested {tokens}. Please try again in {:.1}s.",
+                        cfg.tokens_per_minute,
+                        wait.as_secs_f64()
+                    ),
+                    "tokens",
+                    wait,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn request(max_tokens: u32, residency: Option<Vec<&str>>) -> ValidRequest {
+        let mut r = ValidRequest::sample("abcdefgh", max_tokens);
+        r.residency = residency.map(|r| r.into_iter().map(String::from).collect());
+        r
+    }
+
+    fn tenants() -> Tenants {
+        Tenants::new(&[TenantConfig {
+            name: "eu-bank".into(),
+            residency: vec!["EU".into(), "DE".into()],
+            requests_per_minute: 2,
+            tokens_per_minute: 100,
+        }])
+    }
+
+    #[test]
+    fn residency_is_inherited_and_can_only_narrow() {
+        let t = tenants();
+        let mut r = request(8, None);
+        t.bind_residency("eu-bank", &mut r).unwrap();
+        assert_eq!(r.residency, Some(vec!["EU".into(), "DE".into()]));
+        let mut narrower = request(8, Some(vec!["DE"]));
+        t.bind_residency("eu-bank", &mut narrower).unwrap();
+        assert_eq!(narrower.residency, Some(vec!["DE".into()]));
+        let mut wider = request(8, Some(vec!["DE", "US"]));
+        let err = t.bind_residency("eu-bank", &mut wider).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        // Unlisted tenants are unbound.
+        let mut free = request(8, None);
+        t.bind_residency("other", &mut free).unwrap();
+        assert_eq!(free.residency, None);
+    }
+
+    #[test]
+    fn requests_per_minute_refill_over_time() {
+        let t = tenants();
+        let t0 = Instant::now();
+        let r = request(10, None);
+        t.admit("eu-bank", &r, t0).unwrap();
+        t.admit("eu-bank", &r, t0).unwrap();
+        let err = t.admit("eu-bank", &r, t0).unwrap_err();
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.body()["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(err.body()["error"]["type"], "requests");
+        // 2 per minute: one more after 30 s.
+        t.admit("eu-bank", &r, t0 + Duration::from_secs(31))
+            .unwrap();
+        // Other tenants are not affected.
+        for _ in 0..10 {
+            t.admit("other", &r, t0).unwrap();
+        }
+    }
+
+    #[test]
+    fn tokens_per_minute_count_prompt_and_max_tokens() {
+        let t = tenants();
+        let t0 = Instant::now();
+        // 8 prompt chars -> 2 tokens, + 60 = 62 of 100.
+        t.admit("eu-bank", &request(60, None), t0).unwrap();
+        let err = t.admit("eu-bank", &request(60, None), t0).unwrap_err();
+        assert_eq!(err.body()["error"]["type"], "tokens");
+        // The refused request did not use up a request slot: a small one still fits.
+        t.admit("eu-bank", &request(30, None), t0).unwrap();
+        // Larger than the whole limit: refused outright.
+        let err = t
+            .admit(
+                "eu-bank",
+                &request(500, None),
+                t0 + Duration::from_secs(600),
+            )
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+    }
+}
