@@ -106,6 +106,8 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     config.slots = 8;
     config.ctx_per_slot = 512;
     let engine = Engine::load_async(config).await?;
+    // Warm-up request on the freshly loaded engine, exactly as the reference server gets one.
+    measure_streams(&engine, &chat, 1, 8).await?;
     let decode_tps_8 = measure_streams(&engine, &chat, 8, args.n_gen).await?;
     drop(engine);
 
@@ -157,7 +159,8 @@ async fn reference_streams(
     n_gen: u32,
 ) -> anyhow::Result<(f64, f64)> {
     let server = reference::start_llama_server(tools, model, threads, 8, 512).await?;
-    // Warm-up request, as our engine is warm from the single-stream runs.
+    // Warm-up request (our engines get the same: the single-stream one from the prefill and
+    // decode runs, the 8-slot one explicitly).
     reference::drive_openai_streams(&server.base_url, None, "model", CHAT_PROMPT, 1, 1, 8).await?;
     let one =
         reference::drive_openai_streams(&server.base_url, None, "model", CHAT_PROMPT, 1, 1, n_gen)
