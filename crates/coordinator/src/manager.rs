@@ -24,6 +24,8 @@ use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
 use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
 
+mod handback;
+
 /// A job accepted by the API and already in the store.
 pub struct NewJob {
     pub id: u64,
@@ -423,9 +425,11 @@ impl State {
                         from_index: job.generated() as u32,
                     })
                 }
+                Some(job) if job.is_handing_back_from(id) => handback::hand_back_msg(job.id),
                 _ => CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: h.job_id.clone(),
                     reason: "job moved to another vehicle".into(),
+                    hand_back: false,
                 }),
             };
             if let Some(node) = self.nodes.get(&id) {
@@ -467,10 +471,13 @@ impl State {
                 let Some(job) = self.running_on(&ev.job_id, id) else {
                     return;
                 };
-                self.metrics
-                    .evictions
-                    .with_label_values(&[eviction_label(&ev.reason)])
-                    .inc();
+                // A hand-back was counted when the preemption was decided.
+                if !self.jobs[&job].is_handing_back_from(id) {
+                    self.metrics
+                        .evictions
+                        .with_label_values(&[eviction_label(&ev.reason)])
+                        .inc();
+                }
                 tracing::info!(node = %self.nodes[&id].name, job, reason = %ev.reason, next_index = ev.next_index, "job evicted; requeued");
                 self.requeue(job, id).await;
             }
@@ -491,11 +498,13 @@ impl State {
         }
     }
 
-    /// The job id if `job_id` names a job currently running on `node`.
+    /// The job id if `job_id` names a job currently running on `node` (or being handed back
+    /// by it).
     fn running_on(&self, job_id: &str, node: NodeId) -> Option<u64> {
         let id = job_id.parse::<u64>().ok()?;
         let job = self.jobs.get(&id)?;
-        (job.placement == Placement::Running { node }).then_some(id)
+        (job.placement == Placement::Running { node } || job.is_handing_back_from(node))
+            .then_some(id)
     }
 
     fn on_chunk(&mut self, node: NodeId, chunk: v1::TokenChunk) {
@@ -620,11 +629,12 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if let Placement::Running { node } = job.placement {
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: id.to_string(),
                     reason: reason.into(),
+                    hand_back: false,
                 }));
             }
             self.detach(id, node);
@@ -722,6 +732,7 @@ impl State {
     async fn on_tick(&mut self) {
         self.flush_tokens().await;
         self.expire_leases().await;
+        self.expire_hand_backs().await;
         self.fail_stale_queue().await;
         self.update_gauges();
         if !self.queue.is_empty() {
@@ -840,10 +851,13 @@ impl State {
             return;
         }
         let now_ms = unix_ms();
-        for id in self.dirty_nodes.drain() {
+        let dirty: Vec<NodeId> = self.dirty_nodes.drain().collect();
+        for id in dirty {
             if let Some(n) = self.nodes.get(&id) {
                 if n.connected() {
-                    self.scheduler.upsert_node(n.view(now_ms));
+                    let mut view = n.view(now_ms);
+                    view.running_batch = self.running_batch(n);
+                    self.scheduler.upsert_node(view);
                 }
             }
         }
@@ -877,18 +891,7 @@ impl State {
             .collect();
         let decisions = self.scheduler.decide(now_ms, &queue);
         for p in decisions.preemptions {
-            let job = p.job.0;
-            if let Some(n) = self.nodes.get(&p.node) {
-                n.send(CoordinatorMsg::Cancel(v1::Cancel {
-                    job_id: job.to_string(),
-                    reason: "preempted by interactive work".into(),
-                }));
-            }
-            self.metrics
-                .evictions
-                .with_label_values(&["preempted"])
-                .inc();
-            self.requeue(job, p.node).await;
+            self.preempt(p.job.0, p.node);
         }
         for a in decisions.assignments {
             self.assign(a.job.0, a.node);
