@@ -54,6 +54,12 @@ pub struct CoordinatorConfig {
     pub default_max_tokens: u32,
     /// Jobs in the queue (all tenants) beyond which new requests get 429.
     pub max_queued_jobs: usize,
+    /// Largest file `POST /v1/files` accepts.
+    pub max_file_bytes: usize,
+    /// Requests one batch may hold.
+    pub max_batch_requests: usize,
+    /// `completion_window` values a batch may ask for (`"24h"`, `"90m"`, `"30s"`).
+    pub batch_completion_windows: Vec<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +80,9 @@ impl Default for CoordinatorConfig {
             max_tokens_limit: 4096,
             default_max_tokens: 512,
             max_queued_jobs: 10_000,
+            max_file_bytes: 64 << 20,
+            max_batch_requests: 50_000,
+            batch_completion_windows: vec!["24h".into()],
         }
     }
 }
@@ -130,6 +139,13 @@ impl CoordinatorConfig {
                 "default_max_tokens exceeds max_tokens_limit".into(),
             ));
         }
+        for w in &self.batch_completion_windows {
+            parse_window(w).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "batch completion window {w:?} is not a duration like \"24h\""
+                ))
+            })?;
+        }
         Ok(())
     }
 
@@ -138,6 +154,19 @@ impl CoordinatorConfig {
             .parse()
             .map_err(|_| ConfigError::Invalid(format!("unknown policy {:?}", self.policy)))
     }
+}
+
+/// A completion window such as `"24h"`, `"90m"` or `"30s"`.
+pub fn parse_window(window: &str) -> Option<Duration> {
+    let unit = window.chars().last()?;
+    let n: u64 = window[..window.len() - unit.len_utf8()].parse().ok()?;
+    let secs = match unit {
+        'h' => n.checked_mul(3600)?,
+        'm' => n.checked_mul(60)?,
+        's' => n,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 mod millis {

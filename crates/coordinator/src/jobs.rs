@@ -43,8 +43,12 @@ pub struct JobHandle {
 /// Where a job is in its life inside the manager.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Placement {
-    Queued { since: Instant },
-    Running { node: tokenfleet_scheduler::NodeId },
+    Queued {
+        since: Instant,
+    },
+    Running {
+        node: tokenfleet_scheduler::NodeId,
+    },
     /// Preempted: the node was told to hand the job back with its tokens (its slot already
     /// counts as free); chunks and the eviction from that node are still taken.
     HandingBack {

@@ -45,6 +45,7 @@ enum Cmd {
     Submit(NewJob, oneshot::Sender<Result<JobHandle, ApiError>>),
     Attach(u64, oneshot::Sender<Option<JobHandle>>),
     Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
+    Adopt(Vec<StoredJob>, oneshot::Sender<()>),
     Cancel(u64),
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
@@ -135,6 +136,12 @@ impl Manager {
     /// handle on it; a handle on the running job when the manager already has it.
     pub async fn resume(&self, job: StoredJob) -> Option<JobHandle> {
         self.ask(|tx| Cmd::Resume(Box::new(job), tx)).await
+    }
+
+    /// Queues stored jobs that nobody follows (a batch's requests); not bounded by
+    /// `max_queued_jobs`, which limits interactive admission.
+    pub async fn adopt(&self, jobs: Vec<StoredJob>) {
+        let _ = self.ask(|tx| Cmd::Adopt(jobs, tx)).await;
     }
 
     pub async fn cancel(&self, job: u64) {
@@ -265,10 +272,10 @@ impl State {
             outcome: None,
         });
         let persisted = view.borrow().tokens.len();
-        tracing::info!(
+        tracing::debug!(
             job = stored.id,
             tokens = persisted,
-            "recovered unfinished job"
+            "job queued from the store"
         );
         self.jobs.insert(
             stored.id,
@@ -309,6 +316,15 @@ impl State {
                 if let Some(job) = self.jobs.get(&id) {
                     let _ = reply.send(job.handle());
                 }
+            }
+            Cmd::Adopt(jobs, reply) => {
+                for job in jobs {
+                    if !self.jobs.contains_key(&job.id) {
+                        self.recover(job);
+                    }
+                }
+                self.wants_dispatch = true;
+                let _ = reply.send(());
             }
             Cmd::Cancel(id) => self.cancel(id, "client went away").await,
             Cmd::QueueLen(reply) => {

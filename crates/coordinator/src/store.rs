@@ -8,6 +8,8 @@
 //! the coordinator reloads unfinished jobs with their tokens and resumes them from the last
 //! persisted token. The SQL is plain (no SQLite-only features beyond `WITHOUT ROWID` and
 //! `INSERT OR IGNORE`) so a PostgreSQL backend can implement the same [`Store`] methods.
+//! Files and batches (the Batch API) live in the same database; their queries are in
+//! [`crate::batch_store`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
         top TEXT,
         PRIMARY KEY (job_id, idx)
     ) WITHOUT ROWID;",
+    // 2: files and batches (the Batch API).
+    crate::batch_store::MIGRATION,
 ];
 
 /// One generated token as stored and served.
@@ -241,7 +245,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -251,6 +255,11 @@ impl Store {
             }))
         })
         .await
+    }
+
+    /// Reserves `n` consecutive job ids and returns the first.
+    pub(crate) fn reserve_job_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 
     /// Inserts a new job and returns its id once it is durable; with an idempotency key
@@ -546,16 +555,16 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op) -> Applied {
     }
 }
 
-struct NewRow<'a> {
-    id: u64,
-    public_id: &'a str,
-    tenant: &'a str,
-    idempotency_key: Option<&'a str>,
-    request: &'a str,
-    created_ms: u64,
+pub(crate) struct NewRow<'a> {
+    pub id: u64,
+    pub public_id: &'a str,
+    pub tenant: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub request: &'a str,
+    pub created_ms: u64,
 }
 
-fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreError> {
+pub(crate) fn insert(conn: &Connection, row: NewRow<'_>) -> Result<Result<u64, u64>, StoreError> {
     if let Some(key) = row.idempotency_key {
         let existing: Option<u64> = conn
             .prepare_cached("SELECT id FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2")?
@@ -625,7 +634,7 @@ fn finish(conn: &Connection, job: u64, outcome: &Outcome) -> Result<(), StoreErr
     Ok(())
 }
 
-fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
+pub(crate) fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
     let row = conn
         .query_row(
             "SELECT id, public_id, tenant, idempotency_key, request, state, created_ms,

@@ -122,10 +122,10 @@ fn cancel_with_hand_back_bytes() {
         reason: "r".into(),
         hand_back: true,
     }));
-    // 1a = field 3 (cancel), length 9: 0a 01 "j" | 12 01 "r" | 18 01 (hand_back = true)
+    // 1a = field 3 (cancel), length 8: 0a 01 "j" | 12 01 "r" | 18 01 (hand_back = true)
     assert_eq!(
         hex::encode(roundtrip_coordinator(&m)),
-        "1a09".to_string() + "0a016a" + "120172" + "1801"
+        "1a08".to_string() + "0a016a" + "120172" + "1801"
     );
     // A plain cancel carries no hand_back byte, so older agents read it unchanged.
     let plain = CoordinatorMessage::new(CoordinatorMsg::Cancel(v1::Cancel {
