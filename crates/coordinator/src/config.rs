@@ -52,7 +52,8 @@ pub struct CoordinatorConfig {
     pub max_prompt_chars: usize,
     pub max_tokens_limit: u32,
     pub default_max_tokens: u32,
-    /// Jobs in the queue (all tenants) beyond which new requests get 429.
+    /// Interactive jobs in the queue (all tenants) beyond which new requests get 429 (batch
+    /// requests wait for their completion window and are not counted).
     pub max_queued_jobs: usize,
     /// Largest file `POST /v1/files` accepts.
     pub max_file_bytes: usize,

@@ -355,15 +355,26 @@ impl State {
         }
     }
 
+    /// Interactive jobs waiting (batch jobs wait for their deadline and do not count against
+    /// the admission limit, so a large batch never locks interactive clients out).
+    fn queued_interactive(&self) -> usize {
+        self.queue
+            .keys()
+            .filter(|id| self.jobs[id].request.class == JobClass::Interactive)
+            .count()
+    }
+
     fn submit(&mut self, new: NewJob) -> Result<JobHandle, ApiError> {
-        if self.queue.len() >= self.config.max_queued_jobs {
+        if self.queue.len() >= self.config.max_queued_jobs
+            && self.queued_interactive() >= self.config.max_queued_jobs
+        {
             self.metrics
                 .rejected
                 .with_label_values(&["queue_full"])
                 .inc();
             return Err(ApiError::overloaded(format!(
-                "the fleet's queue is full ({} jobs waiting); retry later",
-                self.queue.len()
+                "the fleet's queue is full ({} requests waiting); retry later",
+                self.config.max_queued_jobs
             )));
         }
         let (view, _) = watch::channel(JobView::default());
