@@ -207,7 +207,10 @@ async fn a_batch_runs_through_two_agents_across_departures_and_interactive_preem
     // requests for two busy slots, so at least one cannot take a slot a batch job just left).
     let interactive = futures::future::join_all((0..3).map(|i| {
         fleet
-            .post("/v1/chat/completions", greedy_chat(&format!("Say hello {i}."), 8, false))
+            .post(
+                "/v1/chat/completions",
+                greedy_chat(&format!("Say hello {i}."), 8, false),
+            )
             .send()
     }))
     .await;
@@ -305,7 +308,7 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
     loop {
         let states = batch_job_states(&db);
         let done = states.iter().filter(|s| *s == "done").count();
-        if done >= 5 && done < N {
+        if (5..N).contains(&done) {
             break;
         }
         assert!(done < N, "the batch finished before the kill");
