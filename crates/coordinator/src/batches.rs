@@ -7,8 +7,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -17,7 +16,7 @@ use crate::batch_input::ENDPOINTS;
 use crate::batch_runner::no_such_batch;
 use crate::batch_types::{unix_s, Batch, BatchStatus, ListPage, RequestCounts, PURPOSE_BATCH};
 use crate::config::parse_window;
-use crate::error::ApiError;
+use crate::error::{json_or_error, ApiError};
 use crate::files::{no_such_file, page_limit};
 
 #[derive(Debug, Deserialize)]
@@ -29,19 +28,12 @@ struct CreateBatch {
     metadata: Option<serde_json::Map<String, Value>>,
 }
 
-fn reply(result: Result<impl serde::Serialize, ApiError>) -> Response {
-    match result {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
 pub async fn create(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    reply(create_inner(&state, &headers, body).await)
+    json_or_error(create_inner(&state, &headers, body).await)
 }
 
 async fn create_inner(
@@ -142,7 +134,7 @@ pub async fn retrieve(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    reply(
+    json_or_error(
         async {
             let tenant = authenticate(&state, &headers)?;
             state
@@ -166,7 +158,7 @@ pub async fn list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    reply(
+    json_or_error(
         async {
             let tenant = authenticate(&state, &headers)?;
             let limit = page_limit(q.limit, 100)?;
@@ -182,7 +174,7 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    reply(
+    json_or_error(
         async {
             let tenant = authenticate(&state, &headers)?;
             state.batches.cancel(&tenant, &id).await

@@ -5,14 +5,13 @@
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 
 use crate::api::{authenticate, Shared};
 use crate::batch_input::parse_input;
 use crate::batch_store::NewFile;
 use crate::batch_types::{unix_s, FileObject, ListPage, PURPOSE_BATCH};
-use crate::error::ApiError;
+use crate::error::{json_or_error, ApiError};
 
 pub fn no_such_file(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}"))
@@ -43,10 +42,7 @@ pub async fn upload(
     headers: HeaderMap,
     multipart: Multipart,
 ) -> Response {
-    match upload_inner(&state, &headers, multipart).await {
-        Ok(file) => Json(file).into_response(),
-        Err(e) => e.into_response(),
-    }
+    json_or_error(upload_inner(&state, &headers, multipart).await)
 }
 
 async fn upload_inner(
@@ -144,10 +140,7 @@ pub async fn list(
             .await?;
         Ok::<_, ApiError>(ListPage::new(files, more, |f| f.id.clone()))
     };
-    match result.await {
-        Ok(page) => Json(page).into_response(),
-        Err(e) => e.into_response(),
-    }
+    json_or_error(result.await)
 }
 
 pub async fn retrieve(
@@ -163,10 +156,7 @@ pub async fn retrieve(
             .await?
             .ok_or_else(|| no_such_file(&id))
     };
-    match result.await {
-        Ok(file) => Json(file).into_response(),
-        Err(e) => e.into_response(),
-    }
+    json_or_error(result.await)
 }
 
 pub async fn content(
@@ -200,8 +190,5 @@ pub async fn delete(
         }
         Ok(serde_json::json!({"id": id, "object": "file", "deleted": true}))
     };
-    match result.await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    json_or_error(result.await)
 }

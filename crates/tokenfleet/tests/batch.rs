@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::process::{free_port, spawn_coordinator, wait_http};
-use common::{greedy_chat, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
+use common::{greedy_chat, metric, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
 
@@ -179,14 +179,6 @@ async fn results(
         by_id.insert(l["custom_id"].as_str().unwrap().to_string(), l);
     }
     (by_id, errors)
-}
-
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -202,6 +202,14 @@ impl Drop for Fleet {
     }
 }
 
+/// The value of the sample `name` (with its labels, e.g. `tokenfleet_x{reason="y"}`) in a
+/// Prometheus text, 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Reads an SSE body into its `data:` payloads (bounded by `timeout`).
 pub async fn sse_events(resp: reqwest::Response, timeout: Duration) -> Vec<String> {
     use futures::StreamExt;
