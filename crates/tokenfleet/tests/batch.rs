@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, spawn_coordinator, wait_http};
+use common::process::{free_port, spawn_coordinator, wait_http, wait_models};
 use common::{greedy_chat, metric, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
@@ -286,14 +286,7 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
         start_agent(&grpc_addr, "vehicle-a", 2).await,
         start_agent(&grpc_addr, "vehicle-b", 2).await,
     ];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get_json(&client, format!("{base}/v1/models"), KEY).await.1["data"]
-        .as_array()
-        .is_none_or(|d| d.is_empty())
-    {
-        assert!(Instant::now() < deadline, "agents did not connect");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_models(&client, &base).await;
     let id = start_batch(&client, &base, &input(N, 24), "24h").await;
     // SIGKILL once some requests are done and others are not.
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, spawn_coordinator, wait_http, Proc, BIN};
+use common::process::{free_port, spawn_coordinator, wait_http, wait_models, Proc, BIN};
 use common::{chat_stream_text, greedy_chat, model_path, sse_events, start_agent, Fleet, KEY};
 use futures::StreamExt;
 use serde_json::Value;
@@ -102,6 +102,7 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
     // Restart on the same store and ports; agents reconnect by themselves.
     coordinator = spawn_coordinator(http, grpc, &db);
     wait_http(&client, &base).await;
+    wait_models(&client, &base).await;
     let mut answers = Vec::new();
     for i in 0..20 {
         let body = greedy_chat(&prompt(i), 48, i % 2 == 0);

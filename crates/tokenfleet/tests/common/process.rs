@@ -54,3 +54,30 @@ pub async fn wait_http(client: &reqwest::Client, base: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until at least one agent serves a model (agents reconnect with backoff after a
+/// coordinator restart; until then requests get 404 model_not_found).
+pub async fn wait_models(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let served = match client
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+        {
+            Ok(r) => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["data"].as_array().map(|d| !d.is_empty()))
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if served {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no agent reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
