@@ -19,7 +19,7 @@ use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
 use crate::jobs::{Job, JobHandle, JobOutcome, JobView, Placement};
 use crate::metrics::Metrics;
-use crate::nodes::{LastSeen, Node, NodeSender};
+use crate::nodes::{count_models, LastSeen, Node, NodeSender};
 use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
 use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
@@ -203,35 +203,6 @@ struct State {
     /// A session opened or closed or a governor state changed since the node gauges were
     /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
     node_gauges_dirty: bool,
-}
-
-/// Counts a node's models in or out of `sessions` when its session starts or ends, and
-/// publishes the set of names when it changes.
-fn count_models(
-    sessions: &mut HashMap<String, usize>,
-    publish: &watch::Sender<Arc<Vec<String>>>,
-    hello: &v1::Hello,
-    up: bool,
-) {
-    let mut changed = false;
-    for m in &hello.models {
-        if up {
-            let c = sessions.entry(m.name.clone()).or_insert(0);
-            changed |= *c == 0;
-            *c += 1;
-        } else if let Some(c) = sessions.get_mut(&m.name) {
-            *c -= 1;
-            if *c == 0 {
-                sessions.remove(&m.name);
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        let mut names: Vec<String> = sessions.keys().cloned().collect();
-        names.sort();
-        publish.send_replace(Arc::new(names));
-    }
 }
 
 impl State {
