@@ -4,7 +4,9 @@
 //! reconnecting session can resend what the coordinator missed, and are forwarded as
 //! `TokenChunk`s, coalesced: everything that arrived while the core was busy goes out as one
 //! chunk per job. A departure evicts every job at once: the engine streams are dropped (the
-//! engine frees their slots before its next decode step) and `JobEvicted` says how far each got.
+//! engine frees their slots before its next decode step), the tokens not yet sent go out, and
+//! `JobEvicted` says how far each got. A `Cancel` with `hand_back` (interactive work preempting
+//! a batch job) evicts that one job the same way.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -184,11 +186,14 @@ impl Core {
         }
     }
 
-    /// Gives a job back: its stream is dropped now, and the coordinator learns how far it got.
+    /// Gives a job back: its stream is dropped now, the tokens not yet sent go out first (so no
+    /// work is thrown away), and the coordinator learns how far it got.
     fn evict(&mut self, job_id: &str, reason: &str) {
+        self.flush_job(job_id);
         if let Some((job, _)) = self.remove_job(job_id) {
             job.task.abort();
-            // Tokens not yet sent are not reported: the next vehicle regenerates them.
+            // Tokens the session could not take (buffer full, no session) are not reported:
+            // the next vehicle regenerates them.
             let next_index = job.base + job.sent as u32;
             tracing::info!(job = job_id, next_index, reason, "job evicted");
             let _ = self.send(AgentMsg::Evicted(v1::JobEvicted {
@@ -228,6 +233,7 @@ impl Core {
     fn on_coordinator(&mut self, msg: CoordinatorMsg) {
         match msg {
             CoordinatorMsg::Assign(a) => self.assign(a),
+            CoordinatorMsg::Cancel(c) if c.hand_back => self.evict(&c.job_id, &c.reason),
             CoordinatorMsg::Cancel(c) => {
                 if let Some((job, _)) = self.remove_job(&c.job_id) {
                     job.task.abort();

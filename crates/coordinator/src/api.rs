@@ -7,6 +7,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use crate::batch_runner::BatchRunner;
 use axum::{Json, Router};
 
 use crate::config::CoordinatorConfig;
@@ -18,6 +20,7 @@ use crate::store::Store;
 
 pub struct AppState {
     pub manager: Manager,
+    pub batches: BatchRunner,
     pub store: Store,
     pub config: Arc<CoordinatorConfig>,
     pub metrics: Arc<Metrics>,
@@ -40,6 +43,26 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/completions", post(crate::generate::completions))
         .route("/v1/models", get(models))
+        .route(
+            "/v1/files",
+            post(crate::files::upload)
+                .get(crate::files::list)
+                // The file limit, plus room for the multipart framing around the file.
+                .layer(DefaultBodyLimit::max(
+                    state.config.max_file_bytes.saturating_add(64 << 10),
+                )),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(crate::files::retrieve).delete(crate::files::delete),
+        )
+        .route("/v1/files/{id}/content", get(crate::files::content))
+        .route(
+            "/v1/batches",
+            post(crate::batches::create).get(crate::batches::list),
+        )
+        .route("/v1/batches/{id}", get(crate::batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(crate::batches::cancel))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)

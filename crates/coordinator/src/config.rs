@@ -55,7 +55,8 @@ pub struct CoordinatorConfig {
     pub max_prompt_chars: usize,
     pub max_tokens_limit: u32,
     pub default_max_tokens: u32,
-    /// Jobs in the queue (all tenants) beyond which new requests get 429.
+    /// Interactive jobs in the queue (all tenants) beyond which new requests get 429 (batch
+    /// requests wait for their completion window and are not counted).
     pub max_queued_jobs: usize,
     /// Keys sealing prompts and outputs in the job store (see `sealing`): one `id base64`
     /// line per key, newest first. Default `<db_path>.keys`, created with a fresh key when
@@ -70,6 +71,12 @@ pub struct CoordinatorConfig {
     pub country_boundaries: Option<PathBuf>,
     /// Per-tenant residency and rate limits (`[[tenants]]`).
     pub tenants: Vec<crate::tenants::TenantConfig>,
+    /// Largest file `POST /v1/files` accepts.
+    pub max_file_bytes: usize,
+    /// Requests one batch may hold.
+    pub max_batch_requests: usize,
+    /// `completion_window` values a batch may ask for (`"24h"`, `"90m"`, `"30s"`).
+    pub batch_completion_windows: Vec<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -95,6 +102,9 @@ impl Default for CoordinatorConfig {
             regions: Vec::new(),
             country_boundaries: None,
             tenants: Vec::new(),
+            max_file_bytes: 64 << 20,
+            max_batch_requests: 50_000,
+            batch_completion_windows: vec!["24h".into()],
         }
     }
 }
@@ -165,6 +175,18 @@ impl CoordinatorConfig {
                 "default_max_tokens exceeds max_tokens_limit".into(),
             ));
         }
+        for w in &self.batch_completion_windows {
+            let window = parse_window(w).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "batch completion window {w:?} is not a duration like \"24h\""
+                ))
+            })?;
+            if window >= self.retention {
+                return Err(ConfigError::Invalid(format!(
+                    "batch completion window {w:?} must be shorter than retention"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -192,6 +214,19 @@ impl CoordinatorConfig {
             .parse()
             .map_err(|_| ConfigError::Invalid(format!("unknown policy {:?}", self.policy)))
     }
+}
+
+/// A completion window such as `"24h"`, `"90m"` or `"30s"`.
+pub fn parse_window(window: &str) -> Option<Duration> {
+    let unit = window.chars().last()?;
+    let n: u64 = window[..window.len() - unit.len_utf8()].parse().ok()?;
+    let secs = match unit {
+        'h' => n.checked_mul(3600)?,
+        'm' => n.checked_mul(60)?,
+        's' => n,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 mod millis {

@@ -142,6 +142,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A handler's result as a response: the value as JSON, or the error's OpenAI body.
+pub fn json_or_error(result: Result<impl serde::Serialize, ApiError>) -> Response {
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         tracing::error!(cause = %e, "job store failure");

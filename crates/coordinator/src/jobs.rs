@@ -43,8 +43,18 @@ pub struct JobHandle {
 /// Where a job is in its life inside the manager.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Placement {
-    Queued { since: Instant },
-    Running { node: tokenfleet_scheduler::NodeId },
+    Queued {
+        since: Instant,
+    },
+    Running {
+        node: tokenfleet_scheduler::NodeId,
+    },
+    /// Preempted: the node was told to hand the job back with its tokens (its slot already
+    /// counts as free); chunks and the eviction from that node are still taken.
+    HandingBack {
+        node: tokenfleet_scheduler::NodeId,
+        since: Instant,
+    },
     Ended,
 }
 
@@ -66,6 +76,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// Whether `node` was told to hand this job back and has not yet done so.
+    pub fn is_handing_back_from(&self, node: tokenfleet_scheduler::NodeId) -> bool {
+        matches!(self.placement, Placement::HandingBack { node: n, .. } if n == node)
+    }
+
     pub fn generated(&self) -> usize {
         self.view.borrow().tokens.len()
     }

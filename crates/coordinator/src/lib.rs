@@ -7,6 +7,10 @@
 //! - [`config`]: [`CoordinatorConfig`] (TOML).
 //! - [`api`], [`generate`], [`responses`], [`openai`]: the HTTP API and its wire types.
 //! - [`validation`]: raw requests → [`validation::ValidRequest`] or a 400.
+//! - [`files`], [`batches`], [`batch_types`]: the Batch API (`/v1/files`, `/v1/batches`).
+//! - [`batch_input`]: a batch's JSONL input, checked on upload and validated line by line.
+//! - [`batch_runner`]: the task that moves batches through their lifecycle.
+//! - [`batch_store`]: files, batches and batch lines in the job store.
 //! - [`error`]: [`error::ApiError`], the one place errors become OpenAI error bodies.
 //! - [`manager`]: the task that owns jobs, queue and fleet view; dispatch and continuation.
 //! - [`jobs`], [`nodes`]: what the manager keeps per job and per vehicle.
@@ -18,8 +22,14 @@
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 
 pub mod api;
+pub mod batch_input;
+pub mod batch_runner;
+pub mod batch_store;
+pub mod batch_types;
+pub mod batches;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod generate;
 pub mod jobs;
 pub mod manager;
@@ -105,6 +115,11 @@ pub async fn start(
     let config = Arc::new(config);
     let store = store::Store::open(&config.db_path, config.store_sealer()?)?;
     spawn_retention(store.clone(), config.retention);
+    // Jobs of batches that were being cancelled or ran out of time must not start again.
+    let settled = store.settle_ending_batches(batch_types::unix_s()).await?;
+    if settled > 0 {
+        tracing::info!(jobs = settled, "stopped the jobs of ending batches");
+    }
     let recovered = store.load_unfinished().await?;
     if !recovered.is_empty() {
         tracing::info!(
@@ -124,8 +139,15 @@ pub async fn start(
         stop_rx.clone(),
     );
     let flush_store = store.clone();
+    let (batches, batch_task) = batch_runner::BatchRunner::spawn(
+        Arc::clone(&config),
+        store.clone(),
+        manager.clone(),
+        stop_rx.clone(),
+    );
     let state = Arc::new(api::AppState {
         manager: manager.clone(),
+        batches,
         store,
         config: Arc::clone(&config),
         metrics,
@@ -182,6 +204,7 @@ pub async fn start(
             let _ = stop_tx.send(true);
         });
         let (h, g) = tokio::join!(http_server, grpc_server);
+        let _ = batch_task.await;
         let _ = manager_task.await;
         // Everything the manager queued for the store is durable before we report stopped.
         if let Err(e) = flush_store.flush().await {

@@ -19,10 +19,12 @@ use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
 use crate::jobs::{Job, JobHandle, JobOutcome, JobView, Placement};
 use crate::metrics::Metrics;
-use crate::nodes::{LastSeen, Node, NodeSender};
+use crate::nodes::{count_models, LastSeen, Node, NodeSender};
 use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
 use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
+
+mod handback;
 
 /// A job accepted by the API and already in the store.
 pub struct NewJob {
@@ -43,6 +45,7 @@ enum Cmd {
     Submit(NewJob, oneshot::Sender<Result<JobHandle, ApiError>>),
     Attach(u64, oneshot::Sender<Option<JobHandle>>),
     Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
+    Adopt(Vec<StoredJob>, oneshot::Sender<()>),
     Cancel(u64),
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
@@ -138,6 +141,12 @@ impl Manager {
         self.ask(|tx| Cmd::Resume(Box::new(job), tx)).await
     }
 
+    /// Queues stored jobs that nobody follows (a batch's requests); not bounded by
+    /// `max_queued_jobs`, which limits interactive admission.
+    pub async fn adopt(&self, jobs: Vec<StoredJob>) {
+        let _ = self.ask(|tx| Cmd::Adopt(jobs, tx)).await;
+    }
+
     pub async fn cancel(&self, job: u64) {
         let _ = self.tx.send(Cmd::Cancel(job)).await;
     }
@@ -201,35 +210,6 @@ struct State {
     regions: crate::regions::RegionMap,
 }
 
-/// Counts a node's models in or out of `sessions` when its session starts or ends, and
-/// publishes the set of names when it changes.
-fn count_models(
-    sessions: &mut HashMap<String, usize>,
-    publish: &watch::Sender<Arc<Vec<String>>>,
-    hello: &v1::Hello,
-    up: bool,
-) {
-    let mut changed = false;
-    for m in &hello.models {
-        if up {
-            let c = sessions.entry(m.name.clone()).or_insert(0);
-            changed |= *c == 0;
-            *c += 1;
-        } else if let Some(c) = sessions.get_mut(&m.name) {
-            *c -= 1;
-            if *c == 0 {
-                sessions.remove(&m.name);
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        let mut names: Vec<String> = sessions.keys().cloned().collect();
-        names.sort();
-        publish.send_replace(Arc::new(names));
-    }
-}
-
 impl State {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut shutdown: watch::Receiver<bool>) {
         let mut tick =
@@ -268,10 +248,10 @@ impl State {
             outcome: None,
         });
         let persisted = view.borrow().tokens.len();
-        tracing::info!(
+        tracing::debug!(
             job = stored.id,
             tokens = persisted,
-            "recovered unfinished job"
+            "job queued from the store"
         );
         self.jobs.insert(
             stored.id,
@@ -313,6 +293,15 @@ impl State {
                     let _ = reply.send(job.handle());
                 }
             }
+            Cmd::Adopt(jobs, reply) => {
+                for job in jobs {
+                    if !self.jobs.contains_key(&job.id) {
+                        self.recover(job);
+                    }
+                }
+                self.wants_dispatch = true;
+                let _ = reply.send(());
+            }
             Cmd::Cancel(id) => self.cancel(id, "client went away").await,
             Cmd::QueueLen(reply) => {
                 let _ = reply.send(self.queue.len());
@@ -342,15 +331,26 @@ impl State {
         }
     }
 
+    /// Interactive jobs waiting (batch jobs wait for their deadline and do not count against
+    /// the admission limit, so a large batch never locks interactive clients out).
+    fn queued_interactive(&self) -> usize {
+        self.queue
+            .keys()
+            .filter(|id| self.jobs[id].request.class == JobClass::Interactive)
+            .count()
+    }
+
     fn submit(&mut self, new: NewJob) -> Result<JobHandle, ApiError> {
-        if self.queue.len() >= self.config.max_queued_jobs {
+        if self.queue.len() >= self.config.max_queued_jobs
+            && self.queued_interactive() >= self.config.max_queued_jobs
+        {
             self.metrics
                 .rejected
                 .with_label_values(&["queue_full"])
                 .inc();
             return Err(ApiError::overloaded(format!(
-                "the fleet's queue is full ({} jobs waiting); retry later",
-                self.queue.len()
+                "the fleet's queue is full ({} requests waiting); retry later",
+                self.config.max_queued_jobs
             )));
         }
         let (view, _) = watch::channel(JobView::default());
@@ -428,9 +428,11 @@ impl State {
                         from_index: job.generated() as u32,
                     })
                 }
+                Some(job) if job.is_handing_back_from(id) => handback::hand_back_msg(job.id),
                 _ => CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: h.job_id.clone(),
                     reason: "job moved to another vehicle".into(),
+                    hand_back: false,
                 }),
             };
             if let Some(node) = self.nodes.get(&id) {
@@ -473,10 +475,13 @@ impl State {
                 let Some(job) = self.running_on(&ev.job_id, id) else {
                     return;
                 };
-                self.metrics
-                    .evictions
-                    .with_label_values(&[eviction_label(&ev.reason)])
-                    .inc();
+                // A hand-back was counted when the preemption was decided.
+                if !self.jobs[&job].is_handing_back_from(id) {
+                    self.metrics
+                        .evictions
+                        .with_label_values(&[eviction_label(&ev.reason)])
+                        .inc();
+                }
                 tracing::info!(node = %self.nodes[&id].name, job, reason = %ev.reason, next_index = ev.next_index, "job evicted; requeued");
                 self.requeue(job, id).await;
             }
@@ -497,11 +502,13 @@ impl State {
         }
     }
 
-    /// The job id if `job_id` names a job currently running on `node`.
+    /// The job id if `job_id` names a job currently running on `node` (or being handed back
+    /// by it).
     fn running_on(&self, job_id: &str, node: NodeId) -> Option<u64> {
         let id = job_id.parse::<u64>().ok()?;
         let job = self.jobs.get(&id)?;
-        (job.placement == Placement::Running { node }).then_some(id)
+        (job.placement == Placement::Running { node } || job.is_handing_back_from(node))
+            .then_some(id)
     }
 
     fn on_chunk(&mut self, node: NodeId, chunk: v1::TokenChunk) {
@@ -623,6 +630,8 @@ impl State {
             self.nodes[&id].send(CoordinatorMsg::Cancel(v1::Cancel {
                 job_id: job.to_string(),
                 reason: "vehicle left the job's residency region".into(),
+                // Continued from the tokens the coordinator already holds.
+                hand_back: false,
             }));
             self.metrics
                 .evictions
@@ -679,11 +688,12 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if let Placement::Running { node } = job.placement {
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: id.to_string(),
                     reason: reason.into(),
+                    hand_back: false,
                 }));
             }
             self.detach(id, node);
@@ -781,6 +791,7 @@ impl State {
     async fn on_tick(&mut self) {
         self.flush_tokens().await;
         self.expire_leases().await;
+        self.expire_hand_backs().await;
         self.fail_stale_queue().await;
         self.update_gauges();
         if !self.queue.is_empty() {
@@ -899,10 +910,13 @@ impl State {
             return;
         }
         let now_ms = unix_ms();
-        for id in self.dirty_nodes.drain() {
+        let dirty: Vec<NodeId> = self.dirty_nodes.drain().collect();
+        for id in dirty {
             if let Some(n) = self.nodes.get(&id) {
                 if n.connected() {
-                    self.scheduler.upsert_node(n.view(now_ms));
+                    let mut view = n.view(now_ms);
+                    view.running_batch = self.running_batch(n);
+                    self.scheduler.upsert_node(view);
                 }
             }
         }
@@ -936,18 +950,7 @@ impl State {
             .collect();
         let decisions = self.scheduler.decide(now_ms, &queue);
         for p in decisions.preemptions {
-            let job = p.job.0;
-            if let Some(n) = self.nodes.get(&p.node) {
-                n.send(CoordinatorMsg::Cancel(v1::Cancel {
-                    job_id: job.to_string(),
-                    reason: "preempted by interactive work".into(),
-                }));
-            }
-            self.metrics
-                .evictions
-                .with_label_values(&["preempted"])
-                .inc();
-            self.requeue(job, p.node).await;
+            self.preempt(p.job.0, p.node);
         }
         for a in decisions.assignments {
             self.assign(a.job.0, a.node);

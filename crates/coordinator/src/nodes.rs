@@ -1,4 +1,5 @@
-//! The coordinator's view of one connected vehicle.
+//! The coordinator's view of one connected vehicle, and the count of sessions per model
+//! behind `/v1/models`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,5 +130,34 @@ impl Node {
             running_batch: Vec::new(),
             oracle_departure: None,
         }
+    }
+}
+
+/// Counts a node's models in or out of `sessions` when its session starts or ends, and
+/// publishes the set of names when it changes.
+pub(crate) fn count_models(
+    sessions: &mut std::collections::HashMap<String, usize>,
+    publish: &tokio::sync::watch::Sender<Arc<Vec<String>>>,
+    hello: &v1::Hello,
+    up: bool,
+) {
+    let mut changed = false;
+    for m in &hello.models {
+        if up {
+            let c = sessions.entry(m.name.clone()).or_insert(0);
+            changed |= *c == 0;
+            *c += 1;
+        } else if let Some(c) = sessions.get_mut(&m.name) {
+            *c -= 1;
+            if *c == 0 {
+                sessions.remove(&m.name);
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        let mut names: Vec<String> = sessions.keys().cloned().collect();
+        names.sort();
+        publish.send_replace(Arc::new(names));
     }
 }

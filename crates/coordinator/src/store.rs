@@ -13,6 +13,8 @@
 //! [`Sealer`] before they are written (see [`crate::sealing`]): the file holds no plaintext
 //! prompt or output. `secure_delete` zeroes what is deleted, and finished jobs are purged
 //! after the retention period ([`Store::purge_finished_before`]).
+//! Files and batches (the Batch API) live in the same database; their queries are in
+//! [`crate::batch_store`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +81,8 @@ const MIGRATIONS: &[Migration] = &[
     // 2: prompts and outputs sealed at rest; tokens move to `job_outputs`, one sealed value
     // per token (its id, text, logprob and alternatives).
     Migration::Sealed(seal_plaintext_rows),
+    // 3: files and batches (the Batch API).
+    Migration::Sql(crate::batch_store::MIGRATION),
 ];
 
 /// Migration 2: seals every plaintext request, text tail and token written by version 1.
@@ -371,7 +375,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Sealer) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -387,21 +391,41 @@ impl Store {
     /// Deletes jobs that ended before `cutoff_ms` (epoch ms) with their outputs; returns how
     /// many. Unfinished jobs are never purged.
     pub async fn purge_finished_before(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        // Ended jobs, except those of a batch still running (its output is not written yet).
+        const PURGEABLE: &str = "SELECT id FROM jobs WHERE state != 'queued' AND finished_ms < ?1
+             AND id NOT IN (SELECT r.job_id FROM batch_requests r JOIN batches b ON b.id = r.batch_id
+                            WHERE r.job_id IS NOT NULL
+                              AND b.status NOT IN ('completed', 'failed', 'expired', 'cancelled'))";
         self.read(move |conn, _| {
             let tx = conn.transaction()?;
+            let cutoff = cutoff_ms as i64;
             tx.execute(
-                "DELETE FROM job_outputs WHERE job_id IN
-                 (SELECT id FROM jobs WHERE state != 'queued' AND finished_ms < ?1)",
-                params![cutoff_ms as i64],
+                &format!("DELETE FROM job_outputs WHERE job_id IN ({PURGEABLE})"),
+                params![cutoff],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM batch_requests WHERE job_id IN ({PURGEABLE})"),
+                params![cutoff],
             )?;
             let n = tx.execute(
-                "DELETE FROM jobs WHERE state != 'queued' AND finished_ms < ?1",
-                params![cutoff_ms as i64],
+                &format!("DELETE FROM jobs WHERE id IN ({PURGEABLE})"),
+                params![cutoff],
+            )?;
+            // Batch files (inputs hold prompts, outputs answers) age out the same way;
+            // `retention` is longer than any completion window (checked in the config).
+            tx.execute(
+                "DELETE FROM files WHERE created_s < ?1",
+                params![cutoff / 1000],
             )?;
             tx.commit()?;
             Ok(n)
         })
         .await
+    }
+
+    /// Reserves `n` consecutive job ids and returns the first.
+    pub(crate) fn reserve_job_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 
     /// Inserts a new job and returns its id once it is durable; with an idempotency key
@@ -699,16 +723,16 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op, sealer: &Seale
     }
 }
 
-struct NewRow<'a> {
-    id: u64,
-    public_id: &'a str,
-    tenant: &'a str,
-    idempotency_key: Option<&'a str>,
-    request: &'a str,
-    created_ms: u64,
+pub(crate) struct NewRow<'a> {
+    pub id: u64,
+    pub public_id: &'a str,
+    pub tenant: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub request: &'a str,
+    pub created_ms: u64,
 }
 
-fn insert(
+pub(crate) fn insert(
     conn: &Connection,
     sealer: &Sealer,
     row: NewRow<'_>,
@@ -772,7 +796,11 @@ fn finish(
     Ok(())
 }
 
-fn load_one(conn: &Connection, sealer: &Sealer, job: u64) -> Result<Option<StoredJob>, StoreError> {
+pub(crate) fn load_one(
+    conn: &Connection,
+    sealer: &Sealer,
+    job: u64,
+) -> Result<Option<StoredJob>, StoreError> {
     let row = conn
         .query_row(
             "SELECT id, public_id, tenant, idempotency_key, request, state, created_ms,

@@ -114,3 +114,27 @@ fn unknown_fields_from_a_newer_peer_are_skipped() {
 fn empty_message_has_no_payload() {
     assert!(AgentMessage { msg: None }.encode_to_vec().is_empty());
 }
+
+#[test]
+fn cancel_with_hand_back_bytes() {
+    let m = CoordinatorMessage::new(CoordinatorMsg::Cancel(v1::Cancel {
+        job_id: "j".into(),
+        reason: "r".into(),
+        hand_back: true,
+    }));
+    // 1a = field 3 (cancel), length 8: 0a 01 "j" | 12 01 "r" | 18 01 (hand_back = true)
+    assert_eq!(
+        hex::encode(roundtrip_coordinator(&m)),
+        "1a08".to_string() + "0a016a" + "120172" + "1801"
+    );
+    // A plain cancel carries no hand_back byte, so older agents read it unchanged.
+    let plain = CoordinatorMessage::new(CoordinatorMsg::Cancel(v1::Cancel {
+        job_id: "j".into(),
+        reason: "r".into(),
+        hand_back: false,
+    }));
+    assert_eq!(
+        hex::encode(roundtrip_coordinator(&plain)),
+        "1a06".to_string() + "0a016a" + "120172"
+    );
+}

@@ -4,62 +4,14 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{free_port, spawn_coordinator, wait_http, wait_models, Proc, BIN};
 use common::{chat_stream_text, greedy_chat, model_path, sse_events, start_agent, Fleet, KEY};
 use futures::StreamExt;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tokenfleet");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_coordinator(http: u16, grpc: u16, db: &Path) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args([
-                "coordinator",
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--grpc",
-                &format!("127.0.0.1:{grpc}"),
-            ])
-            .arg("--db")
-            .arg(db)
-            .args(["--api-key", KEY, "--lease-timeout-ms", "2000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the coordinator"),
-    )
-}
-
-async fn wait_http(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn job_rows(db: &Path) -> Vec<(String, String, i64)> {
     let conn =
@@ -150,6 +102,7 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
     // Restart on the same store and ports; agents reconnect by themselves.
     coordinator = spawn_coordinator(http, grpc, &db);
     wait_http(&client, &base).await;
+    wait_models(&client, &base).await;
     let mut answers = Vec::new();
     for i in 0..20 {
         let body = greedy_chat(&prompt(i), 48, i % 2 == 0);

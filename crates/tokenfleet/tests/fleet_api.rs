@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{chat_stream_text, greedy_chat, sse_events, Fleet, KEY, MODEL};
+use common::{chat_stream_text, greedy_chat, metric, sse_events, Fleet, KEY, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
@@ -168,12 +168,6 @@ async fn departure_mid_stream_is_invisible_to_the_client() {
 }
 
 /// The value of one Prometheus sample (0 when absent).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn assert_openai_error(body: &Value) {
     let e = &body["error"];
     assert!(

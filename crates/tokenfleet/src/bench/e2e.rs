@@ -35,6 +35,12 @@ pub struct E2eArgs {
     pub n_gen: u32,
     #[arg(long, env = "TOKENFLEET_CACHE", default_value_os_t = default_cache_dir())]
     pub cache_dir: PathBuf,
+    /// Instead of the llama-server comparison: interactive TTFT alone and while a batch
+    /// (`--batch-requests` requests of `--n-gen` tokens) fills the vehicle.
+    #[arg(long)]
+    pub with_batch: bool,
+    #[arg(long, default_value_t = 400)]
+    pub batch_requests: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,7 +59,8 @@ pub struct E2eReport {
     pub ref_ttft_p50_ms_8: f64,
 }
 
-const PROMPT: &str = "Write a short story about an electric car that earns money while parked.";
+pub(super) const PROMPT: &str =
+    "Write a short story about an electric car that earns money while parked.";
 const KEY: &str = "bench-e2e-key-0123456789";
 
 struct Measured {
@@ -76,55 +83,89 @@ async fn measure(
     Ok(Measured { one, eight })
 }
 
+/// Our side of the comparison: a coordinator and one agent with 8 slots, in this process.
+pub(super) struct OursFleet {
+    pub base: String,
+    pub key: &'static str,
+    agent: Agent,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tokenfleet_coordinator::CoordinatorError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl OursFleet {
+    pub async fn start(
+        model_path: &std::path::Path,
+        model: &str,
+        threads: u32,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = CoordinatorConfig {
+            http_addr: "127.0.0.1:0".parse()?,
+            grpc_addr: "127.0.0.1:0".parse()?,
+            db_path: dir.path().join("bench.db"),
+            api_keys: vec![ApiKey {
+                key: KEY.into(),
+                tenant: "bench".into(),
+            }],
+            ..Default::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokenfleet_coordinator::start(config, async move {
+            let _ = stopped.await;
+        })
+        .await?;
+        let mut ec = EngineConfig::new(model_path);
+        ec.slots = 8;
+        ec.ctx_per_slot = 512;
+        ec.threads = threads;
+        let engine = Engine::load_async(ec).await?;
+        let agent = Agent::start(
+            AgentConfig::new(
+                format!("http://{}", running.bound.grpc),
+                "bench-vehicle",
+                model,
+            ),
+            engine,
+            String::new(),
+            VehicleStatus::parked(),
+        );
+        let base = format!("http://{}", running.bound.http);
+        wait_for_model(&base, model).await?;
+        Ok(Self {
+            base,
+            key: KEY,
+            agent,
+            stop,
+            task: running.task,
+            _dir: dir,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.agent.stop().await;
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let threads = args.engine.threads.unwrap_or(2);
     let model_path = args.engine.model.clone();
     let model = model_name_of(&model_path);
+    if args.with_batch {
+        return super::e2e_batch::run(&args, &model_path, &model, threads).await;
+    }
     let tools = {
         let cache = args.cache_dir.clone();
         tokio::task::spawn_blocking(move || reference::ensure_reference_tools(&cache)).await??
     };
 
-    // Ours: coordinator + one agent with 8 slots, in this process.
-    let dir = tempfile::tempdir()?;
-    let config = CoordinatorConfig {
-        http_addr: "127.0.0.1:0".parse()?,
-        grpc_addr: "127.0.0.1:0".parse()?,
-        db_path: dir.path().join("bench.db"),
-        api_keys: vec![ApiKey {
-            key: KEY.into(),
-            tenant: "bench".into(),
-        }],
-        ..Default::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokenfleet_coordinator::start(config, async move {
-        let _ = stopped.await;
-    })
-    .await?;
-    let mut ec = EngineConfig::new(&model_path);
-    ec.slots = 8;
-    ec.ctx_per_slot = 512;
-    ec.threads = threads;
-    let engine = Engine::load_async(ec).await?;
-    let agent = Agent::start(
-        AgentConfig::new(
-            format!("http://{}", running.bound.grpc),
-            "bench-vehicle",
-            &model,
-        ),
-        engine,
-        String::new(),
-        VehicleStatus::parked(),
-    );
-    let base = format!("http://{}", running.bound.http);
-    wait_for_model(&base, &model).await?;
-    let ours = measure(&base, Some(KEY), &model, &args)
+    let fleet = OursFleet::start(&model_path, &model, threads).await?;
+    let ours = measure(&fleet.base, Some(KEY), &model, &args)
         .await
         .context("measuring tokenfleet")?;
-    agent.stop().await;
-    let _ = stop.send(());
-    let _ = running.task.await;
+    fleet.stop().await;
 
     // Reference: llama-server, same model, threads and slots.
     let server = reference::start_llama_server(&tools, &model_path, threads, 8, 512).await?;

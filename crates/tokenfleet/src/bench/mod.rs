@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod e2e;
+mod e2e_batch;
 pub mod engine;
 pub mod reference;
 

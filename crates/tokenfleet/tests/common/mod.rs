@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +14,8 @@ use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_engine::{Engine, EngineConfig};
 
 pub const KEY: &str = "test-key-0123456789abcdef";
+/// A key of a second tenant ("other"), for isolation tests.
+pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
 pub const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 pub fn model_path() -> PathBuf {
@@ -50,10 +54,16 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         db_path: db,
-        api_keys: vec![ApiKey {
-            key: KEY.into(),
-            tenant: "default".into(),
-        }],
+        api_keys: vec![
+            ApiKey {
+                key: KEY.into(),
+                tenant: "default".into(),
+            },
+            ApiKey {
+                key: OTHER_KEY.into(),
+                tenant: "other".into(),
+            },
+        ],
         heartbeat_interval: Duration::from_millis(250),
         lease_timeout: Duration::from_millis(1500),
         max_body_bytes: 64 * 1024,
@@ -83,12 +93,14 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
 
 impl Fleet {
     pub async fn start(agents: usize) -> Fleet {
-        Self::start_with(agents, |_| {}).await
+        Self::start_with(agents, 4, |_| {}).await
     }
 
-    /// A fleet whose coordinator config is adjusted by `configure` first.
+    /// A fleet of `agents` agents with `slots` engine slots each, on [`test_config`] changed
+    /// by `configure`.
     pub async fn start_with(
         agents: usize,
+        slots: u32,
         configure: impl FnOnce(&mut CoordinatorConfig),
     ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
@@ -105,7 +117,7 @@ impl Fleet {
         let grpc = running.bound.grpc.to_string();
         let mut list = Vec::new();
         for i in 0..agents {
-            list.push(start_agent(&grpc, &format!("vehicle-{}", i + 1), 4).await);
+            list.push(start_agent(&grpc, &format!("vehicle-{}", i + 1), slots).await);
         }
         let fleet = Fleet {
             http,
@@ -207,6 +219,14 @@ impl Drop for Fleet {
             let _ = tx.send(());
         }
     }
+}
+
+/// The value of the sample `name` (with its labels, e.g. `tokenfleet_x{reason="y"}`) in a
+/// Prometheus text, 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Reads an SSE body into its `data:` payloads (bounded by `timeout`).

@@ -1,0 +1,591 @@
+//! The Batch API on the real model: a batch through two agents with departures and interactive
+//! preemption, a coordinator SIGKILL mid-batch, cancel mid-batch, an expiring window, bad
+//! input, and tenant isolation. Every batch's output and error files together answer each
+//! `custom_id` exactly once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::process::{free_port, spawn_coordinator, wait_http, wait_models};
+use common::{greedy_chat, metric, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
+use serde_json::{json, Value};
+use tokenfleet_agent::VehicleStatus;
+
+const TOPICS: [&str; 10] = [
+    "the moon",
+    "bicycles",
+    "rain",
+    "volcanoes",
+    "bread",
+    "trains",
+    "owls",
+    "music",
+    "glass",
+    "rivers",
+];
+
+/// A JSONL input of `n` chat requests `req-0 … req-{n-1}`.
+fn input(n: usize, max_tokens: u32) -> String {
+    (0..n)
+        .map(|i| {
+            json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                            "messages": [{"role": "user", "content": format!("Write one sentence about {}.", TOPICS[i % TOPICS.len()])}]}})
+            .to_string() + "\n"
+        })
+        .collect()
+}
+
+async fn upload(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    content: &str,
+) -> reqwest::Response {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(content.as_bytes().to_vec()).file_name("input.jsonl"),
+        );
+    client
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn create_batch(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    file: &str,
+    window: &str,
+) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": window}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Uploads `content` and starts a batch on it; returns the batch id.
+async fn start_batch(client: &reqwest::Client, base: &str, content: &str, window: &str) -> String {
+    let file = upload(client, base, KEY, content).await;
+    assert_eq!(file.status(), 200);
+    let file: Value = file.json().await.unwrap();
+    let batch = create_batch(client, base, KEY, file["id"].as_str().unwrap(), window).await;
+    assert_eq!(batch.status(), 200);
+    let batch: Value = batch.json().await.unwrap();
+    assert_eq!(batch["status"], "validating");
+    batch["id"].as_str().unwrap().to_string()
+}
+
+async fn get_json(client: &reqwest::Client, url: String, key: &str) -> (u16, Value) {
+    let resp = client.get(url).bearer_auth(key).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn batch(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    let (status, v) = get_json(client, format!("{base}/v1/batches/{id}"), KEY).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// Polls the batch until `until` holds (bounded: a hang guard, not a timing assertion).
+async fn wait_batch(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    until: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let b = batch(client, base, id).await;
+        if until(&b) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "batch stuck: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ended(b: &Value) -> bool {
+    matches!(
+        b["status"].as_str(),
+        Some("completed" | "failed" | "expired" | "cancelled")
+    )
+}
+
+/// The lines of a file's content (empty for no file).
+async fn file_lines(client: &reqwest::Client, base: &str, id: &Value) -> Vec<Value> {
+    let Some(id) = id.as_str() else {
+        return Vec::new();
+    };
+    let resp = client
+        .get(format!("{base}/v1/files/{id}/content"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Output and error lines of an ended batch, checked: each of `n` custom ids exactly once
+/// across both files, counts matching. Returns (output lines by custom id, error lines).
+async fn results(
+    client: &reqwest::Client,
+    base: &str,
+    b: &Value,
+    n: usize,
+) -> (HashMap<String, Value>, Vec<Value>) {
+    let output = file_lines(client, base, &b["output_file_id"]).await;
+    let errors = file_lines(client, base, &b["error_file_id"]).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for l in output.iter().chain(&errors) {
+        *seen
+            .entry(l["custom_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for i in 0..n {
+        assert_eq!(seen.get(&format!("req-{i}")), Some(&1), "req-{i} in {b}");
+    }
+    assert_eq!(seen.len(), n);
+    assert_eq!(b["request_counts"]["total"], n);
+    assert_eq!(b["request_counts"]["completed"], output.len());
+    assert_eq!(b["request_counts"]["failed"], errors.len());
+    let mut by_id = HashMap::new();
+    for l in output {
+        assert_eq!(l["response"]["status_code"], 200, "{l}");
+        assert!(l["error"].is_null());
+        let body = &l["response"]["body"];
+        assert_eq!(body["object"], "chat.completion");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!text.trim().is_empty(), "{l}");
+        by_id.insert(l["custom_id"].as_str().unwrap().to_string(), l);
+    }
+    (by_id, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_runs_through_two_agents_across_departures_and_interactive_preemption() {
+    const N: usize = 60;
+    let mut fleet = Fleet::start_with(2, 2, |_| {}).await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let id = start_batch(&client, &base, &input(N, 12), "24h").await;
+    // Departures once work is under way: vehicle-1 leaves and comes back, vehicle-2 leaves
+    // for good and a third vehicle arrives.
+    wait_batch(&client, &base, &id, |b| {
+        b["request_counts"]["completed"].as_u64() >= Some(5)
+    })
+    .await;
+    let status = |i: usize| fleet.agents[i].agent.as_ref().unwrap().status().clone();
+    status(0).send_replace(VehicleStatus::departing("departure: driver returned"));
+    // Interactive work while the batch fills every slot left: it preempts batch jobs (three
+    // requests for two busy slots, so at least one cannot take a slot a batch job just left).
+    let interactive = futures::future::join_all((0..3).map(|i| {
+        fleet
+            .post(
+                "/v1/chat/completions",
+                greedy_chat(&format!("Say hello {i}."), 8, false),
+            )
+            .send()
+    }))
+    .await;
+    for r in interactive {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    status(0).send_replace(VehicleStatus::parked());
+    wait_batch(&client, &base, &id, |b| {
+        b["request_counts"]["completed"].as_u64() >= Some(25)
+    })
+    .await;
+    status(1).send_replace(VehicleStatus::departing("departure: driver returned"));
+    fleet
+        .agents
+        .push(start_agent(&fleet.grpc, "vehicle-3", 2).await);
+    let b = wait_batch(&client, &base, &id, ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    for stamp in [
+        "created_at",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+    ] {
+        assert!(b[stamp].as_u64().is_some(), "{stamp} in {b}");
+    }
+    let (output, errors) = results(&client, &base, &b, N).await;
+    assert_eq!(output.len(), N, "errors: {errors:?}");
+    // Greedy answers equal the same request answered interactively.
+    let line = &output["req-3"];
+    let direct: Value = fleet
+        .post("/v1/chat/completions", json!({"model": MODEL, "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": format!("Write one sentence about {}.", TOPICS[3])}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        line["response"]["body"]["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
+    );
+    let metrics = fleet.metrics().await;
+    assert!(
+        metric(&metrics, "tokenfleet_evictions_total{reason=\"departure\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "tokenfleet_evictions_total{reason=\"preempted\"}") >= 1.0,
+        "{metrics}"
+    );
+}
+
+fn batch_job_states(db: &Path) -> Vec<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT j.state FROM batch_requests b JOIN jobs j ON j.id = b.job_id ORDER BY b.line",
+        )
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once() {
+    const N: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("jobs.db");
+    let (http, grpc) = (free_port(), free_port());
+    let base = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    let mut coordinator = spawn_coordinator(http, grpc, &db);
+    wait_http(&client, &base).await;
+    let grpc_addr = format!("127.0.0.1:{grpc}");
+    let _agents = [
+        start_agent(&grpc_addr, "vehicle-a", 2).await,
+        start_agent(&grpc_addr, "vehicle-b", 2).await,
+    ];
+    wait_models(&client, &base).await;
+    let id = start_batch(&client, &base, &input(N, 24), "24h").await;
+    // SIGKILL once some requests are done and others are not.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let states = batch_job_states(&db);
+        let done = states.iter().filter(|s| *s == "done").count();
+        if (5..N).contains(&done) {
+            break;
+        }
+        assert!(done < N, "the batch finished before the kill");
+        assert!(Instant::now() < deadline, "no progress: {states:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = coordinator.0.kill();
+    let _ = coordinator.0.wait();
+    let at_kill = batch_job_states(&db);
+    println!(
+        "at SIGKILL: {} of {N} done",
+        at_kill.iter().filter(|s| *s == "done").count()
+    );
+    coordinator = spawn_coordinator(http, grpc, &db);
+    wait_http(&client, &base).await;
+    let b = wait_batch(&client, &base, &id, ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (output, _) = results(&client, &base, &b, N).await;
+    assert_eq!(output.len(), N);
+    // One job per line, none started twice from scratch: every job is done once.
+    let states = batch_job_states(&db);
+    assert_eq!(states.len(), N);
+    assert!(states.iter().all(|s| s == "done"), "{states:?}");
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_mid_batch_keeps_completed_lines_and_starts_no_new_work() {
+    const N: usize = 30;
+    let fleet = Fleet::start_with(1, 2, |_| {}).await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let id = start_batch(&client, &base, &input(N, 24), "24h").await;
+    wait_batch(&client, &base, &id, |b| {
+        b["request_counts"]["completed"].as_u64() >= Some(3)
+    })
+    .await;
+    let resp = client
+        .post(format!("{base}/v1/batches/{id}/cancel"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cancelling: Value = resp.json().await.unwrap();
+    assert_eq!(cancelling["status"], "cancelling", "{cancelling}");
+    assert!(cancelling["cancelling_at"].as_u64().is_some());
+    let b = wait_batch(&client, &base, &id, ended).await;
+    assert_eq!(b["status"], "cancelled", "{b}");
+    let (output, errors) = results(&client, &base, &b, N).await;
+    assert!(
+        output.len() >= 3 && output.len() < N,
+        "{} completed",
+        output.len()
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["error"]["code"] == "batch_cancelled"),
+        "{errors:?}"
+    );
+    // No new work: nothing of the batch is queued, and nothing finishes after the end.
+    let finished = metric(
+        &fleet.metrics().await,
+        "tokenfleet_jobs_finished_total{outcome=\"done\"}",
+    );
+    let states = batch_job_states(&fleet.db);
+    assert!(
+        states.iter().all(|s| s == "done" || s == "cancelled"),
+        "{states:?}"
+    );
+    assert_eq!(states.iter().filter(|s| *s == "done").count(), output.len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        metric(
+            &fleet.metrics().await,
+            "tokenfleet_jobs_finished_total{outcome=\"done\"}"
+        ),
+        finished
+    );
+    // Cancelling an ended batch is refused.
+    let again = client
+        .post(format!("{base}/v1/batches/{id}/cancel"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        200,
+        "cancel is idempotent on a cancelled batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_batch_reports_what_completed() {
+    const N: usize = 12;
+    let fleet = Fleet::start_with(1, 1, |c| {
+        c.batch_completion_windows = vec!["24h".into(), "4s".into()]
+    })
+    .await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    // Long answers on one slot: far more work than four seconds hold.
+    let content: String = (0..N)
+        .map(|i| {
+            json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": MODEL, "max_tokens": 400, "temperature": 0,
+                            "tokenfleet": {"ignore_eos": true},
+                            "messages": [{"role": "user", "content": "Tell a long story."}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let id = start_batch(&client, &base, &content, "4s").await;
+    let b = wait_batch(&client, &base, &id, ended).await;
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(b["expired_at"].as_u64().is_some());
+    let (output, errors) = results(&client, &base, &b, N).await;
+    assert!(output.len() < N);
+    assert!(
+        errors.iter().all(|e| e["error"]["code"] == "batch_expired"),
+        "{errors:?}"
+    );
+}
+
+fn row_counts(db: &Path) -> Vec<i64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    ["files", "batches", "batch_requests", "jobs"]
+        .iter()
+        .map(|t| {
+            conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn assert_error(status: u16, v: &Value, want_status: u16, code: Option<&str>) {
+    assert_eq!(status, want_status, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["error"]["type"].is_string(), "{v}");
+    if let Some(code) = code {
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+}
+
+async fn status_json(resp: reqwest::Response) -> (u16, Value) {
+    let s = resp.status().as_u16();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_without_changing_the_store_and_tenants_are_isolated() {
+    // No agent: nothing here needs the model (a line for a model no vehicle serves is an
+    // error-file entry).
+    let fleet = Fleet::start_with(0, 1, |c| c.max_file_bytes = 4096).await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let good = input(2, 4);
+    let file: Value = upload(&client, &base, KEY, &good)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let file_id = file["id"].as_str().unwrap().to_string();
+    assert_eq!(file["purpose"], "batch");
+    assert_eq!(file["bytes"], good.len());
+    let before = row_counts(&fleet.db);
+
+    let invalid_json = format!("{good}{{\"custom_id\": \"x\",\n");
+    let (s, v) = status_json(upload(&client, &base, KEY, &invalid_json).await).await;
+    assert_error(s, &v, 400, Some("invalid_json_line"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 3:"),
+        "{v}"
+    );
+    let duplicate = format!("{good}{}", input(1, 4));
+    let (s, v) = status_json(upload(&client, &base, KEY, &duplicate).await).await;
+    assert_error(s, &v, 400, Some("duplicate_custom_id"));
+    let oversized = input(40, 4);
+    assert!(oversized.len() > 4096);
+    let (s, v) = status_json(upload(&client, &base, KEY, &oversized).await).await;
+    assert_error(s, &v, 413, Some("file_too_large"));
+    let (s, v) = status_json(create_batch(&client, &base, KEY, "file-missing", "24h").await).await;
+    assert_error(s, &v, 404, None);
+    let (s, v) = status_json(create_batch(&client, &base, OTHER_KEY, &file_id, "24h").await).await;
+    assert_error(s, &v, 404, None);
+    let (s, v) = status_json(create_batch(&client, &base, KEY, &file_id, "7d").await).await;
+    assert_error(s, &v, 400, Some("unsupported_value"));
+    assert_eq!(
+        row_counts(&fleet.db),
+        before,
+        "a refused request changed the store"
+    );
+
+    // Lines that are well-formed JSONL but cannot run become error-file entries.
+    let mut lines: Vec<Value> = good
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines[0]["url"] = json!("/v1/embeddings");
+    let content: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    let id = {
+        let f: Value = upload(&client, &base, KEY, &content)
+            .await
+            .json()
+            .await
+            .unwrap();
+        let b: Value = create_batch(&client, &base, KEY, f["id"].as_str().unwrap(), "24h")
+            .await
+            .json()
+            .await
+            .unwrap();
+        b["id"].as_str().unwrap().to_string()
+    };
+    let b = wait_batch(&client, &base, &id, ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (output, errors) = results(&client, &base, &b, 2).await;
+    assert!(output.is_empty());
+    let codes: Vec<&str> = errors
+        .iter()
+        .map(|e| e["error"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["invalid_url", "model_not_found"]);
+
+    // Another tenant sees none of it.
+    for url in [
+        format!("{base}/v1/files/{file_id}"),
+        format!("{base}/v1/files/{file_id}/content"),
+        format!("{base}/v1/batches/{id}"),
+    ] {
+        let (s, v) = get_json(&client, url, OTHER_KEY).await;
+        assert_error(s, &v, 404, None);
+    }
+    for url in [format!("{base}/v1/batches/{id}/cancel")] {
+        let (s, v) = status_json(
+            client
+                .post(url)
+                .bearer_auth(OTHER_KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_error(s, &v, 404, None);
+    }
+    let (s, v) = status_json(
+        client
+            .delete(format!("{base}/v1/files/{file_id}"))
+            .bearer_auth(OTHER_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(s, &v, 404, None);
+    for list in ["files", "batches"] {
+        let (s, v) = get_json(&client, format!("{base}/v1/{list}"), OTHER_KEY).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["data"], json!([]), "{list}: {v}");
+        let (_, mine) = get_json(&client, format!("{base}/v1/{list}"), KEY).await;
+        assert!(!mine["data"].as_array().unwrap().is_empty(), "{list}");
+    }
+    // Pagination: newest first, `after` continues.
+    let (_, page) = get_json(&client, format!("{base}/v1/files?limit=1"), KEY).await;
+    assert_eq!(page["has_more"], true);
+    let last = page["last_id"].as_str().unwrap();
+    let (_, next) = get_json(
+        &client,
+        format!("{base}/v1/files?limit=1&after={last}"),
+        KEY,
+    )
+    .await;
+    assert_ne!(next["data"][0]["id"], page["data"][0]["id"]);
+    // The owner deletes; then it is gone.
+    let del: Value = client
+        .delete(format!("{base}/v1/files/{file_id}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(del["deleted"], true);
+    let (s, _) = get_json(&client, format!("{base}/v1/files/{file_id}"), KEY).await;
+    assert_eq!(s, 404);
+}
