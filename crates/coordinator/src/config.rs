@@ -54,6 +54,9 @@ pub struct CoordinatorConfig {
     pub default_max_tokens: u32,
     /// Jobs in the queue (all tenants) beyond which new requests get 429.
     pub max_queued_jobs: usize,
+    /// Write every scheduler round (inputs and decisions) to this file as JSON lines, for
+    /// replay through the simulator and audits (see `decision_log`). Off by default.
+    pub decision_log: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +77,7 @@ impl Default for CoordinatorConfig {
             max_tokens_limit: 4096,
             default_max_tokens: 512,
             max_queued_jobs: 10_000,
+            decision_log: None,
         }
     }
 }

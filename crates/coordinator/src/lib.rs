@@ -13,9 +13,11 @@
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
 //! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
+//! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
 
 pub mod api;
 pub mod config;
+pub mod decision_log;
 pub mod error;
 pub mod generate;
 pub mod jobs;
@@ -49,6 +51,8 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    DecisionLog(#[from] decision_log::DecisionLogError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -80,7 +84,10 @@ pub async fn start(
         );
     }
     let metrics = Arc::new(metrics::Metrics::new());
-    let scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
+    let mut scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
+    if let Some(path) = &config.decision_log {
+        decision_log::attach(&mut scheduler, path)?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (manager, manager_task) = manager::Manager::spawn(
         Arc::clone(&config),

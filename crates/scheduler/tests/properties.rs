@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 use tokenfleet_scheduler::{
-    check_placement, replay, DepartureForecast, JobClass, JobId, NodeId, NodeView, PolicyKind,
-    QueuedJob, RejectReason, Scheduler, SchedulerConfig, SchedulerTrace, TraceStep,
+    check_placement, replay, DepartureForecast, JobClass, JobId, NodeChange, NodeId, NodeView,
+    PolicyKind, QueuedJob, RejectReason, Scheduler, SchedulerConfig, SchedulerTrace, TraceStep,
 };
 
 const MODELS: [&str; 3] = ["llama-8b", "qwen-3b", "smollm"];
@@ -249,14 +249,50 @@ proptest! {
         let d = s.decide(5, &queue);
         trace.steps.push(TraceStep {
             now: 5,
-            nodes_upserted: fleet,
-            nodes_removed: vec![],
+            nodes: fleet.into_iter().map(NodeChange::Upsert).collect(),
             queue,
             decisions: d,
         });
         let json = serde_json::to_string(&trace).expect("serialize");
         let back: SchedulerTrace = serde_json::from_str(&json).expect("deserialize");
         prop_assert_eq!(replay(&back), Ok(()));
+    }
+
+    #[test]
+    fn recorded_session_with_removals_and_rejoins_replays_exactly(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+        rounds in 1usize..5,
+    ) {
+        // The live coordinator removes nodes (session ends), re-registers them and upserts
+        // changes between decide calls in any order; the recorder must keep that order.
+        let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&steps);
+        let mut s = Scheduler::new(policy, seed);
+        s.record_to(Box::new(move |st: &TraceStep| sink.lock().unwrap().push(st.clone())));
+        let mut live = Vec::new();
+        for round in 0..rounds {
+            for (i, n) in fleet.iter().enumerate() {
+                match (i + round) % 3 {
+                    0 => s.upsert_node(n.clone()),
+                    1 if round > 0 => s.remove_node(n.id),
+                    _ => {
+                        s.upsert_node(n.clone());
+                        s.update_node(n.id, |v| v.slots_busy = 0);
+                    }
+                }
+            }
+            live.push(s.decide(5 + round as u64 * 1000, &queue));
+        }
+        let mut trace = SchedulerTrace::from_header(s.header());
+        trace.steps = steps.lock().unwrap().clone();
+        prop_assert_eq!(trace.steps.len(), rounds);
+        for (st, d) in trace.steps.iter().zip(&live) {
+            prop_assert_eq!(&st.decisions, d);
+        }
+        prop_assert_eq!(replay(&trace), Ok(()));
     }
 
     #[test]

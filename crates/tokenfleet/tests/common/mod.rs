@@ -81,10 +81,20 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
 
 impl Fleet {
     pub async fn start(agents: usize) -> Fleet {
+        Self::start_with(agents, |_, _| {}).await
+    }
+
+    /// Like [`Fleet::start`], after `configure(config, temp dir)` adjusts the coordinator config.
+    pub async fn start_with(
+        agents: usize,
+        configure: impl FnOnce(&mut CoordinatorConfig, &std::path::Path),
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("jobs.db");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let running = tokenfleet_coordinator::start(test_config(db.clone()), async move {
+        let mut config = test_config(db.clone());
+        configure(&mut config, dir.path());
+        let running = tokenfleet_coordinator::start(config, async move {
             let _ = rx.await;
         })
         .await
