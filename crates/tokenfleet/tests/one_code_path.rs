@@ -78,8 +78,11 @@ async fn a_live_coordinator_run_replays_through_the_simulator_driver() {
             .any(|s| s.queue.len() > s.decisions.assignments.len()),
         "no round left a job waiting: the log does not exercise queueing"
     );
-    let changes = trace.steps.iter().flat_map(|s| &s.nodes);
-    assert!(changes.clone().any(|c| matches!(c, NodeChange::Upsert(_))));
+    assert!(trace
+        .steps
+        .iter()
+        .flat_map(|s| &s.nodes)
+        .any(|c| matches!(c, NodeChange::Upsert(_))));
     // The departed vehicle re-appears as ineligible or is removed; either way the replay must
     // see the same changes in the same order.
     Driver::replay(&trace).expect("the simulator's driver decides exactly as the live run");
