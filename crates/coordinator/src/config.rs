@@ -77,6 +77,9 @@ pub struct CoordinatorConfig {
     pub max_batch_requests: usize,
     /// `completion_window` values a batch may ask for (`"24h"`, `"90m"`, `"30s"`).
     pub batch_completion_windows: Vec<String>,
+    /// Write every scheduler round (inputs and decisions) to this file as JSON lines, for
+    /// replay through the simulator and audits (see `decision_log`). Off by default.
+    pub decision_log: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -105,6 +108,7 @@ impl Default for CoordinatorConfig {
             max_file_bytes: 64 << 20,
             max_batch_requests: 50_000,
             batch_completion_windows: vec!["24h".into()],
+            decision_log: None,
         }
     }
 }

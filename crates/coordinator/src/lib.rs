@@ -20,6 +20,7 @@
 //! - [`regions`]: residency regions (polygons, countries) and which a vehicle is in.
 //! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
+//! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
 
 pub mod api;
 pub mod batch_input;
@@ -28,6 +29,7 @@ pub mod batch_store;
 pub mod batch_types;
 pub mod batches;
 pub mod config;
+pub mod decision_log;
 pub mod error;
 pub mod files;
 pub mod generate;
@@ -67,6 +69,8 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    DecisionLog(#[from] decision_log::DecisionLogError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -128,7 +132,10 @@ pub async fn start(
         );
     }
     let metrics = Arc::new(metrics::Metrics::new());
-    let scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
+    let mut scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
+    if let Some(path) = &config.decision_log {
+        decision_log::attach(&mut scheduler, path)?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (manager, manager_task) = manager::Manager::spawn(
         Arc::clone(&config),

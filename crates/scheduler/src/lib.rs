@@ -29,7 +29,7 @@ pub use forecast::DepartureForecast;
 pub use policy::{PolicyKind, SchedulerConfig, UnknownPolicy};
 pub use predict::{DepartureHints, DwellHistory};
 pub use scheduler::Scheduler;
-pub use trace::{replay, Divergence, SchedulerTrace, TraceStep};
+pub use trace::{replay, Divergence, NodeChange, SchedulerTrace, StepSink, TraceHeader, TraceStep};
 pub use types::{
     Assignment, Decisions, JobClass, JobId, Millis, NodeId, NodeView, PreemptReason, Preemption,
     QueuedJob, RejectReason, Rejection,

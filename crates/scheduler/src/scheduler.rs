@@ -17,6 +17,7 @@ use crate::constraints::check_placement;
 use crate::index::{FleetIndex, Kind, Member, SetKey, ANY_REGION};
 use crate::policy::{PolicyKind, SchedulerConfig};
 use crate::rng::{FxHashMap as HashMap, SplitMix64};
+use crate::trace::{NodeChange, Recorder, StepSink, TraceHeader};
 use crate::types::{
     Assignment, Decisions, JobClass, Millis, NodeId, NodeView, PreemptReason, Preemption,
     QueuedJob, RejectReason, Rejection,
@@ -26,11 +27,14 @@ use crate::types::{
 pub struct Scheduler {
     policy: PolicyKind,
     config: SchedulerConfig,
+    seed: u64,
     rng: SplitMix64,
     index: FleetIndex,
     /// Fastest per-stream decode and prefill ever seen (for deadline admission).
     best_stream_tps: f32,
     best_prefill_tps: f32,
+    /// Set by [`Scheduler::record_to`]: every input and decision goes to the caller's sink.
+    recorder: Option<Recorder>,
 }
 
 /// Jobs sharing this key see the same candidate sets.
@@ -70,11 +74,34 @@ impl Scheduler {
         Self {
             policy,
             config,
+            seed,
             rng: SplitMix64::new(seed),
             index: FleetIndex::default(),
             best_stream_tps: 0.0,
             best_prefill_tps: 0.0,
+            recorder: None,
         }
+    }
+
+    /// What a replay needs to build an identical scheduler.
+    pub fn header(&self) -> TraceHeader {
+        TraceHeader {
+            policy: self.policy,
+            seed: self.seed,
+            config: self.config.clone(),
+        }
+    }
+
+    /// Record every input (node upserts, updates and removals, the queue) and every decision:
+    /// after each `decide`, `sink` gets a [`crate::TraceStep`] with the node changes since the
+    /// previous one. Attach it before the first `upsert_node`, so that the steps together with
+    /// [`Scheduler::header`] replay exactly ([`crate::replay`]). Recording copies each changed
+    /// node view and the queue, so it is for tests and audits, not for a million-node fleet.
+    pub fn record_to(&mut self, sink: StepSink) {
+        self.recorder = Some(Recorder {
+            sink,
+            nodes: Vec::new(),
+        });
     }
 
     pub fn policy(&self) -> PolicyKind {
@@ -95,6 +122,9 @@ impl Scheduler {
     }
 
     pub fn upsert_node(&mut self, node: NodeView) {
+        if let Some(r) = &mut self.recorder {
+            r.nodes.push(NodeChange::Upsert(node.clone()));
+        }
         self.best_stream_tps = self.best_stream_tps.max(node.stream_tps());
         self.best_prefill_tps = self.best_prefill_tps.max(node.prefill_tps);
         self.index.upsert(node);
@@ -123,21 +153,48 @@ impl Scheduler {
         );
         self.best_stream_tps = self.best_stream_tps.max(v.stream_tps());
         self.best_prefill_tps = self.best_prefill_tps.max(v.prefill_tps);
+        if let Some(r) = &mut self.recorder {
+            // A replay upserts the resulting full view: the same state by another path.
+            r.nodes.push(NodeChange::Upsert(v.clone()));
+        }
         true
     }
 
     pub fn remove_node(&mut self, id: NodeId) {
+        if let Some(r) = &mut self.recorder {
+            r.nodes.push(NodeChange::Remove(id));
+        }
         self.index.remove(id);
     }
 
     pub fn decide(&mut self, now: Millis, queue: &[QueuedJob]) -> Decisions {
+        let out = self.decide_unrecorded(now, queue);
+        if let Some(r) = &mut self.recorder {
+            r.step(now, queue, &out);
+        }
+        out
+    }
+
+    fn decide_unrecorded(&mut self, now: Millis, queue: &[QueuedJob]) -> Decisions {
         let mut order: Vec<&QueuedJob> = queue.iter().filter(|j| j.running_on.is_none()).collect();
-        order.sort_by_key(|j| {
-            let urgency = match j.class {
+        let rescue_resumed = matches!(self.policy, PolicyKind::Tokenfleet | PolicyKind::Oracle);
+        let window = self.config.resumed_rescue_window as f64;
+        order.sort_by_cached_key(|j| {
+            let due = match j.class {
                 JobClass::Interactive => j.enqueued_at,
                 JobClass::Batch => j.deadline.unwrap_or(Millis::MAX),
             };
-            (j.class, urgency, j.enqueued_at, j.id)
+            // `tokenfleet`/`oracle`: a batch job resumed after an eviction goes before the other
+            // jobs due at the same time once its deadline is within `resumed_rescue_window` run
+            // times. Its acknowledged output is sunk work: if it misses the deadline its partial
+            // request is lost, while a fresh job loses nothing by waiting.
+            let rescue = rescue_resumed
+                && j.class == JobClass::Batch
+                && j.generated_tokens > 0
+                && j.deadline.is_some_and(|d| {
+                    (d.saturating_sub(now) as f64) < window * self.rough_run_ms(j) as f64
+                });
+            (j.class, due, !rescue, j.enqueued_at, j.id)
         });
         let mut out = Decisions::default();
         // Per call: the candidate-set keys of each (model, residency, sensitivity, class), and

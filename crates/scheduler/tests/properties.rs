@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
 use tokenfleet_scheduler::{
-    check_placement, replay, DepartureForecast, JobClass, JobId, NodeId, NodeView, PolicyKind,
-    QueuedJob, RejectReason, Scheduler, SchedulerConfig, SchedulerTrace, TraceStep,
+    check_placement, replay, DepartureForecast, JobClass, JobId, NodeChange, NodeId, NodeView,
+    PolicyKind, QueuedJob, RejectReason, Scheduler, SchedulerConfig, SchedulerTrace, TraceStep,
 };
 
 const MODELS: [&str; 3] = ["llama-8b", "qwen-3b", "smollm"];
@@ -249,14 +249,50 @@ proptest! {
         let d = s.decide(5, &queue);
         trace.steps.push(TraceStep {
             now: 5,
-            nodes_upserted: fleet,
-            nodes_removed: vec![],
+            nodes: fleet.into_iter().map(NodeChange::Upsert).collect(),
             queue,
             decisions: d,
         });
         let json = serde_json::to_string(&trace).expect("serialize");
         let back: SchedulerTrace = serde_json::from_str(&json).expect("deserialize");
         prop_assert_eq!(replay(&back), Ok(()));
+    }
+
+    #[test]
+    fn recorded_session_with_removals_and_rejoins_replays_exactly(
+        fleet in fleet_strategy(),
+        queue in queue_strategy(),
+        policy in policy_strategy(),
+        seed in any::<u64>(),
+        rounds in 1usize..5,
+    ) {
+        // The live coordinator removes nodes (session ends), re-registers them and upserts
+        // changes between decide calls in any order; the recorder must keep that order.
+        let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&steps);
+        let mut s = Scheduler::new(policy, seed);
+        s.record_to(Box::new(move |st: &TraceStep| sink.lock().unwrap().push(st.clone())));
+        let mut live = Vec::new();
+        for round in 0..rounds {
+            for (i, n) in fleet.iter().enumerate() {
+                match (i + round) % 3 {
+                    0 => s.upsert_node(n.clone()),
+                    1 if round > 0 => s.remove_node(n.id),
+                    _ => {
+                        s.upsert_node(n.clone());
+                        s.update_node(n.id, |v| v.slots_busy = 0);
+                    }
+                }
+            }
+            live.push(s.decide(5 + round as u64 * 1000, &queue));
+        }
+        let mut trace = SchedulerTrace::from_header(s.header());
+        trace.steps = steps.lock().unwrap().clone();
+        prop_assert_eq!(trace.steps.len(), rounds);
+        for (st, d) in trace.steps.iter().zip(&live) {
+            prop_assert_eq!(&st.decisions, d);
+        }
+        prop_assert_eq!(replay(&trace), Ok(()));
     }
 
     #[test]
@@ -366,15 +402,15 @@ fn policy_names_round_trip() {
     assert!("best".parse::<PolicyKind>().is_err());
 }
 
-#[test]
-fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
-    let base = |id: u64, leaves_in_s: u64| NodeView {
+/// An eligible, plugged-in node holding model `m` in region `eu` that leaves in `leaves_in_s`.
+fn plugged_node(id: u64, slots: u32, decode_tps_batched: f32, leaves_in_s: u64) -> NodeView {
+    NodeView {
         id: NodeId(id),
         models: vec!["m".into()],
-        slots_total: 4,
+        slots_total: slots,
         slots_busy: 0,
         decode_tps_single: 28.0,
-        decode_tps_batched: 112.0,
+        decode_tps_batched,
         prefill_tps: 500.0,
         eligible: true,
         soc_pct: Some(80.0),
@@ -389,7 +425,12 @@ fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
         departure: DepartureForecast::certain(0, leaves_in_s * 1000),
         running_batch: vec![],
         oracle_departure: Some(leaves_in_s * 1000),
-    };
+    }
+}
+
+#[test]
+fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
+    let base = |id: u64, leaves_in_s: u64| plugged_node(id, 4, 112.0, leaves_in_s);
     let job = QueuedJob {
         id: JobId(1),
         class: JobClass::Batch,
@@ -413,6 +454,59 @@ fn tokenfleet_sends_long_batch_work_to_the_vehicle_that_stays() {
         assert_eq!(d.assignments.len(), 1, "{policy}");
         assert_eq!(d.assignments[0].node, NodeId(2), "{policy}");
     }
+}
+
+/// A batch job resumed after an eviction (with acknowledged output) and near its deadline takes
+/// the last free slot before a fresh job due at the same time under `tokenfleet`/`oracle` (its
+/// partial request would be lost at the deadline); `first-fit` keeps plain queue order, and far
+/// from the deadline `tokenfleet` does too.
+#[test]
+fn tokenfleet_rescues_a_resumed_batch_job_near_its_deadline() {
+    let node = plugged_node(1, 1, 28.0, 360_000);
+    // Half an hour ahead: each job needs about 5 minutes on this node, so the deadline is within
+    // the rescue window (8 run times).
+    let deadline = 1_800_000;
+    let job = |id: u64, generated: u32, enqueued_at: u64| QueuedJob {
+        id: JobId(id),
+        class: JobClass::Batch,
+        model: "m".into(),
+        prompt_tokens: 1000,
+        max_tokens: 8_000,
+        generated_tokens: generated,
+        deadline: Some(deadline),
+        residency: None,
+        tenant: "t".into(),
+        sensitive: false,
+        enqueued_at,
+        running_on: None,
+    };
+    // The fresh job was queued first; the resumed one came back later with 1,000 tokens done.
+    let queue = [job(1, 0, 0), job(2, 1_000, 10)];
+    let first = |policy, now| {
+        let mut s = Scheduler::new(policy, 5);
+        s.upsert_node(node.clone());
+        let d = s.decide(now, &queue);
+        assert_eq!(d.assignments.len(), 1, "{policy}");
+        d.assignments[0].job
+    };
+    for policy in [PolicyKind::Tokenfleet, PolicyKind::Oracle] {
+        assert_eq!(first(policy, 1_000), JobId(2), "{policy} near the deadline");
+    }
+    assert_eq!(first(PolicyKind::FirstFit, 1_000), JobId(1));
+    // Far from the deadline (more than 8 run times ahead) queue order holds.
+    let far = |policy| {
+        let mut s = Scheduler::new(policy, 5);
+        s.upsert_node(node.clone());
+        let q: Vec<QueuedJob> = queue
+            .iter()
+            .map(|j| QueuedJob {
+                deadline: Some(100 * deadline),
+                ..j.clone()
+            })
+            .collect();
+        s.decide(1_000, &q).assignments[0].job
+    };
+    assert_eq!(far(PolicyKind::Tokenfleet), JobId(1));
 }
 
 proptest! {

@@ -1,6 +1,9 @@
 //! The simulator's scheduler driver: the only place the simulator talks to the scheduler. It can
-//! record every input and output as a [`SchedulerTrace`], and replay a trace (recorded here or
-//! by the live coordinator) through the same path.
+//! record every input and output as a [`SchedulerTrace`] (through the scheduler's own recorder,
+//! the one the live coordinator's decision log uses), and replay a trace, recorded here or by the
+//! live coordinator, through the same path.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokenfleet_scheduler::{
     Decisions, Divergence, Millis, NodeId, NodeView, PolicyKind, QueuedJob, Scheduler,
@@ -9,73 +12,54 @@ use tokenfleet_scheduler::{
 
 pub struct Driver {
     sched: Scheduler,
-    trace: Option<SchedulerTrace>,
-    upserted: Vec<NodeView>,
-    removed: Vec<NodeId>,
+    steps: Option<Arc<Mutex<Vec<TraceStep>>>>,
 }
 
 impl Driver {
     pub fn new(policy: PolicyKind, seed: u64, config: SchedulerConfig, record: bool) -> Self {
-        Self {
-            trace: record.then(|| SchedulerTrace::new(policy, seed, config.clone())),
-            sched: Scheduler::with_config(policy, seed, config),
-            upserted: Vec::new(),
-            removed: Vec::new(),
-        }
+        let mut sched = Scheduler::with_config(policy, seed, config);
+        let steps = record.then(|| {
+            let steps = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&steps);
+            sched.record_to(Box::new(move |s: &TraceStep| {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(s.clone())
+            }));
+            steps
+        });
+        Self { sched, steps }
     }
 
     pub fn upsert(&mut self, view: NodeView) {
-        if self.trace.is_some() {
-            self.upserted.push(view.clone());
-        }
         self.sched.upsert_node(view);
     }
 
-    /// Change a node's dynamic fields in place (see `Scheduler::update_node`). When recording,
-    /// the trace gets the resulting full view, so a replay upserts exactly the same state.
+    /// Change a node's dynamic fields in place (see `Scheduler::update_node`).
     pub fn update(&mut self, id: NodeId, f: impl FnOnce(&mut NodeView)) {
-        if self.sched.update_node(id, f) && self.trace.is_some() {
-            if let Some(v) = self.sched.node(id) {
-                self.upserted.push(v.clone());
-            }
-        }
+        self.sched.update_node(id, f);
     }
 
     pub fn remove(&mut self, id: NodeId) {
-        if self.trace.is_some() {
-            self.removed.push(id);
-        }
         self.sched.remove_node(id);
     }
 
     pub fn decide(&mut self, now: Millis, queue: &[QueuedJob]) -> Decisions {
-        let d = self.sched.decide(now, queue);
-        if let Some(t) = &mut self.trace {
-            t.steps.push(TraceStep {
-                now,
-                nodes_upserted: std::mem::take(&mut self.upserted),
-                nodes_removed: std::mem::take(&mut self.removed),
-                queue: queue.to_vec(),
-                decisions: d.clone(),
-            });
-        }
-        d
+        self.sched.decide(now, queue)
     }
 
     pub fn into_trace(self) -> Option<SchedulerTrace> {
-        self.trace
+        let steps = self.steps?;
+        let mut trace = SchedulerTrace::from_header(self.sched.header());
+        trace.steps = std::mem::take(&mut *steps.lock().unwrap_or_else(PoisonError::into_inner));
+        Some(trace)
     }
 
     /// Replay a recorded trace through a fresh driver; `Err` at the first divergence.
     pub fn replay(trace: &SchedulerTrace) -> Result<(), Divergence> {
         let mut d = Driver::new(trace.policy, trace.seed, trace.config.clone(), false);
         for (step, s) in trace.steps.iter().enumerate() {
-            for n in &s.nodes_upserted {
-                d.upsert(n.clone());
-            }
-            for id in &s.nodes_removed {
-                d.remove(*id);
-            }
+            s.apply_nodes(&mut d.sched);
             let got = d.decide(s.now, &s.queue);
             if got != s.decisions {
                 return Err(Divergence {

@@ -58,7 +58,6 @@ pub struct Vehicle {
     pub slot_h: f32,
     pub rtt_ms: f32,
     pub running: Vec<u32>,
-    pub history: DwellHistory,
     pub forecast: DepartureForecast,
     /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
     pub forecast_stay: u32,
@@ -75,6 +74,11 @@ pub struct Sim<'a> {
     events: EventQueue<Ev>,
     pub rng: Rng,
     pub vehicles: Vec<Vehicle>,
+    /// Each vehicle's dwell history, apart from [`Vehicle`]: it is read only at arrival and
+    /// departure and when a forecast is refreshed, while the vehicle's hot fields are touched on
+    /// every job start and finish (a million vehicles do not fit in cache; small records do
+    /// better).
+    pub histories: Vec<DwellHistory>,
     pub jobs: Vec<Job>,
     /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
     pub free_jobs: Vec<u32>,
@@ -86,9 +90,14 @@ pub struct Sim<'a> {
     /// Reused between dispatches (no per-job allocation on the hot path).
     pub queue_buf: Vec<tokenfleet_scheduler::QueuedJob>,
     pub ids_buf: Vec<u32>,
+    pub touched_buf: Vec<u32>,
     calib_cursor: usize,
     pub pending_int: VecDeque<u32>,
     pub pending_batch: BTreeSet<(Millis, Millis, u32)>,
+    /// The batch jobs of `pending_batch` that were evicted with acknowledged output (same keys).
+    /// Every dispatch offers them besides the head of the queue: the coordinator hands the
+    /// scheduler its whole queue, and the window is only the simulator's shortcut for it.
+    pub pending_resumed: BTreeSet<(Millis, Millis, u32)>,
     pub driver: Driver,
     pub m: Metrics,
     pub dispatch_at: Option<Millis>,
@@ -124,6 +133,7 @@ impl<'a> Sim<'a> {
         let clock = Clock { t0 };
         let mut rng = Rng::derive(seed, 1);
         let mut vehicles = Vec::with_capacity(vehicles_n as usize);
+        let mut histories = Vec::with_capacity(vehicles_n as usize);
         for _ in 0..vehicles_n {
             let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
             let class = rng.weighted(sc.compute.iter().map(|c| c.share));
@@ -190,10 +200,10 @@ impl<'a> Sim<'a> {
                 slot_h,
                 rtt_ms: 0.0,
                 running: Vec::new(),
-                history,
                 forecast: DepartureForecast::unknown(t_start),
                 forecast_stay: u32::MAX,
             });
+            histories.push(history);
         }
         let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
         model_ids.dedup();
@@ -208,6 +218,7 @@ impl<'a> Sim<'a> {
             events: EventQueue::new(t_start),
             rng: Rng::derive(seed, 2),
             vehicles,
+            histories,
             jobs: Vec::new(),
             free_jobs: Vec::new(),
             next_run: 0,
@@ -215,9 +226,11 @@ impl<'a> Sim<'a> {
             scratch: Vec::new(),
             queue_buf: Vec::new(),
             ids_buf: Vec::new(),
+            touched_buf: Vec::new(),
             calib_cursor: 0,
             pending_int: VecDeque::new(),
             pending_batch: BTreeSet::new(),
+            pending_resumed: BTreeSet::new(),
             driver: Driver::new(policy, seed, opts.scheduler.clone(), opts.record_trace),
             m: Metrics::default(),
             dispatch_at: None,
@@ -473,7 +486,7 @@ impl<'a> Sim<'a> {
         let sc = self.sc;
         let veh = &mut self.vehicles[v as usize];
         let a = &sc.archetypes[veh.arch as usize];
-        veh.history.record(veh.stay.arrive, veh.stay.depart);
+        self.histories[v as usize].record(veh.stay.arrive, veh.stay.depart);
         veh.parked = false;
         veh.epoch += 1;
         self.parked -= 1;

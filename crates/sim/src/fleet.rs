@@ -181,7 +181,7 @@ impl Sim<'_> {
             scheduled_departure: veh.stay.scheduled_departure,
             charge_time_to_complete_s: ttc,
         };
-        veh.forecast = veh.history.forecast(veh.stay.arrive, now, &hints);
+        veh.forecast = self.histories[v as usize].forecast(veh.stay.arrive, now, &hints);
         veh.forecast_stay = veh.stay_no;
         veh.forecast
     }

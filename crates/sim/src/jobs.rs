@@ -199,12 +199,30 @@ impl Sim<'_> {
         let mut ids = std::mem::take(&mut self.ids_buf);
         ids.clear();
         ids.extend(self.pending_int.iter().copied());
+        let head = ids.len();
         ids.extend(self.pending_batch.iter().take(window).map(|&(_, _, j)| j));
+        if ids.len() > head {
+            // Resumed jobs beyond the head (they were requeued behind fresh jobs due at the
+            // same time).
+            let last = ids[ids.len() - 1];
+            let job = &self.jobs[last as usize];
+            let last_key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, last);
+            ids.extend(
+                self.pending_resumed
+                    .range((
+                        std::ops::Bound::Excluded(last_key),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take(window)
+                    .map(|&(_, _, j)| j),
+            );
+        }
         let n = self.build_queue(&ids);
         self.ids_buf = ids;
         self.m.scheduler_calls += 1;
         let d = self.driver.decide(self.now, &self.queue_buf[..n]);
-        let mut touched: Vec<u32> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched_buf);
+        touched.clear();
         for p in &d.preemptions {
             let j = p.job.0 as u32;
             if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
@@ -228,10 +246,11 @@ impl Sim<'_> {
         }
         touched.sort_unstable();
         touched.dedup();
-        for v in touched {
+        for &v in &touched {
             self.schedule_soc_floor(v);
             self.upsert(v);
         }
+        self.touched_buf = touched;
         // Still waiting: look again soon (interactive) or on the next sweep (batch).
         if !self.pending_int.is_empty() {
             self.want_dispatch();
@@ -252,8 +271,9 @@ impl Sim<'_> {
                 }
             }
             JobClass::Batch => {
-                self.pending_batch
-                    .remove(&(job.deadline.unwrap_or(Millis::MAX), job.enqueued, j));
+                let key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, j);
+                self.pending_batch.remove(&key);
+                self.pending_resumed.remove(&key);
             }
         }
     }
@@ -266,8 +286,11 @@ impl Sim<'_> {
         match job.class {
             JobClass::Interactive => self.pending_int.push_back(j),
             JobClass::Batch => {
-                self.pending_batch
-                    .insert((job.deadline.unwrap_or(Millis::MAX), now, j));
+                let key = (job.deadline.unwrap_or(Millis::MAX), now, j);
+                self.pending_batch.insert(key);
+                if job.generated > 0 {
+                    self.pending_resumed.insert(key);
+                }
             }
         }
         self.want_dispatch();
@@ -294,8 +317,10 @@ impl Sim<'_> {
             // A resume re-prefills the prompt and the partial answer: slot time spent again,
             // counted as waste in decode-token equivalents of that time.
             self.m.reprefill += first_prefill as u64;
-            self.m.wasted +=
+            let equiv =
                 (first_prefill as f64 * rate as f64 / class.prefill_tps as f64).ceil() as u64;
+            self.m.wasted += equiv;
+            self.m.waste.reprefill += equiv;
         }
         let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
         job.attempt += 1;
@@ -415,6 +440,7 @@ impl Sim<'_> {
         }
         self.credit(j, acked);
         self.m.wasted += lost;
+        self.m.waste.lost_on_eviction += lost;
         self.m.evictions += 1;
         self.jobs[j as usize].generated += acked as u32;
         self.release_slot(j, v);
@@ -455,6 +481,7 @@ impl Sim<'_> {
             }
         }
         self.m.wasted += partial;
+        self.m.waste.refused_partial += partial;
         let key = serde_json::to_value(reason)
             .ok()
             .and_then(|v| v.as_str().map(String::from))

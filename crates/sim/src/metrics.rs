@@ -45,6 +45,10 @@ pub struct RunReport {
     pub wasted_tokens: u64,
     /// wasted / (delivered + wasted).
     pub wasted_frac: f64,
+    /// Where the waste comes from: unacknowledged tokens lost on evictions, re-prefill after
+    /// resumes (decode-token equivalents), and partial answers of refused jobs.
+    #[serde(default)]
+    pub wasted_breakdown: WasteBreakdown,
     /// Prompt + generated tokens re-processed after a resume (extra compute, in the energy).
     pub reprefill_tokens: u64,
     pub evictions: u64,
@@ -80,6 +84,14 @@ pub struct RunReport {
     pub series: Vec<SeriesPoint>,
 }
 
+/// The parts of [`RunReport::wasted_tokens`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WasteBreakdown {
+    pub lost_on_eviction: u64,
+    pub reprefill: u64,
+    pub refused_partial: u64,
+}
+
 /// Results of all policies on the same scenario and seed.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompareReport {
@@ -94,6 +106,7 @@ pub struct Metrics {
     pub delivered_int: u64,
     pub delivered_batch: u64,
     pub wasted: u64,
+    pub waste: WasteBreakdown,
     pub reprefill: u64,
     pub evictions: u64,
     pub preemptions: u64,

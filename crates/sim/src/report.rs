@@ -42,6 +42,7 @@ pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
         } else {
             m.wasted as f64 / (delivered + m.wasted) as f64
         },
+        wasted_breakdown: m.waste.clone(),
         reprefill_tokens: m.reprefill,
         evictions: m.evictions,
         preemptions: m.preemptions,
@@ -101,6 +102,12 @@ pub fn text(r: &RunReport) -> String {
         s,
         "  wasted      {:>16} tokens (wasted_frac {:.4}); re-prefill {} tokens; {} evictions, {} preemptions",
         r.wasted_tokens, r.wasted_frac, r.reprefill_tokens, r.evictions, r.preemptions
+    );
+    let w = &r.wasted_breakdown;
+    let _ = writeln!(
+        s,
+        "  waste: lost on eviction {}, re-prefill {}, partial answers of refused jobs {}",
+        w.lost_on_eviction, w.reprefill, w.refused_partial
     );
     let _ = writeln!(
         s,

@@ -184,7 +184,7 @@ async fn results(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_runs_through_two_agents_across_departures_and_interactive_preemption() {
     const N: usize = 60;
-    let mut fleet = Fleet::start_with(2, 2, |_| {}).await;
+    let mut fleet = Fleet::start_with(2, 2, |_, _| {}).await;
     let (client, base) = (fleet.client.clone(), fleet.http.clone());
     let id = start_batch(&client, &base, &input(N, 12), "24h").await;
     // Departures once work is under way: vehicle-1 leaves and comes back, vehicle-2 leaves
@@ -323,7 +323,7 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_mid_batch_keeps_completed_lines_and_starts_no_new_work() {
     const N: usize = 30;
-    let fleet = Fleet::start_with(1, 2, |_| {}).await;
+    let fleet = Fleet::start_with(1, 2, |_, _| {}).await;
     let (client, base) = (fleet.client.clone(), fleet.http.clone());
     let id = start_batch(&client, &base, &input(N, 24), "24h").await;
     wait_batch(&client, &base, &id, |b| {
@@ -390,7 +390,7 @@ async fn cancel_mid_batch_keeps_completed_lines_and_starts_no_new_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_batch_reports_what_completed() {
     const N: usize = 12;
-    let fleet = Fleet::start_with(1, 1, |c| {
+    let fleet = Fleet::start_with(1, 1, |c, _| {
         c.batch_completion_windows = vec!["24h".into(), "4s".into()]
     })
     .await;
@@ -454,7 +454,7 @@ async fn status_json(resp: reqwest::Response) -> (u16, Value) {
 async fn bad_input_is_refused_without_changing_the_store_and_tenants_are_isolated() {
     // No agent: nothing here needs the model (a line for a model no vehicle serves is an
     // error-file entry).
-    let fleet = Fleet::start_with(0, 1, |c| c.max_file_bytes = 4096).await;
+    let fleet = Fleet::start_with(0, 1, |c, _| c.max_file_bytes = 4096).await;
     let (client, base) = (fleet.client.clone(), fleet.http.clone());
     let good = input(2, 4);
     let file: Value = upload(&client, &base, KEY, &good)

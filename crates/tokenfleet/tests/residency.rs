@@ -62,7 +62,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 async fn eu_requests_never_run_outside_the_eu() {
     let dir = tempfile::tempdir().unwrap();
     let eu_geojson = ch_hole_geojson(dir.path());
-    let fleet = Fleet::start_with(3, 4, |c| {
+    let fleet = Fleet::start_with(3, 4, |c, _| {
         c.regions = vec![RegionConfig {
             name: "EU".into(),
             geojson: Some(eu_geojson),
@@ -196,7 +196,7 @@ async fn eu_requests_never_run_outside_the_eu() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_rate_limit_gets_openai_429s_and_others_do_not() {
-    let fleet = Fleet::start_with(1, 4, |c| {
+    let fleet = Fleet::start_with(1, 4, |c, _| {
         c.api_keys.push(ApiKey {
             key: LIMITED_KEY.into(),
             tenant: "limited".into(),

@@ -93,21 +93,21 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
 
 impl Fleet {
     pub async fn start(agents: usize) -> Fleet {
-        Self::start_with(agents, 4, |_| {}).await
+        Self::start_with(agents, 4, |_, _| {}).await
     }
 
     /// A fleet of `agents` agents with `slots` engine slots each, on [`test_config`] changed
-    /// by `configure`.
+    /// by `configure(config, temp dir)`.
     pub async fn start_with(
         agents: usize,
         slots: u32,
-        configure: impl FnOnce(&mut CoordinatorConfig),
+        configure: impl FnOnce(&mut CoordinatorConfig, &std::path::Path),
     ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("jobs.db");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut config = test_config(db.clone());
-        configure(&mut config);
+        configure(&mut config, dir.path());
         let running = tokenfleet_coordinator::start(config, async move {
             let _ = rx.await;
         })
