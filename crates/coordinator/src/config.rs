@@ -29,8 +29,14 @@ pub struct CoordinatorConfig {
     pub http_addr: SocketAddr,
     /// Agent sessions (gRPC).
     pub grpc_addr: SocketAddr,
-    /// TLS for the agent port; without it the port serves plaintext gRPC (tests, loopback).
+    /// Server-only TLS for the agent port with operator-provided files. Superseded by
+    /// `[security]` (mutual TLS from the fleet CA); with neither, the port serves plaintext
+    /// gRPC, which is allowed on a loopback address only (development and tests).
     pub grpc_tls: Option<TlsFiles>,
+    /// HTTPS for the client API (PEM files); plain HTTP without it.
+    pub http_tls: Option<TlsFiles>,
+    /// Enrollment, mutual TLS on the agent port and attestation (see `security::config`).
+    pub security: Option<crate::security::SecurityConfig>,
     /// SQLite job store (WAL mode).
     pub db_path: PathBuf,
     pub api_keys: Vec<ApiKey>,
@@ -62,6 +68,8 @@ impl Default for CoordinatorConfig {
             http_addr: "127.0.0.1:8080".parse().expect("literal address"),
             grpc_addr: "127.0.0.1:50051".parse().expect("literal address"),
             grpc_tls: None,
+            http_tls: None,
+            security: None,
             db_path: PathBuf::from("tokenfleet.db"),
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
@@ -125,6 +133,19 @@ impl CoordinatorConfig {
                 "lease_timeout must be at least two heartbeat intervals".into(),
             ));
         }
+        if let Some(sec) = &self.security {
+            if self.grpc_tls.is_some() {
+                return Err(ConfigError::Invalid(
+                    "grpc_tls and [security] exclude each other: with [security] the agent port uses a certificate from the fleet CA".into(),
+                ));
+            }
+            sec.policy().map_err(ConfigError::Invalid)?;
+        } else if self.grpc_tls.is_none() && !self.grpc_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "the agent port {} would serve plaintext: configure [security] (or grpc_tls), or bind a loopback address",
+                self.grpc_addr
+            )));
+        }
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),
@@ -140,7 +161,7 @@ impl CoordinatorConfig {
     }
 }
 
-mod millis {
+pub(crate) mod millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 

@@ -13,17 +13,20 @@
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
 //! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
+//! - [`security`]: fleet CA, enrollment, mutual TLS, revocation, TPM attestation.
 
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod jobs;
+mod listeners;
 pub mod manager;
 pub mod metrics;
 pub mod nodes;
 pub mod openai;
 pub mod responses;
+pub mod security;
 pub mod session;
 pub mod store;
 pub mod validation;
@@ -49,6 +52,8 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -56,11 +61,15 @@ pub enum CoordinatorError {
 pub struct Bound {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The enrollment service, with `[security]`.
+    pub enroll: Option<SocketAddr>,
 }
 
 /// A running coordinator.
 pub struct Running {
     pub bound: Bound,
+    /// The fleet CA, registry and revocations, with `[security]`.
+    pub security: Option<Arc<security::Security>>,
     pub task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
 
@@ -79,6 +88,10 @@ pub async fn start(
             "resuming unfinished jobs from the store"
         );
     }
+    let security = match &config.security {
+        Some(sc) => Some(security::Security::open(sc.clone(), store.clone()).await?),
+        None => None,
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     let scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -104,9 +117,14 @@ pub async fn start(
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;
+    let enroll = match &config.security {
+        Some(sc) => Some(TcpListener::bind(sc.enroll_addr).await?),
+        None => None,
+    };
     let bound = Bound {
         http: http.local_addr()?,
         grpc: grpc.local_addr()?,
+        enroll: enroll.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -125,36 +143,33 @@ pub async fn start(
         session::NodeService {
             manager,
             config: Arc::clone(&config),
+            security: security.clone(),
         },
         4 << 20,
     );
-    tracing::info!(http = %bound.http, grpc = %bound.grpc, tls = config.grpc_tls.is_some(), "coordinator listening");
+    let listeners = listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
+    tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
+    let revocations = security.as_ref().map(|s| s.watch_revocations());
     let task = tokio::spawn(async move {
-        let mut stop_http = stop_rx.clone();
-        let mut stop_grpc = stop_rx.clone();
-        let http_server =
-            axum::serve(http, api::router(state)).with_graceful_shutdown(async move {
-                let _ = stop_http.wait_for(|s| *s).await;
-            });
-        let grpc_server = builder.add_service(service).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            async move {
-                let _ = stop_grpc.wait_for(|s| *s).await;
-            },
-        );
+        let servers = listeners.serve(builder, service, api::router(state), stop_rx.clone());
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let (h, g) = tokio::join!(http_server, grpc_server);
+        let result = servers.await;
+        if let Some(r) = revocations {
+            r.abort();
+        }
         let _ = manager_task.await;
         // Everything the manager queued for the store is durable before we report stopped.
         if let Err(e) = flush_store.flush().await {
             tracing::error!(cause = %e, "job store flush at shutdown failed");
         }
-        h?;
-        g?;
-        Ok(())
+        result
     });
-    Ok(Running { bound, task })
+    Ok(Running {
+        bound,
+        security,
+        task,
+    })
 }

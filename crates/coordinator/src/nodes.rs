@@ -45,6 +45,8 @@ pub struct Node {
     pub last_seen: LastSeen,
     /// Jobs running here.
     pub jobs: HashSet<u64>,
+    /// The current session verified a TPM quote (only such nodes get sensitive requests).
+    pub attested: bool,
 }
 
 impl Node {
@@ -58,6 +60,7 @@ impl Node {
             conn: 0,
             last_seen: Arc::new(AtomicU64::new(clock_ms())),
             jobs: HashSet::new(),
+            attested: false,
         }
     }
 
@@ -121,7 +124,7 @@ impl Node {
             power_w: s.compute_power_w,
             link_rtt_ms: s.link_rtt_ms,
             reputation: 1.0,
-            attested: false,
+            attested: self.attested,
             departure,
             running_batch: Vec::new(),
             oracle_departure: None,

@@ -60,6 +60,8 @@ const MIGRATIONS: &[&str] = &[
         top TEXT,
         PRIMARY KEY (job_id, idx)
     ) WITHOUT ROWID;",
+    // 2: the fleet registry (enrollment tokens, certificates, attestation keys, revocations).
+    crate::security::registry::MIGRATION,
 ];
 
 /// One generated token as stored and served.
@@ -241,7 +243,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
