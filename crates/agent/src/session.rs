@@ -95,7 +95,9 @@ pub(crate) async fn run(
             Ok(()) => tracing::info!(node = %config.node_id, "session ended"),
             Err(e) => {
                 tracing::warn!(node = %config.node_id, cause = %e, "session failed");
-                report.status.send_replace(SessionStatus::Failed(e.to_string()));
+                report
+                    .status
+                    .send_replace(SessionStatus::Failed(e.to_string()));
             }
         }
         let _ = core.send(CoreMsg::Detach).await;

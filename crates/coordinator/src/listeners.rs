@@ -58,8 +58,12 @@ impl Listeners {
     ) -> Result<Self, CoordinatorError> {
         let https = match &config.http_tls {
             Some(files) => Some(
-                tls::server_config(&read(&files.cert)?, &read(&files.key)?, &[b"h2", b"http/1.1"])
-                    .map_err(tls_err)?,
+                tls::server_config(
+                    &read(&files.cert)?,
+                    &read(&files.key)?,
+                    &[b"h2", b"http/1.1"],
+                )
+                .map_err(tls_err)?,
             ),
             None => None,
         };
@@ -77,8 +81,8 @@ impl Listeners {
                     sec.revoked.clone(),
                 )
                 .map_err(tls_err)?;
-                let enroll_tls =
-                    tls::server_config(cert.as_bytes(), key.as_bytes(), &[b"h2"]).map_err(tls_err)?;
+                let enroll_tls = tls::server_config(cert.as_bytes(), key.as_bytes(), &[b"h2"])
+                    .map_err(tls_err)?;
                 (
                     AgentPort::Mutual(grpc, agent_tls),
                     Some((enroll, enroll_tls, Arc::clone(sec))),

@@ -1,5 +1,5 @@
-//! `tokenfleet coordinator`, `tokenfleet agent` and `tokenfleet up` (a whole fleet on one
-//! machine: a coordinator and N agents on simulated vehicles, with the real model).
+//! `tokenfleet coordinator` and `tokenfleet agent`. `tokenfleet up` (a whole fleet on one
+//! machine) lives in [`crate::up`] and starts its agents through [`start_agent`] here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tokenfleet_agent::vehicle::{run_simulated, SimulatedVehicleConfig};
 use tokenfleet_agent::config::SharedAttestor;
 use tokenfleet_agent::identity::IdentityDir;
+use tokenfleet_agent::vehicle::{run_simulated, SimulatedVehicleConfig};
 use tokenfleet_agent::{Agent, AgentConfig, VehicleStatus};
 use tokenfleet_coordinator::config::{ApiKey, TlsFiles};
 use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_engine::{Engine, EngineConfig};
 
-use crate::cli::{default_cache_dir, EngineArgs};
+use crate::cli::EngineArgs;
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
@@ -68,10 +68,18 @@ pub struct SecurityArgs {
     #[arg(long, env = "TOKENFLEET_ALLOW_UNATTESTED")]
     pub allow_unattested: bool,
     /// sha256 (hex) of an agent build allowed to serve (repeatable).
-    #[arg(long = "allow-agent-build", env = "TOKENFLEET_ALLOW_AGENT_BUILDS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-agent-build",
+        env = "TOKENFLEET_ALLOW_AGENT_BUILDS",
+        value_delimiter = ','
+    )]
     pub allow_agent_builds: Vec<String>,
     /// sha256 (hex) of a model file allowed to be served (repeatable).
-    #[arg(long = "allow-model", env = "TOKENFLEET_ALLOW_MODELS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-model",
+        env = "TOKENFLEET_ALLOW_MODELS",
+        value_delimiter = ','
+    )]
     pub allow_models: Vec<String>,
     /// Lifetime of node certificates, seconds.
     #[arg(long, env = "TOKENFLEET_CERT_TTL_S")]

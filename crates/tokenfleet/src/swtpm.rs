@@ -47,8 +47,7 @@ impl SoftwareTpm {
         for _ in 0..5 {
             let port = free_port_pair()?;
             let mut cmd = Command::new("swtpm");
-            cmd
-                .args(["socket", "--tpm2", "--tpmstate"])
+            cmd.args(["socket", "--tpm2", "--tpmstate"])
                 .arg(format!("dir={}", state_dir.display()))
                 .args(["--server"])
                 .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
@@ -68,9 +67,7 @@ impl SoftwareTpm {
                     Ok(())
                 });
             }
-            let mut child = cmd
-                .spawn()
-                .context("starting swtpm")?;
+            let mut child = cmd.spawn().context("starting swtpm")?;
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -65,10 +65,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&run_dir)?;
     let db = args.db.clone().unwrap_or_else(|| run_dir.join("fleet.db"));
     let model_path = args.engine.model.clone();
-    let model_sha = tokio::task::spawn_blocking(move || {
-        tokenfleet_engine::gguf::sha256_file(&model_path)
-    })
-    .await??;
+    let model_sha =
+        tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&model_path))
+            .await??;
     let agent_build = hex::encode(Measured::own_binary()?.sha256);
     let use_tpm = !args.no_tpm && crate::swtpm::available();
     if !use_tpm {
@@ -120,7 +119,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         };
         let tcti = tpm.as_ref().map(|t| t.tcti());
         let attestor = match tcti.clone() {
-            Some(t) => Some(tokio::task::spawn_blocking(move || TpmAttestor::open(&t, PCR)).await??),
+            Some(t) => {
+                Some(tokio::task::spawn_blocking(move || TpmAttestor::open(&t, PCR)).await??)
+            }
             None => None,
         };
         let identity_dir = run_dir.join(&node_id);

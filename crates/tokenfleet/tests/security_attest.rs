@@ -97,7 +97,11 @@ async fn jobs_run_elsewhere(fleet: &SecureFleet, honest: &Agent, refused: &Agent
         let (status, body) = fleet.chat(&format!("Count to {i}."), false).await;
         assert_eq!(status, 200, "{body}");
     }
-    assert_eq!(refused.assignments_received(), 0, "a refused agent got a job");
+    assert_eq!(
+        refused.assignments_received(),
+        0,
+        "a refused agent got a job"
+    );
     assert!(honest.assignments_received() >= 3);
 }
 
@@ -139,7 +143,10 @@ async fn unattested_node_gets_no_sensitive_requests() {
     let (status, body) = fleet.chat("Say hi.", false).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = fleet.chat("A secret.", true).await;
-    assert_eq!(status, 503, "a sensitive request ran on an unattested node: {body}");
+    assert_eq!(
+        status, 503,
+        "a sensitive request ran on an unattested node: {body}"
+    );
     assert_eq!(a.assignments_received(), 1);
 }
 
@@ -156,9 +163,11 @@ async fn node_without_tpm_is_refused_where_policy_requires_attestation() {
     let dir = tokenfleet_agent::identity::IdentityDir::new(fleet.dir.path().join("no-tpm"));
     let url = format!("https://{}", fleet.enroll);
     let ca = fleet.security.ca.cert_pem().as_bytes().to_vec();
-    assert!(tokenfleet_agent::identity::enroll(&url, &ca, &token, &dir, None)
-        .await
-        .is_err());
+    assert!(
+        tokenfleet_agent::identity::enroll(&url, &ca, &token, &dir, None)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,10 +9,10 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use common::model_path;
 use common::secure::{
     agent, engine, is_connected, is_failed, wait_connected_nodes, wait_status, SecureFleet,
 };
-use common::model_path;
 use tokenfleet_agent::identity::{IdentityDir, PendingKey};
 use tokenfleet_coordinator::security::ca::FleetCa;
 use tokenfleet_coordinator::security::registry::Registry;
@@ -163,7 +163,10 @@ async fn revoked_agent_mid_session_is_disconnected() {
             .await
             .expect("the agent keeps retrying")
             .unwrap();
-        assert_ne!(*rx.borrow_and_update(), tokenfleet_agent::SessionStatus::Connected);
+        assert_ne!(
+            *rx.borrow_and_update(),
+            tokenfleet_agent::SessionStatus::Connected
+        );
     }
     assert_eq!(fleet.connected_nodes().await, 0, "{status:?}");
 }
@@ -184,9 +187,11 @@ async fn enrollment_token_is_single_use_and_expires() {
     assert!(second.is_err(), "a token enrolls once");
     let expired = registry.issue_token("vehicle-2", 0).await.unwrap();
     let late = IdentityDir::new(fleet.dir.path().join("late"));
-    assert!(tokenfleet_agent::identity::enroll(&url, &ca, &expired, &late, None)
-        .await
-        .is_err());
+    assert!(
+        tokenfleet_agent::identity::enroll(&url, &ca, &expired, &late, None)
+            .await
+            .is_err()
+    );
     // The certificate names the token's node, whatever the vehicle asked for.
     assert_eq!(dir.node_id().unwrap(), "vehicle-1");
 }

@@ -139,7 +139,8 @@ impl AttestationKey {
         let mut sec1 = vec![0x04];
         sec1.extend_from_slice(x);
         sec1.extend_from_slice(y);
-        let key = VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| AttestFailure::Malformed(WHAT))?;
+        let key =
+            VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| AttestFailure::Malformed(WHAT))?;
         // Name = nameAlg || H(TPMT_PUBLIC); qualified name = nameAlg || H(QN(parent) || Name),
         // and the qualified name of a hierarchy is its handle.
         let mut name = TPM_ALG_SHA256.to_be_bytes().to_vec();
@@ -191,7 +192,9 @@ pub fn verify(
     const WHAT: &str = "TPMS_ATTEST";
     let mut w = Wire(&quote.attest);
     if w.u32(WHAT)? != TPM_GENERATED_VALUE || w.u16(WHAT)? != TPM_ST_ATTEST_QUOTE {
-        return Err(AttestFailure::Malformed("TPMS_ATTEST (not a TPM-generated quote)"));
+        return Err(AttestFailure::Malformed(
+            "TPMS_ATTEST (not a TPM-generated quote)",
+        ));
     }
     if w.sized(WHAT)? != ak.qualified_name.as_slice() {
         return Err(AttestFailure::WrongSigner);
@@ -201,7 +204,7 @@ pub fn verify(
     }
     w.take(17, WHAT)?; // clockInfo
     w.take(8, WHAT)?; // firmwareVersion
-    // TPML_PCR_SELECTION: exactly one bank (sha256) with exactly the policy's PCR.
+                      // TPML_PCR_SELECTION: exactly one bank (sha256) with exactly the policy's PCR.
     if w.u32(WHAT)? != 1 || w.u16(WHAT)? != TPM_ALG_SHA256 {
         return Err(AttestFailure::WrongPcrSelection);
     }

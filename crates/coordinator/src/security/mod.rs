@@ -146,7 +146,9 @@ impl Security {
                 .unwrap_or_default();
             tracing::warn!(node = %id, sessions = sessions.len(), "node revoked; disconnecting");
             for (_, kill) in sessions {
-                kill.kill(Status::permission_denied("this node's certificate is revoked"));
+                kill.kill(Status::permission_denied(
+                    "this node's certificate is revoked",
+                ));
             }
         }
     }
@@ -156,21 +158,27 @@ impl Security {
         &self,
         peer_certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
     ) -> Result<NodeIdentity, Status> {
-        let certs =
-            peer_certs.ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let certs = peer_certs
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let id = NodeIdentity::from_der(leaf)
             .ok_or_else(|| Status::unauthenticated("the client certificate names no node"))?;
         if self.revoked.contains(&id.node_id) {
-            return Err(Status::permission_denied("this node's certificate is revoked"));
+            return Err(Status::permission_denied(
+                "this node's certificate is revoked",
+            ));
         }
         Ok(id)
     }
 
     /// Registers a live session so that a revocation can end it; unregistered on drop.
-    pub fn register_session(self: &Arc<Self>, node_id: &str, kill: Arc<SessionKill>) -> SessionEntry {
+    pub fn register_session(
+        self: &Arc<Self>,
+        node_id: &str,
+        kill: Arc<SessionKill>,
+    ) -> SessionEntry {
         let key = self.next_session.fetch_add(1, Ordering::Relaxed);
         let revoked = {
             let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -182,7 +190,9 @@ impl Security {
             self.revoked.contains(node_id)
         };
         if revoked {
-            kill.kill(Status::permission_denied("this node's certificate is revoked"));
+            kill.kill(Status::permission_denied(
+                "this node's certificate is revoked",
+            ));
         }
         SessionEntry {
             security: Arc::clone(self),

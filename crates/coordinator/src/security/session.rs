@@ -76,9 +76,10 @@ impl SessionSecurity {
             tracing::warn!(node = %node, "node joins unattested (policy allows it): no sensitive requests");
             return Ok((this, false));
         };
-        this.ak = Some(AttestationKey::from_tpmt_public(&ak).map_err(|e| {
-            Status::internal(format!("stored attestation key of {node}: {e}"))
-        })?);
+        this.ak = Some(
+            AttestationKey::from_tpmt_public(&ak)
+                .map_err(|e| Status::internal(format!("stored attestation key of {node}: {e}")))?,
+        );
         let challenge = this.challenge().expect("attestation key set above");
         tx.send(Box::new(challenge))
             .await
@@ -113,7 +114,11 @@ impl SessionSecurity {
     }
 
     /// Checks a quote against the challenge in flight; any failure ends the session.
-    pub fn check_quote(&mut self, quote: &v1::AttestQuote, hello: &v1::Hello) -> Result<(), Status> {
+    pub fn check_quote(
+        &mut self,
+        quote: &v1::AttestQuote,
+        hello: &v1::Hello,
+    ) -> Result<(), Status> {
         let node = &self.identity.node_id;
         let (Some(ak), Some((nonce, _))) = (&self.ak, self.pending.take()) else {
             return Err(Status::permission_denied("unsolicited attestation quote"));
@@ -125,7 +130,9 @@ impl SessionSecurity {
             }
             Err(e) => {
                 tracing::warn!(node = %node, cause = %e, "attestation failed");
-                Err(Status::permission_denied(format!("attestation failed: {e}")))
+                Err(Status::permission_denied(format!(
+                    "attestation failed: {e}"
+                )))
             }
         }
     }

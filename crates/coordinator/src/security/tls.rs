@@ -83,7 +83,9 @@ impl RevokedNodes {
     /// Adds ids; returns the ones that were not revoked before.
     pub fn extend(&self, ids: impl IntoIterator<Item = String>) -> Vec<String> {
         let mut set = self.0.write().expect("revocation lock");
-        ids.into_iter().filter(|id| set.insert(id.clone())).collect()
+        ids.into_iter()
+            .filter(|id| set.insert(id.clone()))
+            .collect()
     }
 }
 
@@ -115,7 +117,9 @@ impl ClientCertVerifier for FleetClientVerifier {
             .inspect_err(|e| tracing::warn!(cause = %e, "agent certificate refused"))?;
         let Some(id) = NodeIdentity::from_der(end_entity) else {
             tracing::warn!("agent certificate refused: no common name");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadEncoding,
+            ));
         };
         if self.revoked.contains(&id.node_id) {
             tracing::warn!(node = %id.node_id, serial = %id.serial, "agent certificate refused: node revoked");

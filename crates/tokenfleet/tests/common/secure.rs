@@ -61,10 +61,15 @@ impl SecureFleet {
         attestor: Option<&dyn tokenfleet_agent::attest::Attestor>,
     ) -> IdentityDir {
         let dir = self.dir.path().join(format!("identity-{node_id}"));
-        let (identity, enrolled) =
-            tokenfleet::fleet_cmd::enroll_local(&self.security, self.enroll, node_id, &dir, attestor)
-                .await
-                .expect("enrollment");
+        let (identity, enrolled) = tokenfleet::fleet_cmd::enroll_local(
+            &self.security,
+            self.enroll,
+            node_id,
+            &dir,
+            attestor,
+        )
+        .await
+        .expect("enrollment");
         assert_eq!(enrolled.node_id, node_id);
         identity
     }
