@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::model_path;
-use common::secure::{agent, engine, is_connected, is_failed, wait_status, SecureFleet};
+use common::secure::{
+    agent, engine, is_connected, is_failed, wait_serving, wait_status, SecureFleet,
+};
 use tokenfleet::swtpm::SoftwareTpm;
 use tokenfleet_agent::attest::tpm::TpmAttestor;
 use tokenfleet_agent::attest::{AttestError, Attestor, Evidence, Measured};
@@ -88,6 +90,7 @@ async fn honest(fleet: &SecureFleet, engine: &Engine, sha: &str) -> (Vehicle, Ag
         |_| {},
     );
     wait_status(&a, "honest agent attested", is_connected).await;
+    wait_serving(fleet).await;
     (v, a)
 }
 
@@ -140,6 +143,7 @@ async fn unattested_node_gets_no_sensitive_requests() {
     let engine = engine(&model_path()).await;
     let a = agent(&fleet, &engine, "sha", Some(identity), None, |_| {});
     wait_status(&a, "connected unattested", is_connected).await;
+    wait_serving(&fleet).await;
     let (status, body) = fleet.chat("Say hi.", false).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = fleet.chat("A secret.", true).await;

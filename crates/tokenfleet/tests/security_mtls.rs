@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use common::model_path;
 use common::secure::{
-    agent, engine, is_connected, is_failed, wait_connected_nodes, wait_status, SecureFleet,
+    agent, engine, is_connected, is_failed, wait_connected_nodes, wait_serving, wait_status,
+    SecureFleet,
 };
 use tokenfleet_agent::identity::{IdentityDir, PendingKey};
 use tokenfleet_coordinator::security::ca::FleetCa;
@@ -54,6 +55,7 @@ async fn enrolled_agent_serves_over_mutual_tls() {
     let engine = engine(&model_path()).await;
     let a = agent(&fleet, &engine, "sha", Some(identity), None, |_| {});
     wait_status(&a, "connected", is_connected).await;
+    wait_serving(&fleet).await;
     let (status, body) = fleet.chat("Say hi.", false).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(a.assignments_received(), 1);
@@ -200,7 +202,7 @@ async fn enrollment_token_is_single_use_and_expires() {
 async fn certificate_is_renewed_over_the_session() {
     let fleet = SecureFleet::start(
         SecurityConfig {
-            cert_ttl: Duration::from_secs(6),
+            cert_ttl: Duration::from_secs(10),
             ..unattested_ok()
         },
         Duration::from_secs(60),
@@ -234,6 +236,7 @@ async fn certificate_is_renewed_over_the_session() {
     })
     .await
     .expect("reconnected with the renewed certificate");
+    wait_serving(&fleet).await;
     let (status, body) = fleet.chat("Say hi.", false).await;
     assert_eq!(status, 200, "{body}");
 }

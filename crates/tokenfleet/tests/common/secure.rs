@@ -193,6 +193,28 @@ pub fn is_connected(s: &SessionStatus) -> bool {
     *s == SessionStatus::Connected
 }
 
+/// Waits (bounded) until a connected node serves the test model (an agent says Connected on
+/// Welcome, a moment before the manager has registered it).
+pub async fn wait_serving(fleet: &SecureFleet) {
+    for _ in 0..600 {
+        let models: serde_json::Value = fleet
+            .client
+            .get(format!("{}/v1/models", fleet.http))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        if models["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no node serves the model");
+}
+
 /// Waits (bounded) until the coordinator counts `n` live sessions.
 pub async fn wait_connected_nodes(fleet: &SecureFleet, n: usize) {
     for _ in 0..600 {
