@@ -92,10 +92,7 @@ impl SecureFleet {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("tokenfleet_nodes{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as usize
+        super::connected_nodes(&text)
     }
 
     /// A greedy chat request, optionally marked sensitive; returns (status, body).
@@ -197,17 +194,10 @@ pub fn is_connected(s: &SessionStatus) -> bool {
 /// Welcome, a moment before the manager has registered it).
 pub async fn wait_serving(fleet: &SecureFleet) {
     for _ in 0..600 {
-        let models: serde_json::Value = fleet
-            .client
-            .get(format!("{}/v1/models", fleet.http))
-            .bearer_auth(KEY)
-            .send()
+        if !super::model_ids(&fleet.client, &fleet.http)
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default();
-        if models["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            .is_empty()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
