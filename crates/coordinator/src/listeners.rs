@@ -30,7 +30,7 @@ type Served = Pin<Box<dyn Future<Output = Result<(), CoordinatorError>> + Send>>
 
 enum AgentPort {
     Plain(TcpListener),
-    Mutual(TcpListener, rustls::ServerConfig),
+    Mutual(TcpListener, Box<rustls::ServerConfig>),
 }
 
 pub(crate) struct Listeners {
@@ -84,7 +84,7 @@ impl Listeners {
                 let enroll_tls = tls::server_config(cert.as_bytes(), key.as_bytes(), &[b"h2"])
                     .map_err(tls_err)?;
                 (
-                    AgentPort::Mutual(grpc, agent_tls),
+                    AgentPort::Mutual(grpc, Box::new(agent_tls)),
                     Some((enroll, enroll_tls, Arc::clone(sec))),
                 )
             }
@@ -148,7 +148,7 @@ impl Listeners {
                 Box::pin(async move { Ok(s.await?) })
             }
             AgentPort::Mutual(listener, config) => {
-                let accepted = ReceiverStream::new(tls::incoming(listener, config, "agents"))
+                let accepted = ReceiverStream::new(tls::incoming(listener, *config, "agents"))
                     .map(|(stream, _)| Ok::<_, std::io::Error>(stream));
                 let s = router.serve_with_incoming_shutdown(accepted, stopped());
                 Box::pin(async move { Ok(s.await?) })

@@ -72,6 +72,9 @@ impl SessionKill {
     }
 }
 
+/// Per node id: each live session's key and kill switch.
+type LiveSessions = HashMap<String, Vec<(u64, Arc<SessionKill>)>>;
+
 /// The security state of one running coordinator.
 pub struct Security {
     pub config: SecurityConfig,
@@ -80,7 +83,7 @@ pub struct Security {
     pub revoked: RevokedNodes,
     pub policy: AttestationPolicy,
     /// Live sessions per node id, so that a revocation can end them.
-    sessions: Mutex<HashMap<String, Vec<(u64, Arc<SessionKill>)>>>,
+    sessions: Mutex<LiveSessions>,
     next_session: AtomicU64,
 }
 
