@@ -150,17 +150,20 @@ impl SessionSecurity {
         self.security.config.reattest_interval
     }
 
-    /// When to ask for a new certificate: half-way through this one's life (None once asked).
+    /// When to ask for a new certificate: when half of the configured lifetime is left (None
+    /// once asked). Measured back from expiry, not forward from `not_before`, which is
+    /// backdated for slow vehicle clocks: a renewal must outlive the current certificate.
     pub fn renew_at(&self) -> Option<Instant> {
         if self.renewal_requested {
             return None;
         }
-        let life = self
+        let half = self.security.config.cert_ttl / 2;
+        let at = self
             .identity
             .not_after
-            .duration_since(self.identity.not_before)
-            .unwrap_or_default();
-        Some(instant_of(self.identity.not_before + life / 2))
+            .checked_sub(half)
+            .unwrap_or(self.identity.not_before);
+        Some(instant_of(at))
     }
 
     pub fn renewal_request(&mut self) -> CoordinatorMessage {
