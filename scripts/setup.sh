@@ -2,11 +2,13 @@
 # Installs what tokenfleet needs on a fresh Debian machine, idempotently:
 # - Debian packages: cmake + g++ (llama.cpp is built from source by llama-cpp-sys-2),
 #   libclang-dev (bindgen), protobuf-compiler (the tokenfleet.v1 gRPC contract), pkg-config;
+# - libtss2-dev (TPM 2.0 attestation through tss-esapi; pulls in the swtpm TCTI) and swtpm
+#   (a software TPM per agent for `tokenfleet up` and the attestation tests);
 # - the demo/test model (scripts/fetch-model.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(cmake g++ libclang-dev protobuf-compiler pkg-config python3-pip curl)
+PACKAGES=(cmake g++ libclang-dev protobuf-compiler pkg-config python3-pip curl libtss2-dev swtpm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

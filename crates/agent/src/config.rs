@@ -1,17 +1,36 @@
 //! Agent configuration.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::attest::Attestor;
+use crate::identity::IdentityDir;
 use tokenfleet_vehicle::{HardwareProfile, WearModel};
+
+/// The vehicle's TPM, shared by the session (quotes) and whoever measured into it.
+#[derive(Clone)]
+pub struct SharedAttestor(pub Arc<dyn Attestor>);
+
+impl std::fmt::Debug for SharedAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attestor")
+    }
+}
 
 /// How the agent connects and what it serves.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Coordinator agent endpoint, e.g. `https://fleet.example:50051` (or `http://` on loopback).
     pub coordinator: String,
-    /// PEM CA that signed the coordinator's certificate (for `https://`).
+    /// PEM CA that signed the coordinator's certificate (for `https://` without an identity).
     pub ca_cert: Option<PathBuf>,
+    /// The enrolled identity (node certificate, key, fleet CA): the session then uses mutual
+    /// TLS and the coordinator knows the node by its certificate.
+    pub identity: Option<IdentityDir>,
+    /// The vehicle's TPM with the agent's measurements extended into it; without one the
+    /// agent answers attestation challenges with "unavailable".
+    pub attestor: Option<SharedAttestor>,
     /// Stable vehicle identity.
     pub node_id: String,
     /// The name clients use for the served model (default: the GGUF file stem).
@@ -39,6 +58,8 @@ impl AgentConfig {
         Self {
             coordinator: coordinator.into(),
             ca_cert: None,
+            identity: None,
+            attestor: None,
             node_id: node_id.into(),
             model_name: model_name.into(),
             compute_class: "cpu-2core".into(),

@@ -255,7 +255,12 @@ impl Core {
                     }
                 }
             }
-            CoordinatorMsg::Welcome(_) | CoordinatorMsg::HeartbeatAck(_) => {}
+            // Session-level messages (the session handles them; they never reach the core).
+            CoordinatorMsg::Welcome(_)
+            | CoordinatorMsg::HeartbeatAck(_)
+            | CoordinatorMsg::Attest(_)
+            | CoordinatorMsg::RenewCertificate(_)
+            | CoordinatorMsg::Certificate(_) => {}
         }
     }
 

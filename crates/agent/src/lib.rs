@@ -11,20 +11,28 @@
 //! - [`energy`]: per-job energy (grid vs battery, measured vs estimated) and battery wear,
 //!   reported in `JobDone`.
 //! - `session`: the gRPC session, heartbeats, reconnects.
+//! - [`identity`]: enrollment, the node key and certificate on disk, renewal.
+//! - [`attest`]: measurements into the TPM and quotes for the coordinator's challenges.
 //! - [`vehicle`]: the governor on a simulated vehicle, publishing [`VehicleStatus`].
 //! - [`replay`]: a recorded day through the governor with the engine measured at each
 //!   budget, and the day's report (`tokenfleet agent --replay FILE --report`).
 
+pub mod attest;
 pub mod config;
 mod core;
 pub mod energy;
+pub mod identity;
 pub mod replay;
 mod session;
 pub mod status;
 pub mod vehicle;
 
 pub use config::AgentConfig;
+pub use session::SessionStatus;
 pub use status::{StatusSender, VehicleStatus};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokenfleet_engine::Engine;
 use tokenfleet_protocol::v1;
@@ -47,6 +55,8 @@ pub enum AgentError {
 pub struct Agent {
     shutdown: watch::Sender<bool>,
     status: StatusSender,
+    session: watch::Receiver<session::SessionStatus>,
+    assigns: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -88,15 +98,33 @@ impl Agent {
         let (core_tx, core_rx) = mpsc::channel(4096);
         let ledger = energy::JobEnergyLedger::new(config.power_model, config.wear_model);
         let core = core::Core::new(engine, hello, core_rx, core_tx.clone(), status_rx, ledger);
+        let (session_tx, session) = watch::channel(session::SessionStatus::Connecting);
+        let assigns = Arc::new(AtomicU64::new(0));
+        let report = session::SessionReport {
+            status: session_tx,
+            assigns: Arc::clone(&assigns),
+        };
         let tasks = vec![
             tokio::spawn(core.run()),
-            tokio::spawn(session::run(config, core_tx, shutdown_rx)),
+            tokio::spawn(session::run(config, core_tx, shutdown_rx, report)),
         ];
         Agent {
             shutdown,
             status,
+            session,
+            assigns,
             tasks,
         }
+    }
+
+    /// Where the session to the coordinator stands (e.g. why the last attempt was refused).
+    pub fn session_status(&self) -> watch::Receiver<SessionStatus> {
+        self.session.clone()
+    }
+
+    /// How many jobs the coordinator has assigned to this agent.
+    pub fn assignments_received(&self) -> u64 {
+        self.assigns.load(Ordering::Relaxed)
     }
 
     /// The vehicle side's handle: publish a new [`VehicleStatus`] (e.g. the driver is back).

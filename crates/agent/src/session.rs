@@ -1,6 +1,13 @@
 //! The agent's session to the coordinator: dial out, Hello, heartbeats, and reconnect with
 //! capped exponential backoff when the link drops (vehicles change networks all the time).
+//!
+//! An enrolled agent dials with its node certificate (mutual TLS), answers the coordinator's
+//! attestation challenges with TPM quotes (before Welcome, and periodically), and renews its
+//! certificate when asked: a fresh key generated here, a CSR sent, the new certificate and
+//! key stored for the next connection.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokenfleet_protocol::v1::node_session_client::NodeSessionClient;
@@ -12,7 +19,26 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{AgentConfig, Backoff};
 use crate::core::CoreMsg;
+use crate::identity::PendingKey;
 use crate::AgentError;
+
+/// Where the session stands, for operators and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionStatus {
+    Connecting,
+    /// Welcomed by the coordinator (after attestation, when it asked for one).
+    Connected,
+    /// The last attempt failed (TLS handshake refused, attestation failed, revoked, ...).
+    Failed(String),
+}
+
+/// What the session reports outwards.
+#[derive(Clone)]
+pub(crate) struct SessionReport {
+    pub status: watch::Sender<SessionStatus>,
+    /// `Assign` messages received over all sessions.
+    pub assigns: Arc<AtomicU64>,
+}
 
 const OUTBOUND_BUFFER: usize = 1024;
 
@@ -24,7 +50,18 @@ async fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    if config.coordinator.starts_with("https://") {
+    if let Some(identity) = &config.identity {
+        if !config.coordinator.starts_with("https://") {
+            return Err(AgentError::Config(format!(
+                "an enrolled agent connects over mutual TLS: {:?} is not an https:// address",
+                config.coordinator
+            )));
+        }
+        // Read at every connection: a renewed certificate is used from the next one on.
+        endpoint = endpoint
+            .tls_config(identity.client_tls()?)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+    } else if config.coordinator.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &config.ca_cert {
             let pem = std::fs::read(ca)
@@ -46,15 +83,22 @@ pub(crate) async fn run(
     config: AgentConfig,
     core: mpsc::Sender<CoreMsg>,
     mut shutdown: watch::Receiver<bool>,
+    report: SessionReport,
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match one_session(&config, &core, &mut shutdown, &mut backoff).await {
+        report.status.send_replace(SessionStatus::Connecting);
+        match one_session(&config, &core, &mut shutdown, &mut backoff, &report).await {
             Ok(()) => tracing::info!(node = %config.node_id, "session ended"),
-            Err(e) => tracing::warn!(node = %config.node_id, cause = %e, "session failed"),
+            Err(e) => {
+                tracing::warn!(node = %config.node_id, cause = %e, "session failed");
+                report
+                    .status
+                    .send_replace(SessionStatus::Failed(e.to_string()));
+            }
         }
         let _ = core.send(CoreMsg::Detach).await;
         let delay = backoff.next_delay();
@@ -70,6 +114,7 @@ async fn one_session(
     core: &mpsc::Sender<CoreMsg>,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
+    report: &SessionReport,
 ) -> Result<(), AgentError> {
     let channel = channel(config).await?;
     let mut client = NodeSessionClient::new(channel);
@@ -88,34 +133,80 @@ async fn one_session(
         .await
         .map_err(|s| AgentError::Refused(s.message().to_string()))?;
     let mut inbound = response.into_inner();
-    let welcome = match inbound
-        .message()
-        .await
-        .map_err(|s| AgentError::Refused(s.message().to_string()))?
-    {
-        Some(v1::CoordinatorMessage {
-            msg: Some(CoordinatorMsg::Welcome(w)),
-        }) => w,
-        _ => {
-            return Err(AgentError::Refused(
-                "the coordinator did not answer Hello with Welcome".into(),
-            ))
+    // An attestation challenge may come before Welcome: the coordinator registers the node
+    // only once its quote verifies.
+    let welcome = loop {
+        match inbound
+            .message()
+            .await
+            .map_err(|s| AgentError::Refused(s.message().to_string()))?
+        {
+            Some(v1::CoordinatorMessage {
+                msg: Some(CoordinatorMsg::Welcome(w)),
+            }) => break w,
+            Some(v1::CoordinatorMessage {
+                msg: Some(CoordinatorMsg::Attest(challenge)),
+            }) => {
+                let quote = answer_challenge(config, challenge).await;
+                out_tx
+                    .send(AgentMessage::new(AgentMsg::Quote(quote)))
+                    .await
+                    .map_err(|_| AgentError::Stopped)?;
+            }
+            _ => {
+                return Err(AgentError::Refused(
+                    "the coordinator did not answer Hello with Welcome".into(),
+                ))
+            }
         }
     };
     backoff.reset();
+    report.status.send_replace(SessionStatus::Connected);
     tracing::info!(node = %config.node_id, coordinator = %config.coordinator, "session established");
     core.send(CoreMsg::Attach(out_tx.clone()))
         .await
         .map_err(|_| AgentError::Stopped)?;
+    let mut pending_key: Option<PendingKey> = None;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(
         welcome.heartbeat_interval_ms.max(100) as u64,
     ));
     loop {
         tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(v1::CoordinatorMessage { msg: Some(msg) })) => {
-                    core.send(CoreMsg::FromCoordinator(msg)).await.map_err(|_| AgentError::Stopped)?;
-                }
+                Ok(Some(v1::CoordinatorMessage { msg: Some(msg) })) => match msg {
+                    CoordinatorMsg::Attest(challenge) => {
+                        let quote = answer_challenge(config, challenge).await;
+                        if out_tx.try_send(AgentMessage::new(AgentMsg::Quote(quote))).is_err() {
+                            tracing::warn!(node = %config.node_id, "attestation quote not sent: session buffer full");
+                        }
+                    }
+                    CoordinatorMsg::RenewCertificate(_) => {
+                        if config.identity.is_none() {
+                            continue;
+                        }
+                        let key = PendingKey::generate()?;
+                        let csr = v1::CertificateRequest { csr_pem: key.csr_pem.clone() };
+                        pending_key = Some(key);
+                        if out_tx.try_send(AgentMessage::new(AgentMsg::CertificateRequest(csr))).is_err() {
+                            tracing::warn!(node = %config.node_id, "certificate request not sent: session buffer full");
+                        }
+                    }
+                    CoordinatorMsg::Certificate(issued) => {
+                        match (&config.identity, pending_key.take()) {
+                            (Some(identity), Some(key)) => {
+                                identity.store(&key, &issued.cert_pem)?;
+                                tracing::info!(node = %config.node_id, not_after_unix_ms = issued.not_after_unix_ms, "certificate renewed");
+                            }
+                            _ => tracing::warn!(node = %config.node_id, "unrequested certificate ignored"),
+                        }
+                    }
+                    msg => {
+                        if matches!(msg, CoordinatorMsg::Assign(_)) {
+                            report.assigns.fetch_add(1, Ordering::Relaxed);
+                        }
+                        core.send(CoreMsg::FromCoordinator(msg)).await.map_err(|_| AgentError::Stopped)?;
+                    }
+                },
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok(()),
                 Err(status) => return Err(AgentError::Connect(status.message().to_string())),
@@ -128,5 +219,29 @@ async fn one_session(
             }
             _ = shutdown.changed() => return Ok(()),
         }
+    }
+}
+
+/// A quote for the coordinator's nonce from the vehicle's TPM (run on the blocking pool), or
+/// an "unavailable" answer saying why there is none.
+async fn answer_challenge(config: &AgentConfig, challenge: v1::AttestChallenge) -> v1::AttestQuote {
+    let unavailable = |why: String| v1::AttestQuote {
+        unavailable: why,
+        ..Default::default()
+    };
+    let Some(attestor) = config.attestor.clone() else {
+        return unavailable("this vehicle has no TPM".into());
+    };
+    let quoted = tokio::task::spawn_blocking(move || {
+        attestor.0.quote(&challenge.nonce, challenge.pcr_index)
+    })
+    .await;
+    match quoted {
+        Ok(Ok(evidence)) => evidence.to_wire(),
+        Ok(Err(e)) => {
+            tracing::warn!(node = %config.node_id, cause = %e, "cannot quote");
+            unavailable(e.to_string())
+        }
+        Err(e) => unavailable(format!("quote task failed: {e}")),
     }
 }

@@ -18,6 +18,24 @@ pub struct ApiKey {
 /// Environment variable holding the job store's keys (`id:base64,...`, newest first).
 pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
 
+/// The keys of the job store at `db_path`: `TOKENFLEET_STORE_KEYS` when set, else the key
+/// file (`key_file`, default `<db_path>.keys`, created when absent). Every process opening the
+/// store (the coordinator, `tokenfleet fleet ...`) resolves them this way.
+pub fn store_sealer(
+    db_path: &Path,
+    key_file: Option<&Path>,
+) -> Result<crate::sealing::Sealer, crate::sealing::SealError> {
+    if let Some(spec) = std::env::var_os(STORE_KEYS_ENV) {
+        return crate::sealing::Sealer::from_spec(&spec.to_string_lossy());
+    }
+    let path = key_file.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut p = db_path.to_path_buf().into_os_string();
+        p.push(".keys");
+        PathBuf::from(p)
+    });
+    crate::sealing::Sealer::from_key_file(&path)
+}
+
 /// TLS material for a listener (PEM files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFiles {
@@ -32,8 +50,14 @@ pub struct CoordinatorConfig {
     pub http_addr: SocketAddr,
     /// Agent sessions (gRPC).
     pub grpc_addr: SocketAddr,
-    /// TLS for the agent port; without it the port serves plaintext gRPC (tests, loopback).
+    /// Server-only TLS for the agent port with operator-provided files. Superseded by
+    /// `[security]` (mutual TLS from the fleet CA); with neither, the port serves plaintext
+    /// gRPC, which is allowed on a loopback address only (development and tests).
     pub grpc_tls: Option<TlsFiles>,
+    /// HTTPS for the client API (PEM files); plain HTTP without it.
+    pub http_tls: Option<TlsFiles>,
+    /// Enrollment, mutual TLS on the agent port and attestation (see `security::config`).
+    pub security: Option<crate::security::SecurityConfig>,
     /// SQLite job store (WAL mode).
     pub db_path: PathBuf,
     pub api_keys: Vec<ApiKey>,
@@ -88,6 +112,8 @@ impl Default for CoordinatorConfig {
             http_addr: "127.0.0.1:8080".parse().expect("literal address"),
             grpc_addr: "127.0.0.1:50051".parse().expect("literal address"),
             grpc_tls: None,
+            http_tls: None,
+            security: None,
             db_path: PathBuf::from("tokenfleet.db"),
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
@@ -174,6 +200,19 @@ impl CoordinatorConfig {
                 "retention must be at least a minute".into(),
             ));
         }
+        if let Some(sec) = &self.security {
+            if self.grpc_tls.is_some() {
+                return Err(ConfigError::Invalid(
+                    "grpc_tls and [security] exclude each other: with [security] the agent port uses a certificate from the fleet CA".into(),
+                ));
+            }
+            sec.policy().map_err(ConfigError::Invalid)?;
+        } else if self.grpc_tls.is_none() && !self.grpc_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "the agent port {} would serve plaintext: configure [security] (or grpc_tls), or bind a loopback address",
+                self.grpc_addr
+            )));
+        }
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),
@@ -202,15 +241,7 @@ impl CoordinatorConfig {
 
     /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.
     pub fn store_sealer(&self) -> Result<crate::sealing::Sealer, crate::sealing::SealError> {
-        if let Some(spec) = std::env::var_os(STORE_KEYS_ENV) {
-            return crate::sealing::Sealer::from_spec(&spec.to_string_lossy());
-        }
-        let path = self.store_key_file.clone().unwrap_or_else(|| {
-            let mut p = self.db_path.clone().into_os_string();
-            p.push(".keys");
-            PathBuf::from(p)
-        });
-        crate::sealing::Sealer::from_key_file(&path)
+        store_sealer(&self.db_path, self.store_key_file.as_deref())
     }
 
     pub fn policy_kind(&self) -> Result<PolicyKind, ConfigError> {
@@ -233,7 +264,7 @@ pub fn parse_window(window: &str) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
-mod millis {
+pub(crate) mod millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 

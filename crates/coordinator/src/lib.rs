@@ -21,6 +21,7 @@
 //! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 //! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
+//! - [`security`]: fleet CA, enrollment, mutual TLS, revocation, TPM attestation.
 
 pub mod api;
 pub mod batch_input;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod files;
 pub mod generate;
 pub mod jobs;
+mod listeners;
 pub mod manager;
 pub mod metrics;
 pub mod nodes;
@@ -41,6 +43,7 @@ pub mod openai;
 pub mod regions;
 pub mod responses;
 pub mod sealing;
+pub mod security;
 pub mod session;
 pub mod store;
 pub mod tenants;
@@ -71,6 +74,8 @@ pub enum CoordinatorError {
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
     DecisionLog(#[from] decision_log::DecisionLogError),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -78,6 +83,8 @@ pub enum CoordinatorError {
 pub struct Bound {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The enrollment service, with `[security]`.
+    pub enroll: Option<SocketAddr>,
 }
 
 /// Purges finished jobs older than `retention`, now and then periodically.
@@ -107,6 +114,8 @@ fn spawn_retention(store: store::Store, retention: std::time::Duration) {
 /// A running coordinator.
 pub struct Running {
     pub bound: Bound,
+    /// The fleet CA, registry and revocations, with `[security]`.
+    pub security: Option<Arc<security::Security>>,
     pub task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
 
@@ -131,6 +140,10 @@ pub async fn start(
             "resuming unfinished jobs from the store"
         );
     }
+    let security = match &config.security {
+        Some(sc) => Some(security::Security::open(sc.clone(), store.clone()).await?),
+        None => None,
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     let mut scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
     if let Some(path) = &config.decision_log {
@@ -168,9 +181,14 @@ pub async fn start(
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;
+    let enroll = match &config.security {
+        Some(sc) => Some(TcpListener::bind(sc.enroll_addr).await?),
+        None => None,
+    };
     let bound = Bound {
         http: http.local_addr()?,
         grpc: grpc.local_addr()?,
+        enroll: enroll.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -189,37 +207,34 @@ pub async fn start(
         session::NodeService {
             manager,
             config: Arc::clone(&config),
+            security: security.clone(),
         },
         4 << 20,
     );
-    tracing::info!(http = %bound.http, grpc = %bound.grpc, tls = config.grpc_tls.is_some(), "coordinator listening");
+    let listeners = listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
+    tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
+    let revocations = security.as_ref().map(|s| s.watch_revocations());
     let task = tokio::spawn(async move {
-        let mut stop_http = stop_rx.clone();
-        let mut stop_grpc = stop_rx.clone();
-        let http_server =
-            axum::serve(http, api::router(state)).with_graceful_shutdown(async move {
-                let _ = stop_http.wait_for(|s| *s).await;
-            });
-        let grpc_server = builder.add_service(service).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            async move {
-                let _ = stop_grpc.wait_for(|s| *s).await;
-            },
-        );
+        let servers = listeners.serve(builder, service, api::router(state), stop_rx.clone());
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let (h, g) = tokio::join!(http_server, grpc_server);
+        let result = servers.await;
+        if let Some(r) = revocations {
+            r.abort();
+        }
         let _ = batch_task.await;
         let _ = manager_task.await;
         // Everything the manager queued for the store is durable before we report stopped.
         if let Err(e) = flush_store.flush().await {
             tracing::error!(cause = %e, "job store flush at shutdown failed");
         }
-        h?;
-        g?;
-        Ok(())
+        result
     });
-    Ok(Running { bound, task })
+    Ok(Running {
+        bound,
+        security,
+        task,
+    })
 }

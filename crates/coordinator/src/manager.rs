@@ -50,6 +50,8 @@ enum Cmd {
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
         Box<v1::Hello>,
+        /// Whether the session verified a TPM quote (sensitive requests need it).
+        bool,
         NodeSender,
         LastSeen,
         oneshot::Sender<Result<Registered, Status>>,
@@ -168,10 +170,11 @@ impl Manager {
     pub(crate) async fn node_up(
         &self,
         hello: v1::Hello,
+        attested: bool,
         sender: NodeSender,
         last_seen: LastSeen,
     ) -> Result<Registered, Status> {
-        self.ask(|tx| Cmd::NodeUp(Box::new(hello), sender, last_seen, tx))
+        self.ask(|tx| Cmd::NodeUp(Box::new(hello), attested, sender, last_seen, tx))
             .await
             .unwrap_or_else(|| Err(Status::unavailable("coordinator shutting down")))
     }
@@ -306,8 +309,8 @@ impl State {
             Cmd::QueueLen(reply) => {
                 let _ = reply.send(self.queue.len());
             }
-            Cmd::NodeUp(hello, sender, last_seen, reply) => {
-                let _ = reply.send(self.node_up(*hello, sender, last_seen));
+            Cmd::NodeUp(hello, attested, sender, last_seen, reply) => {
+                let _ = reply.send(self.node_up(*hello, attested, sender, last_seen));
             }
             Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
             Cmd::NodeDown(node, conn) => {
@@ -379,6 +382,7 @@ impl State {
     fn node_up(
         &mut self,
         hello: v1::Hello,
+        attested: bool,
         sender: NodeSender,
         last_seen: LastSeen,
     ) -> Result<Registered, Status> {
@@ -413,6 +417,7 @@ impl State {
         }
         count_models(&mut self.model_sessions, &self.models_tx, &node.hello, true);
         node.conn = conn;
+        node.attested = attested;
         node.sender = Some(sender);
         node.last_seen = last_seen;
         tracing::debug!(node = %node.name, conn, held = held.len(), "node connected");
@@ -455,8 +460,9 @@ impl State {
             }
         }
         match msg {
-            // Answered by the session task, which also keeps `last_seen`.
-            AgentMsg::Heartbeat(_) => {}
+            // Answered by the session task, which also keeps `last_seen`, attestation and
+            // certificates.
+            AgentMsg::Heartbeat(_) | AgentMsg::Quote(_) | AgentMsg::CertificateRequest(_) => {}
             AgentMsg::State(state) => {
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.state = state;

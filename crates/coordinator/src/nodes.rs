@@ -48,6 +48,8 @@ pub struct Node {
     pub jobs: HashSet<u64>,
     /// Residency regions its last reported position lies in (none without a position).
     pub regions: Vec<String>,
+    /// The current session verified a TPM quote (only such nodes get sensitive requests).
+    pub attested: bool,
 }
 
 impl Node {
@@ -62,6 +64,7 @@ impl Node {
             last_seen: Arc::new(AtomicU64::new(clock_ms())),
             jobs: HashSet::new(),
             regions: Vec::new(),
+            attested: false,
         }
     }
 
@@ -125,7 +128,7 @@ impl Node {
             power_w: s.compute_power_w,
             link_rtt_ms: s.link_rtt_ms,
             reputation: 1.0,
-            attested: false,
+            attested: self.attested,
             departure,
             running_batch: Vec::new(),
             oracle_departure: None,

@@ -5,6 +5,9 @@
 //! tonic's default 8 KiB encode plus 8 KiB decode buffer per stream would be most of what a
 //! session costs. The buffers start small and grow on demand, so large messages still pass
 //! (up to the configured decoding limit). The wire contract is the generated one.
+//!
+//! With [`Security`] the session takes the node id from the client certificate and admits the
+//! node only after its attestation (see `security::session`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -23,7 +26,10 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use crate::config::CoordinatorConfig;
 use crate::manager::{unix_ms, Manager};
-use crate::nodes::clock_ms;
+use crate::nodes::{clock_ms, NodeSender};
+use crate::security::session::SessionSecurity;
+use crate::security::tls::NodeIdentity;
+use crate::security::{Security, SessionKill};
 
 /// Outbound messages a session buffers before the manager treats the node as unable to keep up.
 const SESSION_BUFFER: usize = 256;
@@ -37,16 +43,36 @@ const OPEN_PATH: &str = "/tokenfleet.v1.NodeSession/Open";
 pub struct NodeService {
     pub manager: Manager,
     pub config: Arc<CoordinatorConfig>,
+    /// Mutual TLS and attestation; None on a plaintext loopback port (development).
+    pub security: Option<Arc<Security>>,
 }
 
-/// The coordinator → agent half of a session, as the response stream.
-pub struct Outbound(mpsc::Receiver<Box<CoordinatorMessage>>);
+/// The coordinator → agent half of a session, as the response stream. It ends when the
+/// manager drops the session's sender, or with the status a kill (revocation, failed
+/// attestation, expired certificate) puts on `kill`.
+pub struct Outbound {
+    rx: mpsc::Receiver<Box<CoordinatorMessage>>,
+    kill: Option<mpsc::Receiver<Status>>,
+}
 
 impl tokio_stream::Stream for Outbound {
     type Item = Result<CoordinatorMessage, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx).map(|m| m.map(|m| Ok(*m)))
+        if let Some(kill) = &mut self.kill {
+            match kill.poll_recv(cx) {
+                Poll::Ready(Some(status)) => {
+                    // End the stream after this error: nothing more goes to this agent.
+                    self.rx.close();
+                    self.kill = None;
+                    while let Ok(_dropped) = self.rx.try_recv() {}
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(None) => self.kill = None,
+                Poll::Pending => {}
+            }
+        }
+        self.rx.poll_recv(cx).map(|m| m.map(|m| Ok(*m)))
     }
 }
 
@@ -56,59 +82,152 @@ impl NodeService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Outbound>, Status> {
         let peer = request.remote_addr();
+        // The node is who its certificate says, never what its Hello claims.
+        let identity = match &self.security {
+            Some(sec) => Some(sec.identify(request.peer_certs())?),
+            None => None,
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
-        let hello = match first.and_then(|m| m.msg) {
+        let mut hello = match first.and_then(|m| m.msg) {
             Some(AgentMsg::Hello(h)) => h,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
+        if let Some(id) = &identity {
+            if !hello.node_id.is_empty() && hello.node_id != id.node_id {
+                tracing::warn!(node = %id.node_id, claimed = %hello.node_id, "Hello names another node; the certificate's node id is used");
+            }
+            hello.node_id = id.node_id.clone();
+        }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let (kill_tx, kill_rx) = mpsc::channel(1);
+        let session = Session {
+            manager: self.manager.clone(),
+            config: Arc::clone(&self.config),
+            security: self.security.clone(),
+            kill: SessionKill::new(kill_tx),
+        };
+        tracing::debug!(node = %hello.node_id, ?peer, "session open");
+        tokio::spawn(session.run(identity, hello, inbound, tx));
+        Ok(Response::new(Outbound {
+            rx,
+            kill: Some(kill_rx),
+        }))
+    }
+}
+
+/// One node session after its Hello: admission, registration, then the message loop.
+struct Session {
+    manager: Manager,
+    config: Arc<CoordinatorConfig>,
+    security: Option<Arc<Security>>,
+    kill: Arc<SessionKill>,
+}
+
+impl Session {
+    async fn run(
+        self,
+        identity: Option<NodeIdentity>,
+        hello: v1::Hello,
+        mut inbound: Streaming<AgentMessage>,
+        tx: NodeSender,
+    ) {
+        let name = hello.node_id.clone();
+        // Attestation comes before Welcome and before the manager knows the node: no job can
+        // be assigned to a node that has not proven what it runs.
+        let mut guard = None;
+        let mut sec_state = None;
+        let mut attested = false;
+        if let (Some(sec), Some(id)) = (&self.security, identity) {
+            match SessionSecurity::admit(Arc::clone(sec), id, &hello, &tx, &mut inbound).await {
+                Ok((state, ok)) => {
+                    attested = ok;
+                    sec_state = Some(state);
+                }
+                Err(status) => return self.kill.kill(status),
+            }
+            guard = Some(sec.register_session(&name, Arc::clone(&self.kill)));
+        }
         let welcome = CoordinatorMessage::new(CoordinatorMsg::Welcome(v1::Welcome {
-            node_id: hello.node_id.clone(),
+            node_id: name.clone(),
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
             lease_timeout_ms: self.config.lease_timeout.as_millis() as u32,
         }));
-        tx.send(Box::new(welcome))
-            .await
-            .map_err(|_| Status::internal("session closed"))?;
-        let name = hello.node_id.clone();
+        if tx.send(Box::new(welcome)).await.is_err() {
+            return;
+        }
         // The session answers heartbeats itself (a fleet sends thousands a second; none needs
         // the manager) through a weak handle, so that when the manager drops the session's
         // sender the outbound stream still ends and the agent reconnects.
         let acks = tx.downgrade();
+        let send = |msg: CoordinatorMessage| {
+            acks.upgrade()
+                .is_some_and(|tx| tx.try_send(Box::new(msg)).is_ok())
+        };
         let last_seen = Arc::new(AtomicU64::new(clock_ms()));
-        let registered = self
+        let registered = match self
             .manager
-            .node_up(hello, tx, Arc::clone(&last_seen))
-            .await?;
-        tracing::debug!(node = %name, ?peer, "session open");
-        let manager = self.manager.clone();
+            .node_up(hello.clone(), attested, tx, Arc::clone(&last_seen))
+            .await
+        {
+            Ok(r) => r,
+            Err(status) => return self.kill.kill(status),
+        };
         let lease_ms = self.config.lease_timeout.as_millis() as u64;
-        tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
+        let mut reattest = tokio::time::interval(
+            sec_state
+                .as_ref()
+                .map(SessionSecurity::reattest_interval)
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        reattest.reset();
+        loop {
+            let quote_due = sec_state.as_ref().and_then(|s| s.quote_due());
+            let renew_at = sec_state.as_ref().and_then(|s| s.renew_at());
+            let expires_at = sec_state.as_ref().map(|s| s.expires_at());
+            tokio::select! {
+                msg = inbound.message() => match msg {
                     Ok(Some(AgentMessage { msg: Some(msg) })) => {
                         last_seen.store(clock_ms(), Ordering::Relaxed);
-                        if let AgentMsg::Heartbeat(hb) = &msg {
-                            let ack = CoordinatorMsg::HeartbeatAck(v1::HeartbeatAck {
-                                sent_unix_ms: hb.sent_unix_ms,
-                                lease_deadline_unix_ms: unix_ms() + lease_ms,
-                            });
-                            let sent = acks.upgrade().is_some_and(|tx| {
-                                tx.try_send(Box::new(CoordinatorMessage::new(ack))).is_ok()
-                            });
-                            if !sent {
-                                tracing::debug!(node = %name, "heartbeat not acknowledged: session closed or full");
+                        match msg {
+                            AgentMsg::Heartbeat(hb) => {
+                                let ack = CoordinatorMsg::HeartbeatAck(v1::HeartbeatAck {
+                                    sent_unix_ms: hb.sent_unix_ms,
+                                    lease_deadline_unix_ms: unix_ms() + lease_ms,
+                                });
+                                if !send(CoordinatorMessage::new(ack)) {
+                                    tracing::debug!(node = %name, "heartbeat not acknowledged: session closed or full");
+                                }
                             }
-                            continue;
-                        }
-                        if !manager
-                            .node_msg(registered.node, registered.conn, msg)
-                            .await
-                        {
-                            break;
+                            AgentMsg::Quote(q) => {
+                                let checked = match &mut sec_state {
+                                    Some(s) => s.check_quote(&q, &hello),
+                                    None => Err(Status::permission_denied("unsolicited attestation quote")),
+                                };
+                                if let Err(status) = checked {
+                                    self.kill.kill(status);
+                                    break;
+                                }
+                            }
+                            AgentMsg::CertificateRequest(csr) => {
+                                let Some(s) = &sec_state else { continue };
+                                match s.renew(&csr.csr_pem).await {
+                                    Ok(issued) => {
+                                        if !send(issued) {
+                                            tracing::warn!(node = %name, "renewed certificate not sent: session closed or full");
+                                        }
+                                    }
+                                    Err(status) => tracing::warn!(node = %name, cause = %status.message(), "certificate renewal refused"),
+                                }
+                            }
+                            other => {
+                                if !self.manager.node_msg(registered.node, registered.conn, other).await {
+                                    break;
+                                }
+                            }
                         }
                     }
                     Ok(Some(AgentMessage { msg: None })) => {}
@@ -117,11 +236,34 @@ impl NodeService {
                         tracing::debug!(node = %name, cause = %status, "session stream error");
                         break;
                     }
+                },
+                _ = reattest.tick(), if sec_state.as_ref().is_some_and(|s| s.is_attested()) => {
+                    if let Some(challenge) = sec_state.as_mut().and_then(|s| s.challenge()) {
+                        send(challenge);
+                    }
                 }
+                _ = tokio::time::sleep_until(quote_due.unwrap_or(far)), if quote_due.is_some() => {
+                    tracing::warn!(node = %name, "no answer to an attestation challenge; disconnecting");
+                    self.kill.kill(Status::deadline_exceeded("no attestation quote in time"));
+                    break;
+                }
+                _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
+                    if let Some(s) = &mut sec_state {
+                        send(s.renewal_request());
+                    }
+                }
+                _ = tokio::time::sleep_until(expires_at.unwrap_or(far)), if expires_at.is_some() => {
+                    tracing::info!(node = %name, "session certificate expired; the agent reconnects with its renewed one");
+                    self.kill.kill(Status::unauthenticated("certificate expired; reconnect with the renewed certificate"));
+                    break;
+                }
+                _ = self.kill.killed() => break,
             }
-            manager.node_down(registered.node, registered.conn).await;
-        });
-        Ok(Response::new(Outbound(rx)))
+        }
+        drop(guard);
+        self.manager
+            .node_down(registered.node, registered.conn)
+            .await;
     }
 }
 

@@ -83,6 +83,8 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sealed(seal_plaintext_rows),
     // 3: files and batches (the Batch API).
     Migration::Sql(crate::batch_store::MIGRATION),
+    // 4: the fleet registry (enrollment tokens, certificates, attestation keys, revocations).
+    Migration::Sql(crate::security::registry::MIGRATION),
 ];
 
 /// Migration 2: seals every plaintext request, text tail and token written by version 1.

@@ -24,6 +24,11 @@ pub enum Command {
     Coordinator(crate::serve::CoordinatorArgs),
     /// Run a vehicle agent.
     Agent(crate::serve::AgentArgs),
+    /// Enroll this vehicle: trade a one-time token for a node certificate (key made here).
+    Enroll(crate::fleet_cmd::EnrollArgs),
+    /// Operator commands on the fleet registry: enrollment tokens, revocation.
+    #[command(subcommand)]
+    Fleet(crate::fleet_cmd::FleetCommand),
     /// Simulate a fleet with the real scheduler: tokens, energy, battery wear and cost.
     Sim(crate::sim_cmd::SimArgs),
     /// Answer one chat prompt with the local engine, streaming tokens to stdout.
@@ -104,6 +109,8 @@ pub fn main() -> ExitCode {
             Command::Up(args) => crate::serve::up(args).await,
             Command::Coordinator(args) => crate::serve::coordinator(args).await,
             Command::Agent(args) => crate::serve::agent(args).await,
+            Command::Enroll(args) => crate::fleet_cmd::enroll_cmd(args).await,
+            Command::Fleet(cmd) => crate::fleet_cmd::run(cmd).await,
             Command::Sim(args) => {
                 tokio::task::spawn_blocking(move || crate::sim_cmd::run(args)).await?
             }

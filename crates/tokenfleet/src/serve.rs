@@ -1,19 +1,22 @@
-//! `tokenfleet coordinator`, `tokenfleet agent` and `tokenfleet up` (a whole fleet on one
-//! machine: a coordinator and N agents on simulated vehicles, with the real model).
+//! `tokenfleet coordinator` and `tokenfleet agent`. `tokenfleet up` (a whole fleet on one
+//! machine) lives in [`crate::up`] and starts its agents through [`start_agent`] here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use tokenfleet_agent::config::SharedAttestor;
+use tokenfleet_agent::identity::IdentityDir;
 use tokenfleet_agent::vehicle::{run_simulated, SimulatedVehicleConfig};
 use tokenfleet_agent::{Agent, AgentConfig, VehicleStatus};
 use tokenfleet_coordinator::config::{ApiKey, TlsFiles};
 use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_engine::{Engine, EngineConfig};
 
-use crate::cli::{default_cache_dir, EngineArgs};
+use crate::cli::EngineArgs;
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
@@ -43,6 +46,65 @@ pub struct CoordinatorArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, env = "TOKENFLEET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM certificate and key for the client API (HTTPS).
+    #[arg(long, env = "TOKENFLEET_HTTPS_CERT", requires = "https_key")]
+    pub https_cert: Option<PathBuf>,
+    #[arg(long, env = "TOKENFLEET_HTTPS_KEY", requires = "https_cert")]
+    pub https_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// Enrollment, mutual TLS and attestation (the `[security]` config section as flags).
+#[derive(Debug, Args, Default)]
+pub struct SecurityArgs {
+    /// Fleet CA directory (created on first start): enables enrollment and mutual TLS.
+    #[arg(long, env = "TOKENFLEET_FLEET_CA_DIR")]
+    pub fleet_ca_dir: Option<PathBuf>,
+    /// Enrollment service address.
+    #[arg(long, env = "TOKENFLEET_ENROLL_ADDR")]
+    pub enroll: Option<SocketAddr>,
+    /// Let nodes without a TPM join (they get no sensitive requests).
+    #[arg(long, env = "TOKENFLEET_ALLOW_UNATTESTED")]
+    pub allow_unattested: bool,
+    /// sha256 (hex) of an agent build allowed to serve (repeatable).
+    #[arg(
+        long = "allow-agent-build",
+        env = "TOKENFLEET_ALLOW_AGENT_BUILDS",
+        value_delimiter = ','
+    )]
+    pub allow_agent_builds: Vec<String>,
+    /// sha256 (hex) of a model file allowed to be served (repeatable).
+    #[arg(
+        long = "allow-model",
+        env = "TOKENFLEET_ALLOW_MODELS",
+        value_delimiter = ','
+    )]
+    pub allow_models: Vec<String>,
+    /// Lifetime of node certificates, seconds.
+    #[arg(long, env = "TOKENFLEET_CERT_TTL_S")]
+    pub cert_ttl_s: Option<u64>,
+}
+
+impl SecurityArgs {
+    /// Applies the flags over the config file's `[security]` (creating it with --fleet-ca-dir).
+    fn apply(self, c: &mut CoordinatorConfig) {
+        if let Some(dir) = self.fleet_ca_dir {
+            c.security.get_or_insert_with(Default::default).ca_dir = dir;
+        }
+        let Some(sec) = c.security.as_mut() else {
+            return;
+        };
+        if let Some(a) = self.enroll {
+            sec.enroll_addr = a;
+        }
+        sec.allow_unattested |= self.allow_unattested;
+        sec.allowed_agent_builds.extend(self.allow_agent_builds);
+        sec.allowed_models.extend(self.allow_models);
+        if let Some(ttl) = self.cert_ttl_s {
+            sec.cert_ttl = Duration::from_secs(ttl);
+        }
+    }
 }
 
 impl CoordinatorArgs {
@@ -75,19 +137,41 @@ impl CoordinatorArgs {
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             c.grpc_tls = Some(TlsFiles { cert, key });
         }
+        if let (Some(cert), Some(key)) = (self.https_cert, self.https_key) {
+            c.http_tls = Some(TlsFiles { cert, key });
+        }
+        self.security.apply(&mut c);
         Ok(c)
     }
 }
 
-async fn ctrl_c() {
-    let _ = tokio::signal::ctrl_c().await;
+/// Resolves on Ctrl-C or SIGTERM (so that a supervisor's stop also shuts down gracefully:
+/// agents stop and software TPMs are ended).
+pub(crate) async fn ctrl_c() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
     // Machine-readable for scripts and tests that start us on port 0.
-    println!("http={} grpc={}", running.bound.http, running.bound.grpc);
+    match running.bound.enroll {
+        Some(e) => println!(
+            "http={} grpc={} enroll={e}",
+            running.bound.http, running.bound.grpc
+        ),
+        None => println!("http={} grpc={}", running.bound.http, running.bound.grpc),
+    }
     running.task.await??;
     Ok(())
 }
@@ -114,9 +198,19 @@ pub struct AgentArgs {
     /// CA certificate (PEM) of the coordinator's TLS certificate.
     #[arg(long, env = "TOKENFLEET_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
-    /// This vehicle's id.
-    #[arg(long, env = "TOKENFLEET_NODE_ID", required_unless_present = "replay")]
+    /// This vehicle's id (with --identity-dir, the enrolled id is used).
+    #[arg(long, env = "TOKENFLEET_NODE_ID", required_unless_present_any = ["replay", "identity_dir"])]
     pub node_id: Option<String>,
+    /// The enrolled identity (`tokenfleet enroll`): connect with mutual TLS.
+    #[arg(long, env = "TOKENFLEET_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// The vehicle's TPM (TCTI): the agent measures itself and its model into it and answers
+    /// the coordinator's attestation challenges.
+    #[arg(long, env = "TOKENFLEET_TPM")]
+    pub tpm: Option<String>,
+    /// The resettable PCR to measure into (16 or 23).
+    #[arg(long, env = "TOKENFLEET_PCR", default_value_t = 23)]
+    pub pcr: u32,
     /// Name clients use for the model (default: the GGUF file stem).
     #[arg(long, env = "TOKENFLEET_MODEL_NAME")]
     pub model_name: Option<String>,
@@ -146,7 +240,7 @@ pub fn model_name_of(path: &std::path::Path) -> String {
 }
 
 /// Loads the engine and starts an agent with the chosen vehicle.
-async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
+pub(crate) async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     let mut ec = EngineConfig::new(&a.engine.model);
     ec.slots = a.slots;
     ec.ctx_per_slot = a.ctx;
@@ -157,15 +251,27 @@ async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     let path = a.engine.model.clone();
     let sha =
         tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&path)).await??;
-    let node_id = a.node_id.clone().unwrap_or_else(|| "vehicle".into());
-    let mut config = AgentConfig::new(
-        &a.coordinator,
-        &node_id,
-        a.model_name
-            .clone()
-            .unwrap_or_else(|| model_name_of(&a.engine.model)),
-    );
+    let identity = a.identity_dir.as_ref().map(IdentityDir::new);
+    let node_id = match &identity {
+        Some(id) => id.node_id()?,
+        None => a.node_id.clone().unwrap_or_else(|| "vehicle".into()),
+    };
+    let model_name = a
+        .model_name
+        .clone()
+        .unwrap_or_else(|| model_name_of(&a.engine.model));
+    let mut config = AgentConfig::new(&a.coordinator, &node_id, &model_name);
     config.ca_cert = a.ca_cert.clone();
+    config.identity = identity;
+    if let Some(tcti) = &a.tpm {
+        let (tcti, pcr, models) = (tcti.clone(), a.pcr, vec![(model_name, sha.clone())]);
+        let tpm = tokio::task::spawn_blocking(move || {
+            crate::fleet_cmd::measured_tpm(&tcti, pcr, &models)
+        })
+        .await??;
+        tracing::info!(node = %node_id, pcr = a.pcr, "agent and model measured into the TPM");
+        config.attestor = Some(SharedAttestor(Arc::new(tpm)));
+    }
     let simulated = if a.vehicle == VehicleMode::Simulated {
         let seed = node_id
             .bytes()
@@ -203,106 +309,4 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Args)]
-pub struct UpArgs {
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// Number of vehicles (agents) on this machine.
-    #[arg(long, env = "TOKENFLEET_AGENTS", default_value_t = 3)]
-    pub agents: u32,
-    /// OpenAI-compatible API address.
-    #[arg(long, env = "TOKENFLEET_HTTP", default_value = "127.0.0.1:8080")]
-    pub http: SocketAddr,
-    /// API key to accept (default: a random one, printed).
-    #[arg(long, env = "TOKENFLEET_API_KEY")]
-    pub api_key: Option<String>,
-    /// Job store (default: a fresh file under the cache dir).
-    #[arg(long, env = "TOKENFLEET_DB")]
-    pub db: Option<PathBuf>,
-    /// Concurrent sequences per vehicle.
-    #[arg(long, default_value_t = 4)]
-    pub slots: u32,
-    /// Keep every vehicle parked (no departures).
-    #[arg(long)]
-    pub always_parked: bool,
-    /// Virtual seconds per real second for the simulated vehicles.
-    #[arg(long, default_value_t = 120.0)]
-    pub speedup: f64,
-}
-
-pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let key = args
-        .api_key
-        .clone()
-        .unwrap_or_else(|| format!("tf-{}", hex::encode(rand::random::<[u8; 16]>())));
-    let run_dir = default_cache_dir()
-        .join("up")
-        .join(format!("run-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir)?;
-    let db = args.db.clone().unwrap_or_else(|| run_dir.join("fleet.db"));
-    // Agent sessions run over TLS, as on a real fleet.
-    let tls = crate::tls::write_self_signed(&run_dir)?;
-    let config = CoordinatorConfig {
-        http_addr: args.http,
-        grpc_addr: "127.0.0.1:0".parse()?,
-        grpc_tls: Some(tls.clone()),
-        db_path: db.clone(),
-        api_keys: vec![ApiKey {
-            key: key.clone(),
-            tenant: "default".into(),
-        }],
-        ..Default::default()
-    };
-    let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(2);
-    let threads = (cores / args.agents.max(1)).max(1);
-    let mut agents = Vec::new();
-    for i in 0..args.agents {
-        let a = AgentArgs {
-            engine: EngineArgs {
-                model: args.engine.model.clone(),
-                threads: args.engine.threads,
-            },
-            coordinator: format!("https://{}", running.bound.grpc),
-            ca_cert: Some(tls.cert.clone()),
-            node_id: Some(format!("vehicle-{}", i + 1)),
-            model_name: None,
-            slots: args.slots,
-            ctx: 2048,
-            vehicle: if args.always_parked {
-                VehicleMode::Parked
-            } else {
-                VehicleMode::Simulated
-            },
-            speedup: args.speedup,
-            // Spread the fleet over the day so some cars come and go while others stay.
-            start_hour: 16.0 + 1.3 * i as f64,
-            replay: Default::default(),
-        };
-        agents.push(start_agent(&a, threads).await?);
-    }
-    let model = model_name_of(&args.engine.model);
-    println!("tokenfleet is up: {} vehicles serving {model}", args.agents);
-    println!(
-        "  API       http://{}/v1   (OpenAI-compatible)",
-        running.bound.http
-    );
-    println!("  API key   {key}");
-    println!("  agents    https://{} (gRPC over TLS)", running.bound.grpc);
-    println!("  job store {}", db.display());
-    println!("  metrics   http://{}/metrics", running.bound.http);
-    println!();
-    println!("try:");
-    println!(
-        "  curl -s http://{}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Explain why the sky is blue.\"}}], \"max_tokens\": 64}}'",
-        running.bound.http
-    );
-    println!("Ctrl-C stops the fleet.");
-    running.task.await??;
-    for a in agents {
-        a.stop().await;
-    }
-    Ok(())
-}
+pub use crate::up::{up, UpArgs};

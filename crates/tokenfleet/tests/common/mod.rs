@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod secure;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -140,12 +141,7 @@ impl Fleet {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let metrics = self.metrics().await;
-            let connected: f64 = metrics
-                .lines()
-                .filter(|l| l.starts_with("tokenfleet_nodes{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            if connected as usize >= n && !self.models().await.is_empty() {
+            if connected_nodes(&metrics) >= n && !self.models().await.is_empty() {
                 return;
             }
             assert!(
@@ -169,24 +165,7 @@ impl Fleet {
     }
 
     pub async fn models(&self) -> Vec<String> {
-        let v: serde_json::Value = self
-            .client
-            .get(format!("{}/v1/models", self.http))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| m["id"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+        model_ids(&self.client, &self.http).await
     }
 
     pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
@@ -227,6 +206,36 @@ pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Nodes with a live session, from the coordinator's Prometheus text.
+pub fn connected_nodes(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenfleet_nodes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
+/// Ids of the models `GET /v1/models` lists.
+pub async fn model_ids(client: &reqwest::Client, http: &str) -> Vec<String> {
+    let v: serde_json::Value = client
+        .get(format!("{http}/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or_default();
+    v["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads an SSE body into its `data:` payloads (bounded by `timeout`).

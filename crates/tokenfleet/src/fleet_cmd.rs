@@ -1,0 +1,177 @@
+//! Enrollment and revocation from the command line:
+//!
+//! - `tokenfleet fleet token --node-id ID`: the operator issues a one-time enrollment token
+//!   (stored hashed in the coordinator's store, expiring, single use);
+//! - `tokenfleet fleet revoke --node-id ID`: revokes a vehicle (the running coordinator ends
+//!   its sessions within its revocation poll interval and refuses it from then on);
+//! - `tokenfleet enroll --token T --ca-cert fleet-ca.pem`: on the vehicle, trades the token for
+//!   a certificate for a key generated there.
+//!
+//! Plus [`enroll_local`], the same path for fleets on one machine (`tokenfleet up`, tests).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tokenfleet_agent::attest::tpm::TpmAttestor;
+use tokenfleet_agent::attest::{Attestor, Measured};
+use tokenfleet_agent::identity::{enroll, Enrolled, IdentityDir};
+use tokenfleet_coordinator::security::registry::Registry;
+use tokenfleet_coordinator::security::Security;
+use tokenfleet_coordinator::store::Store;
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Issue a one-time enrollment token for a vehicle (printed on stdout).
+    Token(TokenArgs),
+    /// Revoke a vehicle: its live sessions end and it can never connect again.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The coordinator's job store (SQLite).
+    #[arg(long, env = "TOKENFLEET_DB", default_value = "tokenfleet.db")]
+    pub db: PathBuf,
+    /// The node id the vehicle's certificate will carry.
+    #[arg(long)]
+    pub node_id: String,
+    /// How long the token stays valid, seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub ttl_s: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[arg(long, env = "TOKENFLEET_DB", default_value = "tokenfleet.db")]
+    pub db: PathBuf,
+    #[arg(long)]
+    pub node_id: String,
+    /// Recorded with the revocation.
+    #[arg(long, default_value = "revoked by operator")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The coordinator's enrollment service.
+    #[arg(
+        long,
+        env = "TOKENFLEET_ENROLL_URL",
+        default_value = "https://127.0.0.1:50052"
+    )]
+    pub coordinator: String,
+    /// The fleet CA certificate (PEM) the operator handed out with the token.
+    #[arg(long, env = "TOKENFLEET_FLEET_CA")]
+    pub ca_cert: PathBuf,
+    /// The one-time enrollment token.
+    #[arg(long, env = "TOKENFLEET_ENROLL_TOKEN")]
+    pub token: String,
+    /// Where the node certificate, key and fleet CA are stored.
+    #[arg(long, env = "TOKENFLEET_IDENTITY_DIR", default_value_os_t = default_identity_dir())]
+    pub identity_dir: PathBuf,
+    /// The vehicle's TPM (TCTI, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`):
+    /// its attestation key is bound to the node at enrollment.
+    #[arg(long, env = "TOKENFLEET_TPM")]
+    pub tpm: Option<String>,
+    /// The resettable PCR the agent measures into (16 or 23).
+    #[arg(long, env = "TOKENFLEET_PCR", default_value_t = 23)]
+    pub pcr: u32,
+}
+
+pub fn default_identity_dir() -> PathBuf {
+    crate::cli::default_cache_dir().join("identity")
+}
+
+async fn open_registry(db: &Path) -> anyhow::Result<Registry> {
+    let sealer = tokenfleet_coordinator::config::store_sealer(db, None)
+        .with_context(|| format!("the job store keys of {}", db.display()))?;
+    let store = Store::open(db, sealer).with_context(|| format!("opening {}", db.display()))?;
+    Ok(Registry::new(store))
+}
+
+pub async fn run(cmd: FleetCommand) -> anyhow::Result<()> {
+    match cmd {
+        FleetCommand::Token(a) => {
+            let registry = open_registry(&a.db).await?;
+            let token = registry.issue_token(&a.node_id, a.ttl_s * 1000).await?;
+            eprintln!(
+                "enrollment token for {} (single use, valid {} s):",
+                a.node_id, a.ttl_s
+            );
+            println!("{token}");
+        }
+        FleetCommand::Revoke(a) => {
+            let registry = open_registry(&a.db).await?;
+            registry.revoke(&a.node_id, &a.reason).await?;
+            eprintln!("revoked {}: a running coordinator disconnects it within its revocation poll interval", a.node_id);
+        }
+    }
+    Ok(())
+}
+
+pub async fn enroll_cmd(a: EnrollArgs) -> anyhow::Result<()> {
+    let ca = std::fs::read(&a.ca_cert).with_context(|| format!("{}", a.ca_cert.display()))?;
+    let tpm = match &a.tpm {
+        Some(tcti) => Some(TpmAttestor::open(tcti, a.pcr)?),
+        None => None,
+    };
+    let dir = IdentityDir::new(&a.identity_dir);
+    let enrolled = enroll(
+        &a.coordinator,
+        &ca,
+        &a.token,
+        &dir,
+        tpm.as_ref().map(|t| t as &dyn Attestor),
+    )
+    .await?;
+    println!(
+        "enrolled as {} ({}); identity in {}",
+        enrolled.node_id,
+        if enrolled.attested {
+            "TPM attestation key bound"
+        } else {
+            "no TPM"
+        },
+        a.identity_dir.display()
+    );
+    Ok(())
+}
+
+/// Enrolls a vehicle of a fleet on this machine through the real path: a token from the
+/// registry, then the enrollment service over TLS.
+pub async fn enroll_local(
+    security: &Security,
+    enroll_addr: std::net::SocketAddr,
+    node_id: &str,
+    dir: &Path,
+    attestor: Option<&dyn Attestor>,
+) -> anyhow::Result<(IdentityDir, Enrolled)> {
+    let token = security.registry.issue_token(node_id, 600_000).await?;
+    let identity = IdentityDir::new(dir);
+    let enrolled = enroll(
+        &format!("https://{enroll_addr}"),
+        security.ca.cert_pem().as_bytes(),
+        &token,
+        &identity,
+        attestor,
+    )
+    .await?;
+    Ok((identity, enrolled))
+}
+
+/// Opens the vehicle's TPM and extends the agent's measurements into it: its own binary, then
+/// each served model (name and sha256 hex), in order.
+pub fn measured_tpm(
+    tcti: &str,
+    pcr: u32,
+    models: &[(String, String)],
+) -> anyhow::Result<TpmAttestor> {
+    let tpm = TpmAttestor::open(tcti, pcr)?;
+    let mut log = vec![Measured::own_binary()?];
+    for (name, sha) in models {
+        log.push(Measured::model(name.clone(), sha)?);
+    }
+    tpm.measure(log)?;
+    Ok(tpm)
+}

@@ -1,0 +1,198 @@
+//! `tokenfleet up`: a whole fleet on one machine, secured like a real one.
+//!
+//! The coordinator runs with a fresh fleet CA; every vehicle is enrolled through the real
+//! path (a one-time token from the registry, a key generated for the vehicle, a CSR to the
+//! enrollment service over TLS) and connects with mutual TLS. With `swtpm` installed each
+//! vehicle gets its own software TPM: the agent measures itself and its model into it and the
+//! coordinator verifies its quotes against a policy of exactly this build and this model.
+//! Without swtpm the fleet runs with a policy that allows unattested nodes, said loudly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tokenfleet_agent::attest::tpm::TpmAttestor;
+use tokenfleet_agent::attest::{Attestor, Measured};
+use tokenfleet_coordinator::config::ApiKey;
+use tokenfleet_coordinator::security::SecurityConfig;
+use tokenfleet_coordinator::CoordinatorConfig;
+
+use crate::cli::{default_cache_dir, EngineArgs};
+use crate::serve::{ctrl_c, model_name_of, start_agent, AgentArgs, VehicleMode};
+
+/// The PCR the demo's agents measure into.
+const PCR: u32 = 23;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Number of vehicles (agents) on this machine.
+    #[arg(long, env = "TOKENFLEET_AGENTS", default_value_t = 3)]
+    pub agents: u32,
+    /// OpenAI-compatible API address.
+    #[arg(long, env = "TOKENFLEET_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// API key to accept (default: a random one, printed).
+    #[arg(long, env = "TOKENFLEET_API_KEY")]
+    pub api_key: Option<String>,
+    /// Job store (default: a fresh file under the cache dir).
+    #[arg(long, env = "TOKENFLEET_DB")]
+    pub db: Option<PathBuf>,
+    /// Concurrent sequences per vehicle.
+    #[arg(long, default_value_t = 4)]
+    pub slots: u32,
+    /// Keep every vehicle parked (no departures).
+    #[arg(long)]
+    pub always_parked: bool,
+    /// Virtual seconds per real second for the simulated vehicles.
+    #[arg(long, default_value_t = 120.0)]
+    pub speedup: f64,
+    /// Run without software TPMs even when swtpm is installed (nodes join unattested).
+    #[arg(long)]
+    pub no_tpm: bool,
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let key = args
+        .api_key
+        .clone()
+        .unwrap_or_else(|| format!("tf-{}", hex::encode(rand::random::<[u8; 16]>())));
+    let run_dir = default_cache_dir()
+        .join("up")
+        .join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let db = args.db.clone().unwrap_or_else(|| run_dir.join("fleet.db"));
+    let model_path = args.engine.model.clone();
+    let model_sha =
+        tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&model_path))
+            .await??;
+    let agent_build = hex::encode(Measured::own_binary()?.sha256);
+    let use_tpm = !args.no_tpm && crate::swtpm::available();
+    if !use_tpm {
+        tracing::warn!("no software TPM (swtpm missing or --no-tpm): the demo fleet runs with a policy that ALLOWS UNATTESTED nodes; requests marked sensitive will not be placed");
+    }
+    let config = CoordinatorConfig {
+        http_addr: args.http,
+        grpc_addr: "127.0.0.1:0".parse()?,
+        db_path: db.clone(),
+        api_keys: vec![ApiKey {
+            key: key.clone(),
+            tenant: "default".into(),
+        }],
+        security: Some(SecurityConfig {
+            ca_dir: run_dir.join("fleet-ca"),
+            enroll_addr: "127.0.0.1:0".parse()?,
+            allow_unattested: !use_tpm,
+            pcr_index: PCR,
+            allowed_agent_builds: vec![agent_build],
+            allowed_models: vec![model_sha],
+            cert_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
+    let security = running
+        .security
+        .clone()
+        .expect("the demo coordinator runs with [security]");
+    let enroll_addr = running
+        .bound
+        .enroll
+        .expect("the enrollment service runs with [security]");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2);
+    let threads = (cores / args.agents.max(1)).max(1);
+    let mut agents = Vec::new();
+    let mut tpms = Vec::new();
+    for i in 0..args.agents {
+        let node_id = format!("vehicle-{}", i + 1);
+        let tpm = if use_tpm {
+            Some(crate::swtpm::SoftwareTpm::start(
+                &run_dir.join(format!("tpm-{node_id}")),
+            )?)
+        } else {
+            None
+        };
+        let tcti = tpm.as_ref().map(|t| t.tcti());
+        let attestor = match tcti.clone() {
+            Some(t) => {
+                Some(tokio::task::spawn_blocking(move || TpmAttestor::open(&t, PCR)).await??)
+            }
+            None => None,
+        };
+        let identity_dir = run_dir.join(&node_id);
+        crate::fleet_cmd::enroll_local(
+            &security,
+            enroll_addr,
+            &node_id,
+            &identity_dir,
+            attestor.as_ref().map(|a| a as &dyn Attestor),
+        )
+        .await?;
+        let a = AgentArgs {
+            engine: EngineArgs {
+                model: args.engine.model.clone(),
+                threads: args.engine.threads,
+            },
+            coordinator: format!("https://{}", running.bound.grpc),
+            ca_cert: None,
+            node_id: None,
+            identity_dir: Some(identity_dir),
+            tpm: tcti,
+            pcr: PCR,
+            model_name: None,
+            slots: args.slots,
+            ctx: 2048,
+            vehicle: if args.always_parked {
+                VehicleMode::Parked
+            } else {
+                VehicleMode::Simulated
+            },
+            speedup: args.speedup,
+            // Spread the fleet over the day so some cars come and go while others stay.
+            start_hour: 16.0 + 1.3 * i as f64,
+            replay: Default::default(),
+        };
+        agents.push(start_agent(&a, threads).await?);
+        tpms.extend(tpm);
+    }
+    let model = model_name_of(&args.engine.model);
+    println!("tokenfleet is up: {} vehicles serving {model}", args.agents);
+    println!(
+        "  API       http://{}/v1   (OpenAI-compatible)",
+        running.bound.http
+    );
+    println!("  API key   {key}");
+    println!(
+        "  agents    https://{} (gRPC, mutual TLS; enrolled via https://{enroll_addr})",
+        running.bound.grpc
+    );
+    println!(
+        "  attest    {}",
+        if use_tpm {
+            "TPM 2.0 quotes (one swtpm per vehicle), verified before any job"
+        } else {
+            "NONE: policy allows unattested nodes (install swtpm for attestation)"
+        }
+    );
+    println!("  fleet CA  {}", run_dir.join("fleet-ca").display());
+    println!("  job store {}", db.display());
+    println!("  metrics   http://{}/metrics", running.bound.http);
+    println!();
+    println!("try:");
+    println!(
+        "  curl -s http://{}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Explain why the sky is blue.\"}}], \"max_tokens\": 64}}'",
+        running.bound.http
+    );
+    println!("Ctrl-C stops the fleet.");
+    running.task.await??;
+    for a in agents {
+        a.stop().await;
+    }
+    drop(tpms);
+    Ok(())
+}
