@@ -54,6 +54,8 @@ pub struct CoordinatorConfig {
     pub default_max_tokens: u32,
     /// Jobs in the queue (all tenants) beyond which new requests get 429.
     pub max_queued_jobs: usize,
+    /// Result verification (`[verification]`; off unless enabled).
+    pub verification: crate::verify::VerificationConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +76,7 @@ impl Default for CoordinatorConfig {
             max_tokens_limit: 4096,
             default_max_tokens: 512,
             max_queued_jobs: 10_000,
+            verification: Default::default(),
         }
     }
 }
@@ -125,6 +128,7 @@ impl CoordinatorConfig {
                 "lease_timeout must be at least two heartbeat intervals".into(),
             ));
         }
+        self.verification.validate().map_err(ConfigError::Invalid)?;
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),

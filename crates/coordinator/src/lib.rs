@@ -13,6 +13,8 @@
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
 //! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
+//! - [`verify`], [`reputation`]: result verification (a trusted engine re-scores finished
+//!   jobs) and per-node reputation, quarantine and adaptive spot-check rates.
 
 pub mod api;
 pub mod config;
@@ -23,10 +25,12 @@ pub mod manager;
 pub mod metrics;
 pub mod nodes;
 pub mod openai;
+pub mod reputation;
 pub mod responses;
 pub mod session;
 pub mod store;
 pub mod validation;
+pub mod verify;
 pub mod writer;
 
 use std::future::Future;
@@ -49,6 +53,8 @@ pub enum CoordinatorError {
     Tls(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -80,6 +86,19 @@ pub async fn start(
         );
     }
     let metrics = Arc::new(metrics::Metrics::new());
+    let verification = if config.verification.enabled {
+        let vc = config.verification.clone();
+        let models = tokio::task::spawn_blocking(move || verify::TrustedModels::load(&vc))
+            .await
+            .map_err(|e| verify::VerifyError::Start(e.to_string()))??;
+        Some(verify::Setup {
+            config: config.verification.clone(),
+            models,
+            reputation: reputation::Reputation::load(store.clone()).await?,
+        })
+    } else {
+        None
+    };
     let scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (manager, manager_task) = manager::Manager::spawn(
@@ -89,6 +108,7 @@ pub async fn start(
         scheduler,
         recovered,
         stop_rx.clone(),
+        verification,
     );
     let flush_store = store.clone();
     let state = Arc::new(api::AppState {

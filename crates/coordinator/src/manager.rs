@@ -24,6 +24,8 @@ use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
 use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
 
+mod verdicts;
+
 /// A job accepted by the API and already in the store.
 pub struct NewJob {
     pub id: u64,
@@ -53,6 +55,7 @@ enum Cmd {
     ),
     NodeMsg(NodeId, u64, AgentMsg),
     NodeDown(NodeId, u64),
+    Verified(crate::verify::Report),
 }
 
 /// Handle to the manager task; cheap to clone.
@@ -84,10 +87,16 @@ impl Manager {
         scheduler: Scheduler,
         recovered: Vec<StoredJob>,
         shutdown: watch::Receiver<bool>,
+        verification: Option<crate::verify::Setup>,
     ) -> (Manager, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
-        let writer = StoreWriter::new(store);
         let (models_tx, models) = watch::channel(Arc::new(Vec::new()));
+        let manager = Manager { tx, models };
+        // The verifier reports back to the manager through its own handle.
+        let verify = verification.map(|setup| {
+            verdicts::Verification::start(setup, store.clone(), &metrics, manager.clone())
+        });
+        let writer = StoreWriter::new(store);
         let mut state = State {
             config,
             metrics,
@@ -104,12 +113,13 @@ impl Manager {
             model_sessions: HashMap::new(),
             models_tx,
             node_gauges_dirty: true,
+            verify,
         };
         for job in recovered {
             state.recover(job);
         }
         let task = tokio::spawn(state.run(rx, shutdown));
-        (Manager { tx, models }, task)
+        (manager, task)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
@@ -171,6 +181,11 @@ impl Manager {
     pub(crate) async fn node_down(&self, node: NodeId, conn: u64) {
         let _ = self.tx.send(Cmd::NodeDown(node, conn)).await;
     }
+
+    /// A verifier's report on a finished job; false when the manager has stopped.
+    pub(crate) async fn verified(&self, report: crate::verify::Report) -> bool {
+        self.tx.send(Cmd::Verified(report)).await.is_ok()
+    }
 }
 
 struct State {
@@ -194,6 +209,8 @@ struct State {
     /// A session opened or closed or a governor state changed since the node gauges were
     /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
     node_gauges_dirty: bool,
+    /// Result verification, when enabled.
+    verify: Option<verdicts::Verification>,
 }
 
 /// Counts a node's models in or out of `sessions` when its session starts or ends, and
@@ -261,6 +278,7 @@ impl State {
             prompt_tokens: stored.prompt_tokens,
             tokens: stored.tokens,
             outcome: None,
+            restarts: 0,
         });
         let persisted = view.borrow().tokens.len();
         tracing::info!(
@@ -284,6 +302,7 @@ impl State {
                 persisted,
                 first_token_seen: persisted > 0,
                 attempts: 0,
+                producers: Vec::new(),
             },
         );
         self.queue.insert(stored.id, ());
@@ -316,6 +335,7 @@ impl State {
                 let _ = reply.send(self.node_up(*hello, sender, last_seen));
             }
             Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
+            Cmd::Verified(report) => self.on_verified(report).await,
             Cmd::NodeDown(node, conn) => {
                 if let Some(n) = self.nodes.get_mut(&node) {
                     if n.conn == conn {
@@ -363,6 +383,7 @@ impl State {
             persisted: 0,
             first_token_seen: false,
             attempts: 0,
+            producers: Vec::new(),
         };
         let handle = job.handle();
         self.queue.insert(job.id, ());
@@ -380,6 +401,7 @@ impl State {
         if hello.node_id.is_empty() {
             return Err(Status::invalid_argument("Hello.node_id is empty"));
         }
+        self.refuse_quarantined(&hello.node_id)?;
         if hello.protocol_version != tokenfleet_protocol::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported (this coordinator speaks {})",
@@ -518,6 +540,9 @@ impl State {
         let skip = have - start;
         if skip >= n {
             return; // all already known (a resend)
+        }
+        if job.producers.last().map(|p| p.0) != Some(node) {
+            job.producers.push((node, have));
         }
         let mut delivered = 0;
         job.view.send_modify(|v| {
@@ -671,6 +696,9 @@ impl State {
         };
         self.metrics.jobs_finished.with_label_values(&[label]).inc();
         self.persist_tokens(&mut job).await;
+        if let JobOutcome::Done { finish_reason, .. } = &outcome {
+            self.offer_verification(&job, finish_reason).await;
+        }
         self.writer
             .send(WriteOp::Finish(
                 job.id,

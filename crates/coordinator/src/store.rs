@@ -60,6 +60,8 @@ const MIGRATIONS: &[&str] = &[
         top TEXT,
         PRIMARY KEY (job_id, idx)
     ) WITHOUT ROWID;",
+    // 2: node reputation and who produced each finished job (result verification).
+    crate::reputation::MIGRATION,
 ];
 
 /// One generated token as stored and served.
@@ -241,7 +243,8 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs `f` on the store thread after every operation queued before it is committed.
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -356,6 +359,22 @@ impl Store {
         };
         if self.tx.send(op).await.is_err() {
             tracing::error!("job store stopped; outcome not written");
+        }
+    }
+
+    /// Queues `f` to run on the store thread after every operation queued before it (and
+    /// before every one queued after it), without waiting for it; a failure is logged.
+    pub(crate) async fn queue_exec(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let op = Op::Read(Box::new(move |conn| {
+            if let Err(e) = f(conn) {
+                tracing::error!(cause = %e, "job store write failed");
+            }
+        }));
+        if self.tx.send(op).await.is_err() {
+            tracing::error!("job store stopped; write not applied");
         }
     }
 
@@ -623,6 +642,11 @@ fn finish(conn: &Connection, job: u64, outcome: &Outcome) -> Result<(), StoreErr
         outcome.error
     ])?;
     Ok(())
+}
+
+/// A job with its tokens, read on the store thread's connection.
+pub(crate) fn load_job_on(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
+    load_one(conn, job)
 }
 
 fn load_one(conn: &Connection, job: u64) -> Result<Option<StoredJob>, StoreError> {
