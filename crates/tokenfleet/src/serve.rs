@@ -240,6 +240,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             key: key.clone(),
             tenant: "default".into(),
         }],
+        // The demo fleet verifies its own vehicles: a trusted copy of the model on the
+        // coordinator re-scores their finished jobs (every job of a new vehicle, fewer as it
+        // earns trust).
+        verification: tokenfleet_coordinator::verify::VerificationConfig {
+            enabled: true,
+            models: vec![args.engine.model.clone()],
+            ..Default::default()
+        },
         ..Default::default()
     };
     let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
@@ -282,6 +290,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  agents    https://{} (gRPC over TLS)", running.bound.grpc);
     println!("  job store {}", db.display());
     println!("  metrics   http://{}/metrics", running.bound.http);
+    println!("  verifier  re-scores finished jobs with a trusted copy of the model");
     println!();
     println!("try:");
     println!(

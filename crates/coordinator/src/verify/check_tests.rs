@@ -5,7 +5,7 @@ use super::*;
 use tokenfleet_engine::sampling::{sample, uniform};
 use tokenfleet_engine::score::{score_position, NextScore};
 
-const VOCAB: usize = 512;
+const VOCAB: usize = 256;
 
 fn normal(seed: u64, i: u64) -> f64 {
     let u1 = uniform(seed, 2 * i).max(1e-12);

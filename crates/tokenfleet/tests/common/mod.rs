@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod liar;
+pub mod perturb;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -60,7 +63,18 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
 }
 
 pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
-    let mut ec = EngineConfig::new(model_path());
+    start_agent_with(grpc, name, slots, model_path(), "test-sha").await
+}
+
+/// An agent running the GGUF at `model` and claiming `sha256` for it in its Hello.
+pub async fn start_agent_with(
+    grpc: &str,
+    name: &str,
+    slots: u32,
+    model: PathBuf,
+    sha256: &str,
+) -> TestAgent {
+    let mut ec = EngineConfig::new(model);
     ec.slots = slots;
     ec.ctx_per_slot = 1024;
     ec.threads = 1;
@@ -69,7 +83,7 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
     let agent = Agent::start(
         config,
         engine.clone(),
-        "test-sha".into(),
+        sha256.into(),
         VehicleStatus::parked(),
     );
     TestAgent {
@@ -81,10 +95,17 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
 
 impl Fleet {
     pub async fn start(agents: usize) -> Fleet {
+        Self::start_with(agents, |_| {}).await
+    }
+
+    /// A fleet whose coordinator config `edit` adjusts first.
+    pub async fn start_with(agents: usize, edit: impl FnOnce(&mut CoordinatorConfig)) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("jobs.db");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let running = tokenfleet_coordinator::start(test_config(db.clone()), async move {
+        let mut config = test_config(db.clone());
+        edit(&mut config);
+        let running = tokenfleet_coordinator::start(config, async move {
             let _ = rx.await;
         })
         .await
