@@ -104,6 +104,8 @@ pub struct CoordinatorConfig {
     /// Write every scheduler round (inputs and decisions) to this file as JSON lines, for
     /// replay through the simulator and audits (see `decision_log`). Off by default.
     pub decision_log: Option<PathBuf>,
+    /// Result verification (`[verification]`; off unless enabled).
+    pub verification: crate::verify::VerificationConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -135,6 +137,7 @@ impl Default for CoordinatorConfig {
             max_batch_requests: 50_000,
             batch_completion_windows: vec!["24h".into()],
             decision_log: None,
+            verification: Default::default(),
         }
     }
 }
@@ -213,6 +216,7 @@ impl CoordinatorConfig {
                 self.grpc_addr
             )));
         }
+        self.verification.validate().map_err(ConfigError::Invalid)?;
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),

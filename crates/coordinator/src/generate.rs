@@ -263,6 +263,9 @@ async fn next(
     loop {
         {
             let v = view.borrow_and_update();
+            // Tokens are only ever discarded (a restart after failed verification) for jobs
+            // whose client has not seen any streamed, so a shorter list means start over.
+            *from = (*from).min(v.tokens.len());
             if v.tokens.len() > *from || v.outcome.is_some() {
                 let new = v.tokens[*from..].to_vec();
                 *from = v.tokens.len();
@@ -271,6 +274,7 @@ async fn next(
         }
         if view.changed().await.is_err() {
             let v = view.borrow();
+            *from = (*from).min(v.tokens.len());
             let outcome = v
                 .outcome
                 .clone()
@@ -292,12 +296,12 @@ async fn respond(manager: Manager, mut handle: JobHandle) -> Response {
     };
     let mut from = 0usize;
     if !handle.request.stream {
-        let mut tokens = Vec::new();
         let mut guard = guard;
         loop {
-            let (new, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
-            tokens.extend(new);
+            let (_, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
             if let Some(outcome) = outcome {
+                // The job's final tokens (it may have restarted from scratch on the way).
+                let tokens = handle.view.borrow().tokens.clone();
                 guard.armed = false;
                 return match outcome {
                     JobOutcome::Done {

@@ -28,6 +28,9 @@ pub struct JobView {
     pub tokens: Vec<StoredToken>,
     pub prompt_tokens: u32,
     pub outcome: Option<JobOutcome>,
+    /// Times the job's tokens were discarded and it started again from scratch (its node
+    /// failed result verification); a reader whose count differs starts over from index 0.
+    pub restarts: u32,
 }
 
 /// A client's handle on a job.
@@ -73,6 +76,9 @@ pub struct Job {
     pub first_token_seen: bool,
     /// Times the job was placed on a vehicle.
     pub attempts: u32,
+    /// Which node produced the tokens from which index on, in order (for result
+    /// verification; tokens recovered after a restart have no producer).
+    pub producers: Vec<(tokenfleet_scheduler::NodeId, usize)>,
 }
 
 impl Job {

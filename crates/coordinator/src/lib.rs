@@ -22,6 +22,8 @@
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 //! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
 //! - [`security`]: fleet CA, enrollment, mutual TLS, revocation, TPM attestation.
+//! - [`verify`], [`reputation`]: result verification (a trusted engine re-scores finished
+//!   jobs) and per-node reputation, quarantine and adaptive spot-check rates.
 
 pub mod api;
 pub mod batch_input;
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod openai;
 pub mod regions;
+pub mod reputation;
 pub mod responses;
 pub mod sealing;
 pub mod security;
@@ -48,6 +51,7 @@ pub mod session;
 pub mod store;
 pub mod tenants;
 pub mod validation;
+pub mod verify;
 pub mod writer;
 
 use std::future::Future;
@@ -76,6 +80,8 @@ pub enum CoordinatorError {
     DecisionLog(#[from] decision_log::DecisionLogError),
     #[error(transparent)]
     Security(#[from] security::SecurityError),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -145,6 +151,19 @@ pub async fn start(
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());
+    let verification = if config.verification.enabled {
+        let vc = config.verification.clone();
+        let models = tokio::task::spawn_blocking(move || verify::TrustedModels::load(&vc))
+            .await
+            .map_err(|e| verify::VerifyError::Start(e.to_string()))??;
+        Some(verify::Setup {
+            config: config.verification.clone(),
+            models,
+            reputation: reputation::Reputation::load(store.clone()).await?,
+        })
+    } else {
+        None
+    };
     let mut scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
     if let Some(path) = &config.decision_log {
         decision_log::attach(&mut scheduler, path)?;
@@ -157,6 +176,7 @@ pub async fn start(
         scheduler,
         recovered,
         stop_rx.clone(),
+        verification,
     );
     let flush_store = store.clone();
     let (batches, batch_task) = batch_runner::BatchRunner::spawn(

@@ -25,6 +25,7 @@ use crate::validation::ValidRequest;
 use crate::writer::{StoreWriter, WriteOp};
 
 mod handback;
+mod verdicts;
 
 /// A job accepted by the API and already in the store.
 pub struct NewJob {
@@ -58,6 +59,7 @@ enum Cmd {
     ),
     NodeMsg(NodeId, u64, AgentMsg),
     NodeDown(NodeId, u64),
+    Verified(crate::verify::Report),
 }
 
 /// Handle to the manager task; cheap to clone.
@@ -89,11 +91,17 @@ impl Manager {
         scheduler: Scheduler,
         recovered: Vec<StoredJob>,
         shutdown: watch::Receiver<bool>,
+        verification: Option<crate::verify::Setup>,
     ) -> (Manager, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         let config_regions = config.region_map().unwrap_or_default();
-        let writer = StoreWriter::new(store);
         let (models_tx, models) = watch::channel(Arc::new(Vec::new()));
+        let manager = Manager { tx, models };
+        // The verifier reports back to the manager through its own handle.
+        let verify = verification.map(|setup| {
+            verdicts::Verification::start(setup, store.clone(), &metrics, manager.clone())
+        });
+        let writer = StoreWriter::new(store);
         let mut state = State {
             config,
             metrics,
@@ -112,12 +120,13 @@ impl Manager {
             node_gauges_dirty: true,
             // Validated when the coordinator started.
             regions: config_regions,
+            verify,
         };
         for job in recovered {
             state.recover(job);
         }
         let task = tokio::spawn(state.run(rx, shutdown));
-        (Manager { tx, models }, task)
+        (manager, task)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
@@ -186,6 +195,11 @@ impl Manager {
     pub(crate) async fn node_down(&self, node: NodeId, conn: u64) {
         let _ = self.tx.send(Cmd::NodeDown(node, conn)).await;
     }
+
+    /// A verifier's report on a finished job; false when the manager has stopped.
+    pub(crate) async fn verified(&self, report: crate::verify::Report) -> bool {
+        self.tx.send(Cmd::Verified(report)).await.is_ok()
+    }
 }
 
 struct State {
@@ -211,6 +225,8 @@ struct State {
     node_gauges_dirty: bool,
     /// Residency regions; a node's are recomputed from each `State`'s position.
     regions: crate::regions::RegionMap,
+    /// Result verification, when enabled.
+    verify: Option<verdicts::Verification>,
 }
 
 impl State {
@@ -249,6 +265,7 @@ impl State {
             prompt_tokens: stored.prompt_tokens,
             tokens: stored.tokens,
             outcome: None,
+            restarts: 0,
         });
         let persisted = view.borrow().tokens.len();
         tracing::debug!(
@@ -272,6 +289,7 @@ impl State {
                 persisted,
                 first_token_seen: persisted > 0,
                 attempts: 0,
+                producers: Vec::new(),
             },
         );
         self.queue.insert(stored.id, ());
@@ -313,6 +331,7 @@ impl State {
                 let _ = reply.send(self.node_up(*hello, attested, sender, last_seen));
             }
             Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
+            Cmd::Verified(report) => self.on_verified(report).await,
             Cmd::NodeDown(node, conn) => {
                 if let Some(n) = self.nodes.get_mut(&node) {
                     if n.conn == conn {
@@ -371,6 +390,7 @@ impl State {
             persisted: 0,
             first_token_seen: false,
             attempts: 0,
+            producers: Vec::new(),
         };
         let handle = job.handle();
         self.queue.insert(job.id, ());
@@ -389,6 +409,7 @@ impl State {
         if hello.node_id.is_empty() {
             return Err(Status::invalid_argument("Hello.node_id is empty"));
         }
+        self.refuse_quarantined(&hello.node_id)?;
         if hello.protocol_version != tokenfleet_protocol::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported (this coordinator speaks {})",
@@ -537,6 +558,9 @@ impl State {
         let skip = have - start;
         if skip >= n {
             return; // all already known (a resend)
+        }
+        if job.producers.last().map(|p| p.0) != Some(node) {
+            job.producers.push((node, have));
         }
         let mut delivered = 0;
         job.view.send_modify(|v| {
@@ -746,6 +770,9 @@ impl State {
         };
         self.metrics.jobs_finished.with_label_values(&[label]).inc();
         self.persist_tokens(&mut job).await;
+        if let JobOutcome::Done { finish_reason, .. } = &outcome {
+            self.offer_verification(&job, finish_reason).await;
+        }
         self.writer
             .send(WriteOp::Finish(
                 job.id,

@@ -175,6 +175,13 @@ impl Metrics {
         }
     }
 
+    /// Adds a collector owned by another module (e.g. verification) to `/metrics`.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names are unique");
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

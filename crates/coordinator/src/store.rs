@@ -85,6 +85,8 @@ const MIGRATIONS: &[Migration] = &[
     Migration::Sql(crate::batch_store::MIGRATION),
     // 4: the fleet registry (enrollment tokens, certificates, attestation keys, revocations).
     Migration::Sql(crate::security::registry::MIGRATION),
+    // 5: node reputation and who produced each finished job (result verification).
+    Migration::Sql(crate::reputation::MIGRATION),
 ];
 
 /// Migration 2: seals every plaintext request, text tail and token written by version 1.
@@ -377,6 +379,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Runs `f` on the store thread after every operation queued before it is committed.
     pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Sealer) -> Result<T, StoreError> + Send + 'static,
@@ -533,6 +536,22 @@ impl Store {
         };
         if self.tx.send(op).await.is_err() {
             tracing::error!("job store stopped; outcome not written");
+        }
+    }
+
+    /// Queues `f` to run on the store thread after every operation queued before it (and
+    /// before every one queued after it), without waiting for it; a failure is logged.
+    pub(crate) async fn queue_exec(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let op = Op::Read(Box::new(move |conn| {
+            if let Err(e) = f(conn) {
+                tracing::error!(cause = %e, "job store write failed");
+            }
+        }));
+        if self.tx.send(op).await.is_err() {
+            tracing::error!("job store stopped; write not applied");
         }
     }
 
@@ -798,6 +817,7 @@ fn finish(
     Ok(())
 }
 
+/// A job with its tokens, read on the store thread's connection.
 pub(crate) fn load_one(
     conn: &Connection,
     sealer: &Sealer,

@@ -16,6 +16,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::gguf::check_gguf_file;
 use crate::request::{GenerationEvent, GenerationRequest};
 use crate::sampling::TokenId;
+use crate::score::{ScoreRequest, ScoreResult};
 use crate::worker::{Command, Worker};
 use crate::EngineError;
 
@@ -331,6 +332,51 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// Teacher-forces `request.claimed` after `request.prompt` and scores every claimed token
+    /// (see [`crate::score`]). Runs on the engine thread between decode steps, on a free
+    /// sequence, so it waits while every slot is busy.
+    pub async fn score(&self, request: ScoreRequest) -> Result<ScoreResult, EngineError> {
+        if request.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        request.sampling.validate()?;
+        let n_vocab = self.inner.info.n_vocab as i32;
+        if let Some(&bad) = request
+            .prompt
+            .iter()
+            .chain(&request.claimed)
+            .find(|&&t| t < 0 || t >= n_vocab)
+        {
+            return Err(EngineError::InvalidToken(bad));
+        }
+        let needed = request.prompt.len() + request.claimed.len();
+        let available = self.inner.info.ctx_per_slot;
+        if needed > available as usize {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                prompt: request.prompt.len(),
+                resumed: request.claimed.len(),
+                max_tokens: 0,
+                available,
+            });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        match self
+            .inner
+            .commands
+            .try_send(Command::Score { request, reply })
+        {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(EngineError::Overloaded(self.inner.max_waiting as usize))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(EngineError::Shutdown),
+        }
+        rx.await
+            .map_err(|_| EngineError::Shutdown)?
+            .map_err(EngineError::Decode)
     }
 
     /// Changes the throttle (takes effect before the next decode step).

@@ -11,6 +11,8 @@
 //! - [`request`]: [`GenerationRequest`] in, [`GenerationEvent`]s out.
 //! - [`sampling`]: greedy/temperature/top-k/top-p over raw logits, counter-based RNG for
 //!   exact resume, log-probabilities.
+//! - [`score`]: teacher forcing for result verification: per-token logprob, argmax, rank and
+//!   the probability under the job's sampling distribution ([`Engine::score`]).
 //! - [`token_text`]: incremental detokenization and stop strings, a pure function of the ids.
 //! - [`chat`]: the GGUF's Jinja chat template, rendered with minijinja.
 //! - [`gguf`]: file checks and sha256 before llama.cpp sees a file.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod gguf;
 pub mod request;
 pub mod sampling;
+pub mod score;
 pub mod token_text;
 mod worker;
 
@@ -34,3 +37,4 @@ pub use request::{
     FinishReason, Finished, GenerationEvent, GenerationRequest, Timings, TokenEvent,
 };
 pub use sampling::{SamplingParams, TokenId};
+pub use score::{NextScore, SampledScore, ScoreRequest, ScoreResult, TokenScore};

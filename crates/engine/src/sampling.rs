@@ -139,8 +139,7 @@ const NUCLEUS_PROBE: usize = 256;
 
 fn sample_stochastic(logits: &[f32], params: &SamplingParams, u: f64) -> usize {
     let inv_t = 1.0 / params.temperature;
-    let k = params.top_k as usize;
-    if k == 0 && params.top_p >= 1.0 {
+    if params.top_k == 0 && params.top_p >= 1.0 {
         // Inverse CDF over the whole vocabulary in id order: exact and allocation-light.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let total: f64 = logits
@@ -156,6 +155,24 @@ fn sample_stochastic(logits: &[f32], params: &SamplingParams, u: f64) -> usize {
         }
         return argmax(logits);
     }
+    let (candidates, weights) = truncated_support(logits, params);
+    let kept_total: f64 = weights.iter().sum();
+    let mut target = u * kept_total;
+    for (n, w) in weights.iter().enumerate() {
+        target -= w;
+        if target < 0.0 {
+            return candidates[n];
+        }
+    }
+    candidates[weights.len() - 1]
+}
+
+/// The tokens top-k / top-p sampling may draw (most likely first) with their unnormalized
+/// tempered weights. Only for `top_k > 0` or `top_p < 1`; the sampler and the verifier's
+/// scorer both use it, so they agree on the support exactly.
+pub(crate) fn truncated_support(logits: &[f32], params: &SamplingParams) -> (Vec<usize>, Vec<f64>) {
+    let inv_t = 1.0 / params.temperature;
+    let k = params.top_k as usize;
     let probe = if k > 0 { k } else { NUCLEUS_PROBE };
     let mut candidates = top_n(logits, probe);
     if k == 0 && !nucleus_within(logits, &candidates, inv_t, params.top_p) {
@@ -180,15 +197,8 @@ fn sample_stochastic(logits: &[f32], params: &SamplingParams, u: f64) -> usize {
         }
     }
     weights.truncate(keep);
-    let kept_total: f64 = weights.iter().sum();
-    let mut target = u * kept_total;
-    for (n, w) in weights.iter().enumerate() {
-        target -= w;
-        if target < 0.0 {
-            return candidates[n];
-        }
-    }
-    candidates[keep - 1]
+    candidates.truncate(keep);
+    (candidates, weights)
 }
 
 /// Whether the sorted `candidates` already contain `top_p` of the full (tempered) mass.

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use crate::request::{FinishReason, Finished, GenerationEvent, GenerationRequest, Timings};
 use crate::request::{TokenEvent, TopLogprob};
 use crate::sampling::{sample, TokenId};
+use crate::score::{next_position, score_position, ScoreRequest, ScoreResult};
 use crate::token_text::{Release, TextReleaser};
 use crate::{EngineStats, Limits};
 
@@ -29,7 +30,15 @@ pub(crate) enum Command {
         submitted: Instant,
     },
     SetLimits(Limits),
+    Score {
+        request: ScoreRequest,
+        reply: tokio::sync::oneshot::Sender<Result<ScoreResult, String>>,
+    },
 }
+
+/// Output positions (logit vectors) per decode call while scoring: llama.cpp keeps one
+/// vocabulary-sized row per output, so this bounds that buffer (64 x 49k floats = 12.5 MB).
+const SCORE_OUTPUTS_PER_DECODE: usize = 64;
 
 /// A request waiting for a slot.
 struct Waiting {
@@ -81,6 +90,13 @@ pub(crate) struct Worker<'m> {
     limits: Limits,
     slots: u32,
     counters: EngineStats,
+    /// Teacher-forcing requests waiting for a free sequence.
+    scores: VecDeque<(
+        ScoreRequest,
+        tokio::sync::oneshot::Sender<Result<ScoreResult, String>>,
+    )>,
+    /// End-of-generation token ids (for [`crate::score::NextScore`]).
+    eog_tokens: Vec<TokenId>,
 }
 
 impl<'m> Worker<'m> {
@@ -92,6 +108,9 @@ impl<'m> Worker<'m> {
         commands: mpsc::Receiver<Command>,
         stats: watch::Sender<EngineStats>,
     ) -> Self {
+        let eog_tokens = (0..model.n_vocab())
+            .filter(|&t| model.vocab().is_eog(LlamaToken(t)))
+            .collect();
         Self {
             model,
             ctx,
@@ -112,13 +131,15 @@ impl<'m> Worker<'m> {
                 slots_total: slots,
                 ..Default::default()
             },
+            scores: VecDeque::new(),
+            eog_tokens,
         }
     }
 
     /// Runs until every engine handle is dropped.
     pub(crate) fn run(mut self) {
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() && self.scores.is_empty() {
                 // Idle: block until there is something to do.
                 match self.commands.blocking_recv() {
                     Some(cmd) => self.handle(cmd),
@@ -130,7 +151,10 @@ impl<'m> Worker<'m> {
                     Ok(cmd) => self.handle(cmd),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
-                        if self.active.is_empty() && self.waiting.is_empty() {
+                        if self.active.is_empty()
+                            && self.waiting.is_empty()
+                            && self.scores.is_empty()
+                        {
                             return;
                         }
                         break;
@@ -138,6 +162,7 @@ impl<'m> Worker<'m> {
                 }
             }
             self.drop_cancelled();
+            self.run_scores();
             self.admit();
             if self.active.is_empty() {
                 self.publish(0, 0);
@@ -160,6 +185,7 @@ impl<'m> Worker<'m> {
                 events,
                 submitted,
             }),
+            Command::Score { request, reply } => self.scores.push_back((request, reply)),
             Command::SetLimits(limits) => {
                 self.limits = Limits {
                     max_active: limits.max_active.clamp(1, self.slots),
@@ -360,6 +386,71 @@ impl<'m> Worker<'m> {
         }
         a.next_input = Some(s.token);
         false
+    }
+
+    /// Runs every waiting teacher-forcing request, one at a time on a free sequence (a score
+    /// is a prefill: it holds the thread for its length, between decode steps of the running
+    /// generations). Requests wait while every sequence is busy.
+    fn run_scores(&mut self) {
+        while !self.scores.is_empty() {
+            let Some(seq) = self.free_seqs.pop() else {
+                return;
+            };
+            let (request, reply) = self.scores.pop_front().expect("checked non-empty");
+            if !reply.is_closed() {
+                let result = self.score(seq, &request);
+                let _ = reply.send(result);
+            }
+            self.release(seq);
+        }
+    }
+
+    /// One batched prefill of prompt + claimed tokens on sequence `seq`, with logits at every
+    /// position that predicts a claimed token (and the one after the last).
+    fn score(&mut self, seq: u32, request: &ScoreRequest) -> Result<ScoreResult, String> {
+        let all: Vec<TokenId> = request
+            .prompt
+            .iter()
+            .chain(&request.claimed)
+            .copied()
+            .collect();
+        let first_output = request.prompt.len() - 1;
+        let mut tokens = Vec::with_capacity(request.claimed.len());
+        let mut next = None;
+        let mut pos = 0;
+        while pos < all.len() {
+            self.batch.clear();
+            let start = pos;
+            let mut outputs = 0;
+            while pos < all.len()
+                && pos - start < self.batch_capacity
+                && outputs < SCORE_OUTPUTS_PER_DECODE
+            {
+                let logits = pos >= first_output;
+                self.batch
+                    .add(LlamaToken(all[pos]), pos as i32, &[seq as i32], logits)
+                    .map_err(|e| format!("batch: {e}"))?;
+                outputs += logits as usize;
+                pos += 1;
+            }
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|e| format!("decode failed while scoring: {e}"))?;
+            self.counters.steps += 1;
+            for p in start.max(first_output)..pos {
+                let logits = self.ctx.get_logits_ith((p - start) as i32);
+                match all.get(p + 1) {
+                    Some(&claimed) => {
+                        tokens.push(score_position(logits, claimed, &request.sampling))
+                    }
+                    None => next = Some(next_position(logits, &self.eog_tokens)),
+                }
+            }
+        }
+        Ok(ScoreResult {
+            tokens,
+            next: next.expect("the last position always has logits"),
+        })
     }
 
     fn piece(&self, id: TokenId) -> Vec<u8> {

@@ -91,6 +91,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             cert_ttl: Duration::from_secs(3600),
             ..Default::default()
         }),
+        // The demo fleet verifies its own vehicles: a trusted copy of the model on the
+        // coordinator re-scores their finished jobs (every job of a new vehicle, fewer as it
+        // earns trust).
+        verification: tokenfleet_coordinator::verify::VerificationConfig {
+            enabled: true,
+            models: vec![args.engine.model.clone()],
+            ..Default::default()
+        },
         ..Default::default()
     };
     let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;

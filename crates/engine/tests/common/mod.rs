@@ -1,5 +1,8 @@
 //! Shared helpers for tests on the real model.
 
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 
 use tokenfleet_engine::{ChatMessage, Engine, EngineConfig};

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod liar;
+pub mod perturb;
 pub mod process;
 pub mod secure;
 
@@ -73,7 +75,18 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
 }
 
 pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
-    let mut ec = EngineConfig::new(model_path());
+    start_agent_with(grpc, name, slots, model_path(), "test-sha").await
+}
+
+/// An agent running the GGUF at `model` and claiming `sha256` for it in its Hello.
+pub async fn start_agent_with(
+    grpc: &str,
+    name: &str,
+    slots: u32,
+    model: PathBuf,
+    sha256: &str,
+) -> TestAgent {
+    let mut ec = EngineConfig::new(model);
     ec.slots = slots;
     ec.ctx_per_slot = 1024;
     ec.threads = 1;
@@ -82,7 +95,7 @@ pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
     let agent = Agent::start(
         config,
         engine.clone(),
-        "test-sha".into(),
+        sha256.into(),
         VehicleStatus::parked(),
     );
     TestAgent {
