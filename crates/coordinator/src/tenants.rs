@@ -8,7 +8,9 @@
 //! Rate limits, OpenAI-style: requests per minute and tokens per minute, each a token bucket
 //! refilled continuously. Tokens are counted at admission as prompt characters / 4 plus
 //! `max_tokens` (what OpenAI's limiter counts too: the budget a request may use, not what it
-//! ends up using). A refused request gets a 429 in OpenAI's shape with `Retry-After`.
+//! ends up using). A quota, `tokens_per_day`, counts the same way per UTC day. A refused
+//! request gets a 429 in OpenAI's shape (`insufficient_quota` for the daily quota) with
+//! `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +33,8 @@ pub struct TenantConfig {
     pub requests_per_minute: u32,
     /// Tokens per minute, prompt estimate + max_tokens (0: unlimited).
     pub tokens_per_minute: u32,
+    /// Quota: tokens per UTC day, counted like `tokens_per_minute` (0: unlimited).
+    pub tokens_per_day: u64,
 }
 
 /// A continuously refilled bucket.
@@ -74,6 +78,8 @@ impl Bucket {
 struct Usage {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    /// (UTC day number, tokens admitted that day).
+    today: (u64, u64),
 }
 
 /// The configured tenants and their rate-limit state.
@@ -129,10 +135,24 @@ impl Tenants {
         request: &ValidRequest,
         now: Instant,
     ) -> Result<(), ApiError> {
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.admit_at(tenant, request, now, unix_s)
+    }
+
+    /// [`Tenants::admit`] at a given monotonic instant and wall-clock time (UTC seconds).
+    pub fn admit_at(
+        &self,
+        tenant: &str,
+        request: &ValidRequest,
+        now: Instant,
+        unix_s: u64,
+    ) -> Result<(), ApiError> {
         let Some(cfg) = self.configs.get(tenant) else {
             return Ok(());
         };
-        if cfg.requests_per_minute == 0 && cfg.tokens_per_minute == 0 {
+        if cfg.requests_per_minute == 0 && cfg.tokens_per_minute == 0 && cfg.tokens_per_day == 0 {
             return Ok(());
         }
         let tokens = request.prompt_chars().div_ceil(4) as f64 + f64::from(request.max_tokens);
@@ -140,6 +160,23 @@ impl Tenants {
         let u = usage.entry(tenant.to_string()).or_default();
         let rpm = f64::from(cfg.requests_per_minute);
         let tpm = f64::from(cfg.tokens_per_minute);
+        let day = unix_s / 86_400;
+        if u.today.0 != day {
+            u.today = (day, 0);
+        }
+        if cfg.tokens_per_day > 0 && u.today.1 + tokens as u64 > cfg.tokens_per_day {
+            let wait = Duration::from_secs((day + 1) * 86_400 - unix_s);
+            let mut e = ApiError::rate_limited(
+                format!(
+                    "You exceeded tenant {tenant}'s daily quota of {} tokens ({} used, {tokens} requested). It resets at 00:00 UTC.",
+                    cfg.tokens_per_day, u.today.1
+                ),
+                "insufficient_quota",
+                wait,
+            );
+            e.code = Some("insufficient_quota");
+            return Err(e);
+        }
         if rpm > 0.0 {
             let bucket = u.requests.get_or_insert_with(|| Bucket::full(rpm, now));
             if let Err(wait) = bucket.take(1.0, rpm, now) {
@@ -182,6 +219,7 @@ impl Tenants {
                 ));
             }
         }
+        u.today.1 += tokens as u64;
         Ok(())
     }
 }
@@ -203,6 +241,7 @@ mod tests {
             residency: vec!["EU".into(), "DE".into()],
             requests_per_minute: 2,
             tokens_per_minute: 100,
+            ..Default::default()
         }])
     }
 
@@ -242,6 +281,32 @@ mod tests {
         for _ in 0..10 {
             t.admit("other", &r, t0).unwrap();
         }
+    }
+
+    #[test]
+    fn the_daily_quota_counts_admitted_tokens_and_resets_at_midnight_utc() {
+        let t = Tenants::new(&[TenantConfig {
+            name: "small".into(),
+            tokens_per_day: 100,
+            ..Default::default()
+        }]);
+        let t0 = Instant::now();
+        let noon = 20_000 * 86_400 + 12 * 3600;
+        // 2 prompt tokens + 40 each.
+        t.admit_at("small", &request(40, None), t0, noon).unwrap();
+        t.admit_at("small", &request(40, None), t0, noon).unwrap();
+        let err = t
+            .admit_at("small", &request(40, None), t0, noon + 60)
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.body()["error"]["code"], "insufficient_quota");
+        assert_eq!(err.retry_after, Some(Duration::from_secs(12 * 3600 - 60)));
+        // A refused request used nothing: a smaller one still fits.
+        t.admit_at("small", &request(10, None), t0, noon + 61)
+            .unwrap();
+        // The next UTC day starts from zero.
+        t.admit_at("small", &request(40, None), t0, noon + 12 * 3600)
+            .unwrap();
     }
 
     #[test]

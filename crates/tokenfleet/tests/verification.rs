@@ -246,6 +246,14 @@ async fn an_agent_running_a_different_model_is_caught_and_its_jobs_rerun() {
     let _liar = liar;
 
     let _honest = start_agent_with(&fleet.grpc, "honest-1", 4, model_path(), &sha).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fleet.models().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the honest vehicle never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The job that failed its check was re-run: its retry reads the honest answer.
     let (prompt, key, lie) = served.last().unwrap();
     assert_rerun_honestly(&fleet, prompt, key, lie).await;

@@ -75,18 +75,25 @@ impl RandomTokenLiar {
         let task_log = Arc::clone(&log);
         let task = tokio::spawn(async move {
             serve(&url, hello.clone(), n_vocab, hold_first, &task_log).await;
-            // The fleet closed the session: a real liar would come straight back.
-            let mut client = NodeSessionClient::new(dial(&url).await);
-            let (tx, rx) = mpsc::channel(4);
-            tx.send(AgentMessage::new(AgentMsg::Hello(hello)))
-                .await
-                .unwrap();
-            let refused = match client.open(ReceiverStream::new(rx)).await {
-                Err(status) => status.code() == tonic::Code::PermissionDenied,
-                Ok(resp) => matches!(resp.into_inner().message().await,
-                    Err(s) if s.code() == tonic::Code::PermissionDenied),
-            };
-            task_log.refused.store(refused, Ordering::SeqCst);
+            // The fleet closed the session: a real liar comes straight back, again and again
+            // (bounded here: 40 attempts, 250 ms apart).
+            for _ in 0..40 {
+                let mut client = NodeSessionClient::new(dial(&url).await);
+                let (tx, rx) = mpsc::channel(4);
+                tx.send(AgentMessage::new(AgentMsg::Hello(hello.clone())))
+                    .await
+                    .unwrap();
+                let refused = match client.open(ReceiverStream::new(rx)).await {
+                    Err(status) => status.code() == tonic::Code::PermissionDenied,
+                    Ok(resp) => matches!(resp.into_inner().message().await,
+                        Err(s) if s.code() == tonic::Code::PermissionDenied),
+                };
+                if refused {
+                    task_log.refused.store(true, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
         });
         RandomTokenLiar { log, task }
     }
