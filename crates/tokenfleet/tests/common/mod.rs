@@ -122,12 +122,23 @@ impl Fleet {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut config = test_config(db.clone());
         configure(&mut config, dir.path());
+        // With `http_tls` the API is HTTPS: the fleet's client trusts that certificate.
+        let mut client = reqwest::Client::builder();
+        let scheme = match &config.http_tls {
+            Some(tls) => {
+                let pem = std::fs::read(&tls.cert).expect("the API certificate");
+                client =
+                    client.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("PEM"));
+                "https"
+            }
+            None => "http",
+        };
         let running = tokenfleet_coordinator::start(config, async move {
             let _ = rx.await;
         })
         .await
         .expect("coordinator starts");
-        let http = format!("http://{}", running.bound.http);
+        let http = format!("{scheme}://{}", running.bound.http);
         let grpc = running.bound.grpc.to_string();
         let mut list = Vec::new();
         for i in 0..agents {
@@ -137,7 +148,7 @@ impl Fleet {
             http,
             grpc,
             agents: list,
-            client: reqwest::Client::new(),
+            client: client.build().expect("HTTP client"),
             db,
             shutdown: Some(tx),
             coordinator: Some(running.task),
