@@ -58,6 +58,8 @@ pub struct Agent {
     session: watch::Receiver<session::SessionStatus>,
     assigns: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Kept to wait, on stop, until the engine has let go of every sequence.
+    engine: Engine,
 }
 
 impl Agent {
@@ -97,7 +99,14 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (core_tx, core_rx) = mpsc::channel(4096);
         let ledger = energy::JobEnergyLedger::new(config.power_model, config.wear_model);
-        let core = core::Core::new(engine, hello, core_rx, core_tx.clone(), status_rx, ledger);
+        let core = core::Core::new(
+            engine.clone(),
+            hello,
+            core_rx,
+            core_tx.clone(),
+            status_rx,
+            ledger,
+        );
         let (session_tx, session) = watch::channel(session::SessionStatus::Connecting);
         let assigns = Arc::new(AtomicU64::new(0));
         let report = session::SessionReport {
@@ -114,6 +123,7 @@ impl Agent {
             session,
             assigns,
             tasks,
+            engine,
         }
     }
 
@@ -133,11 +143,21 @@ impl Agent {
     }
 
     /// Stops the session and the core, waiting for both.
+    /// Stops the session and the core, waiting for both, then (at most 10 s) for the engine to
+    /// drop the stopped jobs' sequences, so a process exiting next never tears llama.cpp down
+    /// under a running decode.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             t.abort();
             let _ = t.await;
+        }
+        if !self
+            .engine
+            .wait_idle(std::time::Duration::from_secs(10))
+            .await
+        {
+            tracing::warn!("the engine still had work 10 s after the agent stopped");
         }
     }
 }

@@ -396,6 +396,19 @@ impl Engine {
     pub fn watch_stats(&self) -> watch::Receiver<EngineStats> {
         self.inner.stats.clone()
     }
+
+    /// Waits (at most `timeout`) until no sequence is active or waiting; true when idle. Call
+    /// it before the process exits: llama.cpp must not be mid-decode on the engine thread
+    /// while the process tears its globals down.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let mut stats = self.inner.stats.clone();
+        tokio::time::timeout(
+            timeout,
+            stats.wait_for(|s| s.slots_busy == 0 && s.queued == 0),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
 }
 
 fn model_info(model: &LlamaModel, config: &EngineConfig) -> ModelInfo {
