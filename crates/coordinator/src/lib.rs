@@ -103,10 +103,7 @@ fn spawn_retention(store: store::Store, retention: std::time::Duration) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let cutoff = now_ms.saturating_sub(retention.as_millis() as u64);
+            let cutoff = manager::unix_ms().saturating_sub(retention.as_millis() as u64);
             match store.purge_finished_before(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "purged finished jobs past retention"),

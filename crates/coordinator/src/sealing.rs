@@ -106,7 +106,7 @@ impl Sealer {
         if !path.exists() {
             let mut key = [0u8; KEY_LEN];
             rand::fill(&mut key);
-            let id = format!("k{}", chrono_like_stamp());
+            let id = format!("k{}", crate::batch_types::unix_s());
             let line = format!(
                 "# tokenfleet job-store keys, newest first: <id> <base64 32 bytes>\n{id} {}\n",
                 base64::engine::general_purpose::STANDARD.encode(key)
@@ -193,13 +193,6 @@ fn decode_key(id: &str, b64: &str) -> Result<Vec<u8>, SealError> {
     base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| SealError::BadKey(id.into(), format!("not base64: {e}")))
-}
-
-/// Seconds since the epoch, for naming a generated key.
-fn chrono_like_stamp() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Creates `path` readable by its owner only.

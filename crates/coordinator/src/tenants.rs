@@ -135,10 +135,7 @@ impl Tenants {
         request: &ValidRequest,
         now: Instant,
     ) -> Result<(), ApiError> {
-        let unix_s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.admit_at(tenant, request, now, unix_s)
+        self.admit_at(tenant, request, now, crate::batch_types::unix_s())
     }
 
     /// [`Tenants::admit`] at a given monotonic instant and wall-clock time (UTC seconds).

@@ -142,11 +142,7 @@ async fn eu_requests_never_run_outside_the_eu() {
         "an EU-bound job ran on the New York vehicle"
     );
     let metrics = fleet.metrics().await;
-    let residency_evictions: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("tokenfleet_evictions_total{reason=\"residency\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let residency_evictions = metric(&metrics, "tokenfleet_evictions_total{reason=\"residency\"}");
     assert!(
         residency_evictions >= 1.0,
         "no job was taken back at the border: {metrics}"
