@@ -312,6 +312,7 @@ impl Core {
             logprobs: a.logprobs,
             top_logprobs: a.top_logprobs.min(20) as u8,
             ignore_eos: a.ignore_eos,
+            interactive: a.interactive,
         };
         let prompt_tokens = request.prompt.len() as u32;
         let base = request.resume.len() as u32;

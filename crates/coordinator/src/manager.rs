@@ -1036,6 +1036,7 @@ impl State {
             logprobs: r.logprobs,
             top_logprobs: r.top_logprobs as u32,
             ignore_eos: r.ignore_eos,
+            interactive: r.class == JobClass::Interactive,
         }));
         if !node.try_send(msg) {
             tracing::warn!(node = %node.name, job = id, "node session is full or closed; job stays queued");

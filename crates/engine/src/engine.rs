@@ -99,6 +99,8 @@ pub struct EngineStats {
     pub tokens_generated: u64,
     /// Sequences dropped because their consumer went away.
     pub cancelled: u64,
+    /// Steps that prefilled only interactive prompts while other sequences waited.
+    pub interactive_prefill_steps: u64,
 }
 
 /// Throttle knobs the vehicle governor turns while the car is hot or power-limited.

@@ -24,6 +24,10 @@ pub struct GenerationRequest {
     pub top_logprobs: u8,
     /// Keep generating past end-of-generation tokens (benchmarks need exact token counts).
     pub ignore_eos: bool,
+    /// Latency-bound work: admitted before waiting non-interactive requests, and its prompt is
+    /// prefilled in a step of its own ahead of the other sequences' decode tokens (they wait
+    /// one prefill; its first token does not wait for their decode step).
+    pub interactive: bool,
 }
 
 impl GenerationRequest {
@@ -38,6 +42,7 @@ impl GenerationRequest {
             logprobs: false,
             top_logprobs: 0,
             ignore_eos: false,
+            interactive: false,
         }
     }
 }

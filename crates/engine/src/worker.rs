@@ -216,7 +216,13 @@ impl<'m> Worker<'m> {
             let Some(seq) = self.take_free_seq() else {
                 break;
             };
-            let Some(w) = self.waiting.pop_front() else {
+            // Interactive requests go first; otherwise arrival order.
+            let next = self
+                .waiting
+                .iter()
+                .position(|w| w.request.interactive)
+                .unwrap_or(0);
+            let Some(w) = self.waiting.remove(next) else {
                 self.free_seqs.push(seq);
                 break;
             };
@@ -266,7 +272,22 @@ impl<'m> Worker<'m> {
             .count();
         let mut prefill_budget = self.batch_capacity.saturating_sub(decoding);
         let mut seqs_in_batch = 0u32;
+        // An interactive prompt waiting for prefill gets a step of its own: its first token
+        // then waits for one prefill, not for a decode step of everything else as well.
+        let urgent = self
+            .active
+            .iter()
+            .any(|a| a.request.interactive && a.prefilled < a.prefill.len());
+        if urgent {
+            prefill_budget = self.batch_capacity;
+            if self.active.len() > 1 {
+                self.counters.interactive_prefill_steps += 1;
+            }
+        }
         for (ai, a) in self.active.iter_mut().enumerate() {
+            if urgent && !(a.request.interactive && a.prefilled < a.prefill.len()) {
+                continue;
+            }
             if let Some(tok) = a.next_input.take() {
                 let _ = self
                     .batch

@@ -130,3 +130,92 @@ async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
     ));
     assert!(engine.stats().slots_busy <= 8);
 }
+
+fn interactive(prompt: Vec<i32>, max_tokens: u32) -> GenerationRequest {
+    GenerationRequest {
+        interactive: true,
+        ..GenerationRequest::greedy(prompt, max_tokens)
+    }
+}
+
+#[tokio::test]
+async fn an_interactive_prompt_is_prefilled_ahead_of_running_decodes_and_gets_the_same_answer() {
+    let engine = engine(8, 256);
+    let mut batch: Vec<_> = QUESTIONS[..7]
+        .iter()
+        .map(|q| {
+            engine
+                .generate(GenerationRequest::greedy(chat_prompt(&engine, q), 200))
+                .unwrap()
+        })
+        .collect();
+    for s in batch.iter_mut() {
+        assert!(matches!(s.next().await, Some(GenerationEvent::Token(_))));
+    }
+    let prompt = chat_prompt(&engine, QUESTIONS[7]);
+    let with_batch = engine
+        .generate(interactive(prompt.clone(), 16))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let stats = engine.stats();
+    assert!(stats.interactive_prefill_steps >= 1, "{stats:?}");
+    drop(batch);
+    let alone = engine
+        .generate(GenerationRequest::greedy(prompt, 16))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(with_batch.tokens, alone.tokens);
+}
+
+#[tokio::test]
+async fn an_interactive_request_takes_a_free_slot_before_waiting_batch_work() {
+    let engine = engine(1, 256);
+    let mut running = engine
+        .generate(GenerationRequest::greedy(
+            chat_prompt(&engine, QUESTIONS[0]),
+            200,
+        ))
+        .unwrap();
+    assert!(matches!(
+        running.next().await,
+        Some(GenerationEvent::Token(_))
+    ));
+    // Both wait for the one slot: the batch request arrived first.
+    let mut waiting_batch = engine
+        .generate(GenerationRequest::greedy(
+            chat_prompt(&engine, QUESTIONS[1]),
+            4,
+        ))
+        .unwrap();
+    let mut urgent = engine
+        .generate(interactive(chat_prompt(&engine, QUESTIONS[2]), 4))
+        .unwrap();
+    let mut stats = engine.watch_stats();
+    tokio::time::timeout(Duration::from_secs(30), stats.wait_for(|s| s.queued == 2))
+        .await
+        .expect("both requests queued")
+        .unwrap();
+    drop(running);
+    // The batch request starts only after the interactive one has finished (one slot, and
+    // the engine sends all of a sequence's events before admitting the next): by the time its
+    // first token is here, the interactive answer is complete in its channel.
+    assert!(matches!(
+        waiting_batch.next().await,
+        Some(GenerationEvent::Token(_))
+    ));
+    let mut finished = false;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(10), urgent.next()).await {
+        if matches!(ev, GenerationEvent::Finished(_)) {
+            finished = true;
+            break;
+        }
+    }
+    assert!(
+        finished,
+        "the interactive request had not finished when the batch one started"
+    );
+}

@@ -80,12 +80,13 @@ fn assign_bytes() {
         logprobs: false,
         top_logprobs: 0,
         ignore_eos: false,
+        interactive: true,
     }));
     let bytes = roundtrip_coordinator(&m);
     assert_eq!(
         hex::encode(bytes),
         "12".to_string()
-            + "24"
+            + "26"
             + "0a016a"
             + "1001"
             + "1a016d"
@@ -96,6 +97,7 @@ fn assign_bytes() {
             + "2007"
             + "420105"
             + "4810"
+            + "7001"
     );
 }
 
