@@ -2,9 +2,11 @@
 //! links) and the measurement window. Job execution lives in [`crate::jobs`].
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use tokenfleet_scheduler::forecast::LEVELS;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
+use tokenfleet_vehicle::{Governor, Millis as VMillis, Policy};
 
 use crate::driver::Driver;
 use crate::jobs::Job;
@@ -12,7 +14,7 @@ use crate::metrics::{Metrics, SeriesPoint};
 use crate::queue::EventQueue;
 use crate::rng::Rng;
 use crate::scenario::{ArchetypeKind, Scenario};
-use crate::vehicle_model::{self, Clock, Place, Stay, DAY, HOUR, MIN};
+use crate::vehicle_model::{self, Clock, Place, Signals, Stay, DAY, HOUR, MIN};
 use crate::workload::{InteractiveGen, TraceRequest};
 use crate::RunOptions;
 
@@ -28,7 +30,8 @@ pub enum Ev {
     Begin,
     Arrive(u32),
     Depart(u32),
-    SocFloor(u32, u32),
+    /// The vehicle's governor looks again (dwell over, SoC at the reserve or at start).
+    Check(u32, u32),
     OutageStart(u32, u32),
     OutageEnd(u32),
     JobDone(u32, u32),
@@ -49,7 +52,10 @@ pub struct Vehicle {
     pub parked: bool,
     pub link_up: bool,
     pub eligible: bool,
-    pub soc_blocked: bool,
+    /// The governor allows computing (Eligible, Computing or Throttled).
+    pub gov_allowed: bool,
+    /// When the governor's current dwell ends (0: not dwelling).
+    pub gov_wake: Millis,
     pub soc: f32,
     pub last_t: Millis,
     pub busy: u32,
@@ -79,6 +85,8 @@ pub struct Sim<'a> {
     /// every job start and finish (a million vehicles do not fit in cache; small records do
     /// better).
     pub histories: Vec<DwellHistory>,
+    /// Each vehicle's governor (`tokenfleet-vehicle`), under its archetype's shared policy.
+    pub governors: Vec<Governor>,
     pub jobs: Vec<Job>,
     /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
     pub free_jobs: Vec<u32>,
@@ -121,6 +129,7 @@ impl<'a> Sim<'a> {
         policy: PolicyKind,
         opts: &'a RunOptions,
         trace: Vec<TraceRequest>,
+        policies: &[Arc<Policy>],
     ) -> Self {
         let seed = opts.seed.unwrap_or(sc.seed);
         let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
@@ -134,6 +143,7 @@ impl<'a> Sim<'a> {
         let mut rng = Rng::derive(seed, 1);
         let mut vehicles = Vec::with_capacity(vehicles_n as usize);
         let mut histories = Vec::with_capacity(vehicles_n as usize);
+        let mut governors = Vec::with_capacity(vehicles_n as usize);
         for _ in 0..vehicles_n {
             let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
             let class = rng.weighted(sc.compute.iter().map(|c| c.share));
@@ -191,7 +201,8 @@ impl<'a> Sim<'a> {
                 parked: false,
                 link_up: true,
                 eligible: false,
-                soc_blocked: false,
+                gov_allowed: false,
+                gov_wake: 0,
                 soc,
                 last_t: t_start,
                 busy: 0,
@@ -204,6 +215,10 @@ impl<'a> Sim<'a> {
                 forecast_stay: u32::MAX,
             });
             histories.push(history);
+            governors.push(Governor::shared(
+                Arc::clone(&policies[arch]),
+                VMillis(t0 - back),
+            ));
         }
         let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
         model_ids.dedup();
@@ -219,6 +234,7 @@ impl<'a> Sim<'a> {
             rng: Rng::derive(seed, 2),
             vehicles,
             histories,
+            governors,
             jobs: Vec::new(),
             free_jobs: Vec::new(),
             next_run: 0,
@@ -287,7 +303,7 @@ impl<'a> Sim<'a> {
                 }
                 Ev::Arrive(v) => self.arrive(v),
                 Ev::Depart(v) => self.depart(v),
-                Ev::SocFloor(v, e) => {
+                Ev::Check(v, e) => {
                     if self.vehicles[v as usize].epoch == e {
                         self.settle(v);
                         self.reevaluate(v, true);
@@ -320,6 +336,21 @@ impl<'a> Sim<'a> {
     }
 
     fn begin(&mut self) {
+        // Vehicles parked before measurement have had their governors running: step each once
+        // at its arrival (at most an hour back), so that dwells already served are not served
+        // again at the start.
+        for v in 0..self.vehicles.len() {
+            let veh = &self.vehicles[v];
+            if veh.parked {
+                let at = veh.stay.arrive.max(self.t_start.saturating_sub(HOUR));
+                let signals = Signals {
+                    parked: true,
+                    plugged: veh.stay.plugged,
+                    soc_pct: veh.soc,
+                };
+                vehicle_model::step_governor(&mut self.governors[v], signals, at, false);
+            }
+        }
         self.live = true;
         for v in 0..self.vehicles.len() as u32 {
             self.settle(v);
@@ -482,18 +513,15 @@ impl<'a> Sim<'a> {
     fn depart(&mut self, v: u32) {
         self.settle(v);
         let graceful = self.rng.chance(self.sc.link.graceful_handback);
-        self.evict_all(v, graceful);
+        // The driver is back: the gear leaves Park and the governor drains (work handed back).
+        self.vehicles[v as usize].parked = false;
+        self.reevaluate(v, graceful);
         let sc = self.sc;
         let veh = &mut self.vehicles[v as usize];
         let a = &sc.archetypes[veh.arch as usize];
         self.histories[v as usize].record(veh.stay.arrive, veh.stay.depart);
-        veh.parked = false;
         veh.epoch += 1;
         self.parked -= 1;
-        if veh.eligible {
-            veh.eligible = false;
-            self.eligible_count -= 1;
-        }
         let next = vehicle_model::next_stay(
             a.kind,
             &a.plug_prob,

@@ -39,6 +39,8 @@ pub struct Job {
     pub finished: bool,
     /// Run id of the current placement (matches its `JobDone` event).
     pub run: u32,
+    /// Waiting in `pending_int` (interactive jobs leave it lazily, see `dispatch`).
+    pub queued: bool,
 }
 
 impl Job {
@@ -96,6 +98,7 @@ impl Sim<'_> {
             cut_at: None,
             finished: false,
             run: 0,
+            queued: true,
         };
         let id = match self.free_jobs.pop() {
             Some(id) => {
@@ -244,10 +247,12 @@ impl Sim<'_> {
             self.unqueue(j);
             self.reject(j, r.reason);
         }
+        let jobs = &self.jobs;
+        self.pending_int.retain(|&j| jobs[j as usize].queued);
         touched.sort_unstable();
         touched.dedup();
         for &v in &touched {
-            self.schedule_soc_floor(v);
+            self.schedule_check(v);
             self.upsert(v);
         }
         self.touched_buf = touched;
@@ -265,11 +270,9 @@ impl Sim<'_> {
     fn unqueue(&mut self, j: u32) {
         let job = &self.jobs[j as usize];
         match job.class {
-            JobClass::Interactive => {
-                if let Some(pos) = self.pending_int.iter().position(|&x| x == j) {
-                    self.pending_int.remove(pos);
-                }
-            }
+            // Removed from `pending_int` in one pass after the decisions (a job refused or left
+            // waiting ahead of many placed ones made a per-job search quadratic).
+            JobClass::Interactive => self.jobs[j as usize].queued = false,
             JobClass::Batch => {
                 let key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, j);
                 self.pending_batch.remove(&key);
@@ -283,6 +286,7 @@ impl Sim<'_> {
         let job = &mut self.jobs[j as usize];
         job.node = None;
         job.enqueued = now;
+        job.queued = true;
         match job.class {
             JobClass::Interactive => self.pending_int.push_back(j),
             JobClass::Batch => {
@@ -394,7 +398,7 @@ impl Sim<'_> {
         }
         self.release_slot(j, v);
         self.free_jobs.push(j);
-        self.schedule_soc_floor(v);
+        self.schedule_check(v);
         self.upsert(v);
         self.want_dispatch();
     }
