@@ -160,6 +160,13 @@ impl Scheduler {
         true
     }
 
+    /// A performance hint for a caller that knows which node it will update next (the
+    /// simulator, a few events ahead): start loading the node's entry into cache. Changes no
+    /// state and no decision.
+    pub fn prefetch_node(&self, id: NodeId) {
+        self.index.prefetch(id);
+    }
+
     pub fn remove_node(&mut self, id: NodeId) {
         if let Some(r) = &mut self.recorder {
             r.nodes.push(NodeChange::Remove(id));

@@ -40,6 +40,11 @@ impl Driver {
         self.sched.update_node(id, f);
     }
 
+    /// Start loading node `id`'s scheduler entry (a hint; see `Scheduler::prefetch_node`).
+    pub fn prefetch(&self, id: NodeId) {
+        self.sched.prefetch_node(id);
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         self.sched.remove_node(id);
     }

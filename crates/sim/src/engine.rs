@@ -44,6 +44,25 @@ pub enum Ev {
     End,
 }
 
+/// Ask the CPU to bring `x` (every cache line of it) into cache. A hint: it changes no result.
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = (x as *const T).cast::<i8>();
+        for off in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
+            // address is inside `x`); SSE is part of the x86_64 baseline.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 pub struct Vehicle {
     pub arch: u8,
     pub class: u8,
@@ -286,6 +305,7 @@ impl<'a> Sim<'a> {
         while let Some((t, ev)) = self.events.pop() {
             self.now = t;
             self.m.events += 1;
+            self.prefetch_ahead();
             if self.live && t >= next_progress {
                 if let Some(p) = &self.opts.progress {
                     p(crate::Progress {
@@ -331,6 +351,29 @@ impl<'a> Sim<'a> {
                 Ev::Dispatch => self.dispatch(false),
                 Ev::Sweep => self.dispatch(true),
                 Ev::Sample => self.sample(),
+            }
+        }
+    }
+
+    /// Start loading what upcoming job completions will touch: their job record a few events
+    /// ahead, then their vehicle and its scheduler entry (the vehicle id is in the job record
+    /// loaded earlier). A million
+    /// vehicles do not fit in cache; without this every completion waits for these misses in
+    /// turn. A hint only: no effect on results.
+    fn prefetch_ahead(&self) {
+        const JOB_AHEAD: usize = 16;
+        const VEHICLE_AHEAD: usize = 8;
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(JOB_AHEAD) {
+            if let Some(job) = self.jobs.get(j as usize) {
+                prefetch(job);
+            }
+        }
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(VEHICLE_AHEAD) {
+            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
+                if let Some(veh) = self.vehicles.get(v as usize) {
+                    prefetch(veh);
+                }
+                self.driver.prefetch(tokenfleet_scheduler::NodeId(v as u64));
             }
         }
     }

@@ -10,7 +10,7 @@
 
 use tokenfleet_scheduler::{JobClass, JobId, Millis, QueuedJob, RejectReason};
 
-use crate::engine::{Ev, Sim, SWEEP_MS};
+use crate::engine::{prefetch, Ev, Sim, SWEEP_MS};
 
 pub struct Job {
     pub class: JobClass,
@@ -224,6 +224,15 @@ impl Sim<'_> {
         self.ids_buf = ids;
         self.m.scheduler_calls += 1;
         let d = self.driver.decide(self.now, &self.queue_buf[..n]);
+        // Start loading every placed job's record and vehicle before working through them.
+        for a in &d.assignments {
+            if let Some(job) = self.jobs.get(a.job.0 as usize) {
+                prefetch(job);
+            }
+            if let Some(veh) = self.vehicles.get(a.node.0 as usize) {
+                prefetch(veh);
+            }
+        }
         let mut touched = std::mem::take(&mut self.touched_buf);
         touched.clear();
         for p in &d.preemptions {

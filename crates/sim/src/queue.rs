@@ -66,6 +66,13 @@ impl<E: Ord + Copy> EventQueue<E> {
         }
     }
 
+    /// The event `k` places ahead in the bucket being drained, if it is there (events pushed
+    /// after the bucket was opened are not looked at): for prefetching, not for ordering.
+    pub fn ahead(&self, k: usize) -> Option<&E> {
+        let n = self.sorted.len();
+        (k < n).then(|| &self.sorted[n - 1 - k].2)
+    }
+
     /// The earliest event (ties in push order).
     pub fn pop(&mut self) -> Option<(Millis, E)> {
         loop {
