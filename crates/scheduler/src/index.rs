@@ -173,8 +173,32 @@ impl FleetIndex {
 
     /// Start loading node `id`'s entry into cache (see [`crate::Scheduler::prefetch_node`]).
     pub fn prefetch(&self, id: NodeId) {
-        if let Some(Some(e)) = self.slot_of(id).and_then(|s| self.slots.get(s as usize)) {
+        if let Some(slot) = self.slot_of(id) {
+            self.prefetch_slot(slot);
+        }
+    }
+
+    /// Start loading the entry in `slot` (without reading it: no wait for the miss).
+    pub fn prefetch_slot(&self, slot: u32) {
+        if let Some(e) = self.slots.get(slot as usize) {
             prefetch(e);
+        }
+    }
+
+    /// Start loading the candidate-set members of node `id` (reads its entry, which should be
+    /// in cache by now, see [`FleetIndex::prefetch`]).
+    pub fn prefetch_sets(&self, id: NodeId) {
+        let Some(Some(e)) = self.slot_of(id).and_then(|s| self.slots.get(s as usize)) else {
+            return;
+        };
+        for &(sid, pos) in &e.positions {
+            if let Some(m) = self
+                .sets
+                .get(sid as usize)
+                .and_then(|s| s.get(pos as usize))
+            {
+                prefetch(m);
+            }
         }
     }
 

@@ -45,6 +45,12 @@ impl Driver {
         self.sched.prefetch_node(id);
     }
 
+    /// Start loading node `id`'s candidate-set entries (a hint; see
+    /// `Scheduler::prefetch_node_sets`).
+    pub fn prefetch_sets(&self, id: NodeId) {
+        self.sched.prefetch_node_sets(id);
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         self.sched.remove_node(id);
     }

@@ -82,7 +82,9 @@ pub struct Vehicle {
     pub stay_no: u32,
     pub slot_h: f32,
     pub rtt_ms: f32,
-    pub running: Vec<u32>,
+    /// Jobs running on the vehicle, in start order, each with whether it is a batch job (the
+    /// node view lists those without touching the job records).
+    pub running: Vec<(u32, bool)>,
     pub forecast: DepartureForecast,
     /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
     pub forecast_stay: u32,
@@ -357,12 +359,13 @@ impl<'a> Sim<'a> {
 
     /// Start loading what upcoming job completions will touch: their job record a few events
     /// ahead, then their vehicle and its scheduler entry (the vehicle id is in the job record
-    /// loaded earlier). A million
+    /// loaded earlier), then the vehicle's running list and its candidate-set entries. A million
     /// vehicles do not fit in cache; without this every completion waits for these misses in
     /// turn. A hint only: no effect on results.
     fn prefetch_ahead(&self) {
         const JOB_AHEAD: usize = 16;
         const VEHICLE_AHEAD: usize = 8;
+        const SETS_AHEAD: usize = 3;
         if let Some(&Ev::JobDone(j, _)) = self.events.ahead(JOB_AHEAD) {
             if let Some(job) = self.jobs.get(j as usize) {
                 prefetch(job);
@@ -374,6 +377,17 @@ impl<'a> Sim<'a> {
                     prefetch(veh);
                 }
                 self.driver.prefetch(tokenfleet_scheduler::NodeId(v as u64));
+            }
+        }
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(SETS_AHEAD) {
+            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
+                if let Some(veh) = self.vehicles.get(v as usize) {
+                    if let Some(first) = veh.running.first() {
+                        prefetch(first);
+                    }
+                }
+                self.driver
+                    .prefetch_sets(tokenfleet_scheduler::NodeId(v as u64));
             }
         }
     }

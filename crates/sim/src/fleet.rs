@@ -2,9 +2,7 @@
 //! evictions when a vehicle stops being eligible), the SoC-floor timer and the `NodeView` the
 //! scheduler sees.
 
-use tokenfleet_scheduler::{
-    DepartureForecast, DepartureHints, JobClass, JobId, Millis, NodeId, NodeView,
-};
+use tokenfleet_scheduler::{DepartureForecast, DepartureHints, JobId, Millis, NodeId, NodeView};
 
 use crate::engine::{Ev, Sim};
 use crate::vehicle_model::{self, Place, Signals, CHARGE_LIMIT_PCT, HOUR, HYSTERESIS_PCT};
@@ -226,8 +224,8 @@ impl Sim<'_> {
         self.scratch.extend(
             veh.running
                 .iter()
-                .filter(|&&j| self.jobs[j as usize].class == JobClass::Batch)
-                .map(|&j| JobId(j as u64)),
+                .filter(|&&(_, batch)| batch)
+                .map(|&(j, _)| JobId(j as u64)),
         );
         Dynamic {
             slots_busy: veh.busy,

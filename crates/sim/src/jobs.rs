@@ -316,7 +316,8 @@ impl Sim<'_> {
         let veh = &mut self.vehicles[v as usize];
         let class = &sc.classes[veh.class as usize];
         veh.busy += 1;
-        veh.running.push(j);
+        veh.running
+            .push((j, self.jobs[j as usize].class == JobClass::Batch));
         self.slots_busy += 1;
         let rtt = veh.rtt_ms;
         let job = &mut self.jobs[j as usize];
@@ -368,7 +369,7 @@ impl Sim<'_> {
     fn release_slot(&mut self, j: u32, v: u32) {
         let veh = &mut self.vehicles[v as usize];
         veh.busy = veh.busy.saturating_sub(1);
-        if let Some(pos) = veh.running.iter().position(|&x| x == j) {
+        if let Some(pos) = veh.running.iter().position(|&(x, _)| x == j) {
             veh.running.swap_remove(pos);
         }
         self.slots_busy -= 1;
@@ -466,7 +467,7 @@ impl Sim<'_> {
         }
         let running = std::mem::take(&mut self.vehicles[v as usize].running);
         self.vehicles[v as usize].running = running.clone();
-        for j in running {
+        for (j, _) in running {
             self.evict(j, graceful);
         }
     }
@@ -511,7 +512,7 @@ impl Sim<'_> {
         let running: Vec<u32> = self
             .vehicles
             .iter()
-            .flat_map(|veh| veh.running.iter().copied())
+            .flat_map(|veh| veh.running.iter().map(|&(j, _)| j))
             .collect();
         for j in running {
             let produced = self.produced(j);
