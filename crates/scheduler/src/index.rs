@@ -131,6 +131,25 @@ impl SlotMap {
     }
 }
 
+/// Ask the CPU to bring every cache line of `x` into cache. A hint: it changes nothing.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = (x as *const T).cast::<i8>();
+        for off in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
+            // address is inside `x`); SSE is part of the x86_64 baseline.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 fn desired_kind(v: &NodeView) -> Option<Kind> {
     if !v.eligible || !v.soc_ok() || v.slots_total == 0 {
         None
@@ -150,6 +169,37 @@ impl FleetIndex {
 
     pub fn slot_of(&self, id: NodeId) -> Option<u32> {
         self.by_id.get(id)
+    }
+
+    /// Start loading node `id`'s entry into cache (see [`crate::Scheduler::prefetch_node`]).
+    pub fn prefetch(&self, id: NodeId) {
+        if let Some(slot) = self.slot_of(id) {
+            self.prefetch_slot(slot);
+        }
+    }
+
+    /// Start loading the entry in `slot` (without reading it: no wait for the miss).
+    pub fn prefetch_slot(&self, slot: u32) {
+        if let Some(e) = self.slots.get(slot as usize) {
+            prefetch(e);
+        }
+    }
+
+    /// Start loading the candidate-set members of node `id` (reads its entry, which should be
+    /// in cache by now, see [`FleetIndex::prefetch`]).
+    pub fn prefetch_sets(&self, id: NodeId) {
+        let Some(Some(e)) = self.slot_of(id).and_then(|s| self.slots.get(s as usize)) else {
+            return;
+        };
+        for &(sid, pos) in &e.positions {
+            if let Some(m) = self
+                .sets
+                .get(sid as usize)
+                .and_then(|s| s.get(pos as usize))
+            {
+                prefetch(m);
+            }
+        }
     }
 
     pub fn entry(&self, slot: u32) -> &Entry {

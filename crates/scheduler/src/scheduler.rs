@@ -160,6 +160,19 @@ impl Scheduler {
         true
     }
 
+    /// A performance hint for a caller that knows which node it will update next (the
+    /// simulator, a few events ahead): start loading the node's entry into cache. Changes no
+    /// state and no decision.
+    pub fn prefetch_node(&self, id: NodeId) {
+        self.index.prefetch(id);
+    }
+
+    /// The second stage of [`Scheduler::prefetch_node`], a little later (when the entry is in
+    /// cache): start loading the node's candidate-set members, which an update rewrites.
+    pub fn prefetch_node_sets(&self, id: NodeId) {
+        self.index.prefetch_sets(id);
+    }
+
     pub fn remove_node(&mut self, id: NodeId) {
         if let Some(r) = &mut self.recorder {
             r.nodes.push(NodeChange::Remove(id));
@@ -428,6 +441,8 @@ impl Scheduler {
                     let (s, _, run) = m.card.score(self.policy, job, now);
                     if best.is_none_or(|(bs, _, _)| s > bs) {
                         best = Some((s, run, m));
+                        // The winner's full view is checked below: start loading it.
+                        self.index.prefetch_slot(m.slot);
                     }
                     min_refused = min_refused.min(run);
                 }

@@ -40,6 +40,17 @@ impl Driver {
         self.sched.update_node(id, f);
     }
 
+    /// Start loading node `id`'s scheduler entry (a hint; see `Scheduler::prefetch_node`).
+    pub fn prefetch(&self, id: NodeId) {
+        self.sched.prefetch_node(id);
+    }
+
+    /// Start loading node `id`'s candidate-set entries (a hint; see
+    /// `Scheduler::prefetch_node_sets`).
+    pub fn prefetch_sets(&self, id: NodeId) {
+        self.sched.prefetch_node_sets(id);
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         self.sched.remove_node(id);
     }

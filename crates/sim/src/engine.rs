@@ -2,9 +2,11 @@
 //! links) and the measurement window. Job execution lives in [`crate::jobs`].
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use tokenfleet_scheduler::forecast::LEVELS;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
+use tokenfleet_vehicle::{Governor, Millis as VMillis, Policy};
 
 use crate::driver::Driver;
 use crate::jobs::Job;
@@ -12,7 +14,7 @@ use crate::metrics::{Metrics, SeriesPoint};
 use crate::queue::EventQueue;
 use crate::rng::Rng;
 use crate::scenario::{ArchetypeKind, Scenario};
-use crate::vehicle_model::{self, Clock, Place, Stay, DAY, HOUR, MIN};
+use crate::vehicle_model::{self, Clock, Place, Signals, Stay, DAY, HOUR, MIN};
 use crate::workload::{InteractiveGen, TraceRequest};
 use crate::RunOptions;
 
@@ -28,7 +30,8 @@ pub enum Ev {
     Begin,
     Arrive(u32),
     Depart(u32),
-    SocFloor(u32, u32),
+    /// The vehicle's governor looks again (dwell over, SoC at the reserve or at start).
+    Check(u32, u32),
     OutageStart(u32, u32),
     OutageEnd(u32),
     JobDone(u32, u32),
@@ -41,6 +44,25 @@ pub enum Ev {
     End,
 }
 
+/// Ask the CPU to bring `x` (every cache line of it) into cache. A hint: it changes no result.
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = (x as *const T).cast::<i8>();
+        for off in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
+            // address is inside `x`); SSE is part of the x86_64 baseline.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 pub struct Vehicle {
     pub arch: u8,
     pub class: u8,
@@ -49,7 +71,10 @@ pub struct Vehicle {
     pub parked: bool,
     pub link_up: bool,
     pub eligible: bool,
-    pub soc_blocked: bool,
+    /// The governor allows computing (Eligible, Computing or Throttled).
+    pub gov_allowed: bool,
+    /// When the governor's current dwell ends (0: not dwelling).
+    pub gov_wake: Millis,
     pub soc: f32,
     pub last_t: Millis,
     pub busy: u32,
@@ -57,7 +82,9 @@ pub struct Vehicle {
     pub stay_no: u32,
     pub slot_h: f32,
     pub rtt_ms: f32,
-    pub running: Vec<u32>,
+    /// Jobs running on the vehicle, in start order, each with whether it is a batch job (the
+    /// node view lists those without touching the job records).
+    pub running: Vec<(u32, bool)>,
     pub forecast: DepartureForecast,
     /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
     pub forecast_stay: u32,
@@ -79,6 +106,8 @@ pub struct Sim<'a> {
     /// every job start and finish (a million vehicles do not fit in cache; small records do
     /// better).
     pub histories: Vec<DwellHistory>,
+    /// Each vehicle's governor (`tokenfleet-vehicle`), under its archetype's shared policy.
+    pub governors: Vec<Governor>,
     pub jobs: Vec<Job>,
     /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
     pub free_jobs: Vec<u32>,
@@ -121,6 +150,7 @@ impl<'a> Sim<'a> {
         policy: PolicyKind,
         opts: &'a RunOptions,
         trace: Vec<TraceRequest>,
+        policies: &[Arc<Policy>],
     ) -> Self {
         let seed = opts.seed.unwrap_or(sc.seed);
         let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
@@ -134,6 +164,7 @@ impl<'a> Sim<'a> {
         let mut rng = Rng::derive(seed, 1);
         let mut vehicles = Vec::with_capacity(vehicles_n as usize);
         let mut histories = Vec::with_capacity(vehicles_n as usize);
+        let mut governors = Vec::with_capacity(vehicles_n as usize);
         for _ in 0..vehicles_n {
             let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
             let class = rng.weighted(sc.compute.iter().map(|c| c.share));
@@ -191,7 +222,8 @@ impl<'a> Sim<'a> {
                 parked: false,
                 link_up: true,
                 eligible: false,
-                soc_blocked: false,
+                gov_allowed: false,
+                gov_wake: 0,
                 soc,
                 last_t: t_start,
                 busy: 0,
@@ -204,6 +236,10 @@ impl<'a> Sim<'a> {
                 forecast_stay: u32::MAX,
             });
             histories.push(history);
+            governors.push(Governor::shared(
+                Arc::clone(&policies[arch]),
+                VMillis(t0 - back),
+            ));
         }
         let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
         model_ids.dedup();
@@ -219,6 +255,7 @@ impl<'a> Sim<'a> {
             rng: Rng::derive(seed, 2),
             vehicles,
             histories,
+            governors,
             jobs: Vec::new(),
             free_jobs: Vec::new(),
             next_run: 0,
@@ -270,6 +307,7 @@ impl<'a> Sim<'a> {
         while let Some((t, ev)) = self.events.pop() {
             self.now = t;
             self.m.events += 1;
+            self.prefetch_ahead();
             if self.live && t >= next_progress {
                 if let Some(p) = &self.opts.progress {
                     p(crate::Progress {
@@ -287,7 +325,7 @@ impl<'a> Sim<'a> {
                 }
                 Ev::Arrive(v) => self.arrive(v),
                 Ev::Depart(v) => self.depart(v),
-                Ev::SocFloor(v, e) => {
+                Ev::Check(v, e) => {
                     if self.vehicles[v as usize].epoch == e {
                         self.settle(v);
                         self.reevaluate(v, true);
@@ -319,7 +357,57 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Start loading what upcoming job completions will touch: their job record a few events
+    /// ahead, then their vehicle and its scheduler entry (the vehicle id is in the job record
+    /// loaded earlier), then the vehicle's running list and its candidate-set entries. A million
+    /// vehicles do not fit in cache; without this every completion waits for these misses in
+    /// turn. A hint only: no effect on results.
+    fn prefetch_ahead(&self) {
+        const JOB_AHEAD: usize = 16;
+        const VEHICLE_AHEAD: usize = 8;
+        const SETS_AHEAD: usize = 3;
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(JOB_AHEAD) {
+            if let Some(job) = self.jobs.get(j as usize) {
+                prefetch(job);
+            }
+        }
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(VEHICLE_AHEAD) {
+            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
+                if let Some(veh) = self.vehicles.get(v as usize) {
+                    prefetch(veh);
+                }
+                self.driver.prefetch(tokenfleet_scheduler::NodeId(v as u64));
+            }
+        }
+        if let Some(&Ev::JobDone(j, _)) = self.events.ahead(SETS_AHEAD) {
+            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
+                if let Some(veh) = self.vehicles.get(v as usize) {
+                    if let Some(first) = veh.running.first() {
+                        prefetch(first);
+                    }
+                }
+                self.driver
+                    .prefetch_sets(tokenfleet_scheduler::NodeId(v as u64));
+            }
+        }
+    }
+
     fn begin(&mut self) {
+        // Vehicles parked before measurement have had their governors running: step each once
+        // at its arrival (at most an hour back), so that dwells already served are not served
+        // again at the start.
+        for v in 0..self.vehicles.len() {
+            let veh = &self.vehicles[v];
+            if veh.parked {
+                let at = veh.stay.arrive.max(self.t_start.saturating_sub(HOUR));
+                let signals = Signals {
+                    parked: true,
+                    plugged: veh.stay.plugged,
+                    soc_pct: veh.soc,
+                };
+                vehicle_model::step_governor(&mut self.governors[v], signals, at, false);
+            }
+        }
         self.live = true;
         for v in 0..self.vehicles.len() as u32 {
             self.settle(v);
@@ -482,18 +570,15 @@ impl<'a> Sim<'a> {
     fn depart(&mut self, v: u32) {
         self.settle(v);
         let graceful = self.rng.chance(self.sc.link.graceful_handback);
-        self.evict_all(v, graceful);
+        // The driver is back: the gear leaves Park and the governor drains (work handed back).
+        self.vehicles[v as usize].parked = false;
+        self.reevaluate(v, graceful);
         let sc = self.sc;
         let veh = &mut self.vehicles[v as usize];
         let a = &sc.archetypes[veh.arch as usize];
         self.histories[v as usize].record(veh.stay.arrive, veh.stay.depart);
-        veh.parked = false;
         veh.epoch += 1;
         self.parked -= 1;
-        if veh.eligible {
-            veh.eligible = false;
-            self.eligible_count -= 1;
-        }
         let next = vehicle_model::next_stay(
             a.kind,
             &a.plug_prob,

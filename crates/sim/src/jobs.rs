@@ -10,7 +10,7 @@
 
 use tokenfleet_scheduler::{JobClass, JobId, Millis, QueuedJob, RejectReason};
 
-use crate::engine::{Ev, Sim, SWEEP_MS};
+use crate::engine::{prefetch, Ev, Sim, SWEEP_MS};
 
 pub struct Job {
     pub class: JobClass,
@@ -39,6 +39,8 @@ pub struct Job {
     pub finished: bool,
     /// Run id of the current placement (matches its `JobDone` event).
     pub run: u32,
+    /// Waiting in `pending_int` (interactive jobs leave it lazily, see `dispatch`).
+    pub queued: bool,
 }
 
 impl Job {
@@ -96,6 +98,7 @@ impl Sim<'_> {
             cut_at: None,
             finished: false,
             run: 0,
+            queued: true,
         };
         let id = match self.free_jobs.pop() {
             Some(id) => {
@@ -221,6 +224,15 @@ impl Sim<'_> {
         self.ids_buf = ids;
         self.m.scheduler_calls += 1;
         let d = self.driver.decide(self.now, &self.queue_buf[..n]);
+        // Start loading every placed job's record and vehicle before working through them.
+        for a in &d.assignments {
+            if let Some(job) = self.jobs.get(a.job.0 as usize) {
+                prefetch(job);
+            }
+            if let Some(veh) = self.vehicles.get(a.node.0 as usize) {
+                prefetch(veh);
+            }
+        }
         let mut touched = std::mem::take(&mut self.touched_buf);
         touched.clear();
         for p in &d.preemptions {
@@ -244,10 +256,12 @@ impl Sim<'_> {
             self.unqueue(j);
             self.reject(j, r.reason);
         }
+        let jobs = &self.jobs;
+        self.pending_int.retain(|&j| jobs[j as usize].queued);
         touched.sort_unstable();
         touched.dedup();
         for &v in &touched {
-            self.schedule_soc_floor(v);
+            self.schedule_check(v);
             self.upsert(v);
         }
         self.touched_buf = touched;
@@ -265,11 +279,9 @@ impl Sim<'_> {
     fn unqueue(&mut self, j: u32) {
         let job = &self.jobs[j as usize];
         match job.class {
-            JobClass::Interactive => {
-                if let Some(pos) = self.pending_int.iter().position(|&x| x == j) {
-                    self.pending_int.remove(pos);
-                }
-            }
+            // Removed from `pending_int` in one pass after the decisions (a job refused or left
+            // waiting ahead of many placed ones made a per-job search quadratic).
+            JobClass::Interactive => self.jobs[j as usize].queued = false,
             JobClass::Batch => {
                 let key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, j);
                 self.pending_batch.remove(&key);
@@ -283,6 +295,7 @@ impl Sim<'_> {
         let job = &mut self.jobs[j as usize];
         job.node = None;
         job.enqueued = now;
+        job.queued = true;
         match job.class {
             JobClass::Interactive => self.pending_int.push_back(j),
             JobClass::Batch => {
@@ -303,7 +316,8 @@ impl Sim<'_> {
         let veh = &mut self.vehicles[v as usize];
         let class = &sc.classes[veh.class as usize];
         veh.busy += 1;
-        veh.running.push(j);
+        veh.running
+            .push((j, self.jobs[j as usize].class == JobClass::Batch));
         self.slots_busy += 1;
         let rtt = veh.rtt_ms;
         let job = &mut self.jobs[j as usize];
@@ -355,7 +369,7 @@ impl Sim<'_> {
     fn release_slot(&mut self, j: u32, v: u32) {
         let veh = &mut self.vehicles[v as usize];
         veh.busy = veh.busy.saturating_sub(1);
-        if let Some(pos) = veh.running.iter().position(|&x| x == j) {
+        if let Some(pos) = veh.running.iter().position(|&(x, _)| x == j) {
             veh.running.swap_remove(pos);
         }
         self.slots_busy -= 1;
@@ -394,7 +408,7 @@ impl Sim<'_> {
         }
         self.release_slot(j, v);
         self.free_jobs.push(j);
-        self.schedule_soc_floor(v);
+        self.schedule_check(v);
         self.upsert(v);
         self.want_dispatch();
     }
@@ -453,7 +467,7 @@ impl Sim<'_> {
         }
         let running = std::mem::take(&mut self.vehicles[v as usize].running);
         self.vehicles[v as usize].running = running.clone();
-        for j in running {
+        for (j, _) in running {
             self.evict(j, graceful);
         }
     }
@@ -498,7 +512,7 @@ impl Sim<'_> {
         let running: Vec<u32> = self
             .vehicles
             .iter()
-            .flat_map(|veh| veh.running.iter().copied())
+            .flat_map(|veh| veh.running.iter().map(|&(j, _)| j))
             .collect();
         for j in running {
             let produced = self.produced(j);

@@ -4,8 +4,8 @@
 //! Layout:
 //! - [`scenario`]: scenario TOML files (`scenarios/`), `Scenario::from_file` / `from_name`.
 //! - [`compute`]: compute classes as data files (`data/`), with their sources.
-//! - [`vehicle_model`]: archetypes and dwell, charging, the governor rule, battery wear
-//!   (a stand-in until `tokenfleet-vehicle`'s governor is wired in).
+//! - [`vehicle_model`]: archetypes and dwell, charging, battery wear, and each vehicle's
+//!   `tokenfleet-vehicle` governor (its policy and the signals it is stepped with).
 //! - [`workload`]: diurnal Poisson interactive requests, batch dumps, JSON-lines traces.
 //! - [`driver`]: the scheduler driver; records and replays [`SchedulerTrace`]s.
 //! - `queue`: the calendar event queue.
@@ -62,6 +62,12 @@ pub struct RunOptions {
 pub enum SimError {
     #[error(transparent)]
     Trace(#[from] workload::TraceError),
+    #[error("archetype {archetype}: governor policy: {source}")]
+    Policy {
+        archetype: usize,
+        #[source]
+        source: tokenfleet_vehicle::PolicyError,
+    },
 }
 
 /// Run one policy on a scenario. A workload trace that cannot be read is reported by
@@ -89,7 +95,20 @@ pub fn run_checked(
         Some(path) => workload::load_trace(path)?,
         None => Vec::new(),
     };
-    let mut sim = engine::Sim::new(scenario, policy, opts, trace);
+    let policies = scenario
+        .archetypes
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            vehicle_model::governor_policy(a, scenario.utc_offset_min)
+                .map(Arc::new)
+                .map_err(|source| SimError::Policy {
+                    archetype: i,
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut sim = engine::Sim::new(scenario, policy, opts, trace, &policies);
     sim.run();
     Ok(report::build(sim))
 }

@@ -47,6 +47,11 @@ pub struct Archetype {
     pub compute_on_battery: bool,
     #[serde(default = "d_reserve")]
     pub soc_reserve_pct: f32,
+    /// Extra operator policy for this archetype's governor, in `tokenfleet-vehicle`'s policy
+    /// TOML (quiet hours, daily budgets, `[timing]`); SoC levels and the cable rule come from
+    /// the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governor: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -349,6 +354,14 @@ impl Scenario {
         }
         if self.dispatch_ms == 0 {
             return invalid("dispatch_ms must be > 0");
+        }
+        for a in &self.archetypes {
+            if let Err(e) = crate::vehicle_model::governor_policy(a, self.utc_offset_min) {
+                return Err(ScenarioError::Invalid(format!(
+                    "archetype {:?}: governor policy: {e}",
+                    a.kind
+                )));
+            }
         }
         self.classes = self
             .compute

@@ -1,9 +1,10 @@
 //! The vehicle and energy model used by the simulator: where a vehicle parks and for how long
 //! (per archetype), charging, the governor's eligibility rule and battery wear.
 //!
-//! NOTE: this is a small stand-in. It will switch to `tokenfleet-vehicle`'s governor (eligibility
-//! with hysteresis, throttling, energy and wear accounting) once that crate is stable; keep the
-//! interface (`Governor::eligible`, `wear_cost`) narrow so the swap is local.
+//! Eligibility is decided by `tokenfleet-vehicle`'s [`Governor`], the one the agent runs: each
+//! vehicle has its own, under its archetype's [`Policy`] ([`governor_policy`]), stepped with
+//! the vehicle's gear, 12 V state, cable and SoC as VSS signals ([`Signals`]) whenever one of
+//! them changes or a dwell ends.
 //!
 //! Dwell figures (FIELD-NOTES, ElaadNL-derived data in ev2gym): home arrivals 15-18 h stay
 //! 13.9-15.5 h; work arrivals 7-8:30 stay 7.6-8.5 h; public stays about 3 h; cars are parked
@@ -14,6 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::rng::Rng;
 use crate::scenario::{Archetype, ArchetypeKind, PlugProb};
 use tokenfleet_scheduler::Millis;
+use tokenfleet_vehicle::signals::GEAR_PARK;
+use tokenfleet_vehicle::{
+    Governor, GovernorDecision, GovernorState, LowVoltageSystemState, Millis as VMillis, Policy,
+    PolicyError, Reason, Signal, SignalValue, StepContext, VehicleState,
+};
 
 pub const MIN: u64 = 60_000;
 pub const HOUR: u64 = 60 * MIN;
@@ -188,6 +194,9 @@ pub fn charger_kw(kind: ArchetypeKind, place: Place) -> f32 {
     }
 }
 
+/// Daily charge limit, percent: charging stops here.
+pub const CHARGE_LIMIT_PCT: f32 = 90.0;
+
 /// State of charge after charging (no compute) from the stay's arrival until `until`, capped at
 /// 90% (the usual daily charge limit).
 pub fn charge_during(a: &Archetype, stay: &Stay, until: Millis, soc: f32) -> f32 {
@@ -203,39 +212,134 @@ pub fn trip_kwh(duration_ms: u64) -> f32 {
     15.0 * duration_ms as f32 / HOUR as f32
 }
 
-/// The governor's eligibility rule with hysteresis: parked, link up, and either plugged in or
-/// (if the operator allows battery compute) SoC above the reserve. Once blocked by the reserve,
-/// the vehicle only becomes eligible again `HYSTERESIS_PCT` above it (or when plugged in).
-pub struct Governor;
-
+/// Start SoC above the archetype's reserve (the governor's SoC hysteresis band), percentage
+/// points: a vehicle stopped at its reserve starts again only this far above it.
 pub const HYSTERESIS_PCT: f32 = 5.0;
 
-impl Governor {
-    /// Returns (eligible, new soc_blocked).
-    pub fn eligible(
-        parked: bool,
-        link_up: bool,
-        plugged: bool,
-        compute_on_battery: bool,
-        soc: f32,
-        reserve: f32,
-        soc_blocked: bool,
-    ) -> (bool, bool) {
-        if !parked || !link_up {
-            return (false, soc_blocked);
-        }
-        if plugged {
-            return (true, false);
-        }
-        if !compute_on_battery {
-            return (false, soc_blocked);
-        }
-        let blocked = if soc_blocked {
-            soc < reserve + HYSTERESIS_PCT
+/// Battery, compute-unit and 12 V readings the simulator reports to every governor. The
+/// simulator does not model temperatures or the 12 V battery; these nominal values keep the
+/// governor's thermal and low-voltage rules satisfied (and its throttle at full budget).
+const BATTERY_C: f64 = 25.0;
+const COMPUTE_C: f64 = 45.0;
+const LOW_VOLTAGE_V: f64 = 12.6;
+/// VSS `SelectedGear` while driving (any gear but Park, 126).
+const GEAR_DRIVE: i64 = 1;
+
+/// The operator policy of an archetype, as `tokenfleet-vehicle` reads it: the departure reserve
+/// is the stop SoC, start is [`HYSTERESIS_PCT`] above it, `compute_on_battery = false` requires
+/// the cable; `governor` (extra policy TOML: quiet hours, budgets, `[timing]`) is appended.
+pub fn governor_policy(a: &Archetype, utc_offset_min: i32) -> Result<Policy, PolicyError> {
+    let off = utc_offset_min.unsigned_abs();
+    let sign = if utc_offset_min < 0 { '-' } else { '+' };
+    let toml = format!(
+        "pack_capacity_kwh = {}\nutc_offset = \"{sign}{:02}:{:02}\"\nrequire_plugged_in = {}\n\
+         soc = {{ start = {}, stop = {} }}\n{}\n",
+        a.battery_kwh,
+        off / 60,
+        off % 60,
+        !a.compute_on_battery,
+        (a.soc_reserve_pct + HYSTERESIS_PCT).min(100.0),
+        a.soc_reserve_pct,
+        a.governor.as_deref().unwrap_or(""),
+    );
+    Policy::fleet_defaults_from_toml_str(&toml)
+}
+
+/// What the simulator knows about a vehicle, as the VSS signals its governor reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Signals {
+    pub parked: bool,
+    pub plugged: bool,
+    pub soc_pct: f32,
+}
+
+impl Signals {
+    /// A [`VehicleState`] with every signal the governor needs measured at `now`.
+    pub fn state(&self, now: Millis) -> VehicleState {
+        let at = VMillis(now);
+        let mut vs = VehicleState::new();
+        let gear = if self.parked {
+            GEAR_PARK as i64
         } else {
-            soc <= reserve
+            GEAR_DRIVE
         };
-        (!blocked, blocked)
+        let lv = if self.parked {
+            LowVoltageSystemState::Off
+        } else {
+            LowVoltageSystemState::On
+        };
+        vs.set(Signal::SelectedGear, at, SignalValue::Int(gear));
+        vs.set(Signal::IsMoving, at, SignalValue::Bool(!self.parked));
+        vs.set(
+            Signal::Speed,
+            at,
+            SignalValue::Float(if self.parked { 0.0 } else { 30.0 }),
+        );
+        vs.set(
+            Signal::LowVoltageSystemState,
+            at,
+            SignalValue::LowVoltage(lv),
+        );
+        vs.set(
+            Signal::ChargingCableConnected,
+            at,
+            SignalValue::Bool(self.parked && self.plugged),
+        );
+        vs.set(
+            Signal::StateOfCharge,
+            at,
+            SignalValue::Float(self.soc_pct as f64),
+        );
+        vs.set(
+            Signal::BatteryTemperature,
+            at,
+            SignalValue::Float(BATTERY_C),
+        );
+        vs.set(
+            Signal::ComputeTemperature,
+            at,
+            SignalValue::Float(COMPUTE_C),
+        );
+        vs.set(
+            Signal::LowVoltageBatteryVoltage,
+            at,
+            SignalValue::Float(LOW_VOLTAGE_V),
+        );
+        vs
+    }
+}
+
+/// Step a vehicle's governor (`tokenfleet-vehicle`'s, the one the agent runs) with the
+/// simulator's view of the vehicle. Returns the decision; `allowed` is
+/// [`allows_compute`]`(decision.state)`.
+pub fn step_governor(
+    gov: &mut Governor,
+    signals: Signals,
+    now: Millis,
+    work_present: bool,
+) -> GovernorDecision {
+    gov.step(
+        &signals.state(now),
+        VMillis(now),
+        StepContext::with_work(work_present),
+    )
+}
+
+/// The governor lets the vehicle take work (Eligible, Computing or Throttled).
+pub fn allows_compute(state: GovernorState) -> bool {
+    matches!(
+        state,
+        GovernorState::Eligible | GovernorState::Computing | GovernorState::Throttled
+    )
+}
+
+/// When the governor should be stepped again by itself: the end of a dwell it is waiting out.
+pub fn dwell_remaining_ms(d: &GovernorDecision) -> Option<u64> {
+    match d.reason {
+        Reason::Dwell { remaining_ms } | Reason::RestartDwell { remaining_ms } => {
+            Some(remaining_ms)
+        }
+        _ => None,
     }
 }
 

@@ -144,3 +144,56 @@ fn an_interactive_answer_cut_by_an_eviction_misses_its_slo() {
         r.interactive_jobs
     );
 }
+
+#[test]
+fn governor_policy_from_the_scenario_is_enforced() {
+    // Quiet hours all day long: `tokenfleet-vehicle`'s governor never lets a vehicle compute,
+    // so nothing is delivered (the same run without them delivers).
+    let (mut sc, mut opts) = small();
+    opts.days = Some(0.25);
+    let open = run(&sc, PolicyKind::Tokenfleet, &opts);
+    assert!(open.delivered_tokens > 0);
+    for a in &mut sc.archetypes {
+        a.governor = Some(r#"quiet_hours = ["00:00-12:00", "12:00-00:00"]"#.to_string());
+    }
+    let quiet = run(&sc, PolicyKind::Tokenfleet, &opts);
+    assert_eq!(quiet.delivered_tokens, 0);
+    assert!(quiet.interactive_jobs > 0);
+    // A policy the vehicle crate rejects is a scenario error.
+    sc.archetypes[0].governor = Some("[soc]\nstrat = 1".to_string());
+    assert!(sc.resolve().is_err());
+}
+
+#[test]
+fn no_work_on_a_vehicle_below_its_reserve_and_unplugged() {
+    // Every assignment in a recorded run goes to a node whose last view (as the simulator,
+    // stepping the vehicle crate's governor, reported it) was eligible and plugged in or above
+    // its SoC reserve.
+    let (sc, mut opts) = small();
+    opts.days = Some(0.2);
+    opts.vehicles = Some(120);
+    opts.record_trace = true;
+    let (_, trace) = run_checked(&sc, PolicyKind::Tokenfleet, &opts).expect("run");
+    let trace = trace.expect("trace");
+    let mut views = std::collections::HashMap::new();
+    let mut assigned = 0;
+    for s in &trace.steps {
+        for c in &s.nodes {
+            if let tokenfleet_scheduler::NodeChange::Upsert(v) = c {
+                views.insert(v.id, v.clone());
+            }
+        }
+        for a in &s.decisions.assignments {
+            let v = &views[&a.node];
+            assert!(v.eligible, "{a:?} on an ineligible node");
+            let soc = v.soc_pct.expect("soc reported");
+            assert!(
+                v.plugged_in || soc > v.soc_reserve_pct,
+                "{a:?}: unplugged at {soc}% <= reserve {}%",
+                v.soc_reserve_pct
+            );
+            assigned += 1;
+        }
+    }
+    assert!(assigned > 0);
+}

@@ -22,6 +22,7 @@
 //! nothing, so the simulator can step it for millions of vehicles.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -225,9 +226,13 @@ const THROTTLE_ENTER: f64 = 0.95;
 const THROTTLE_EXIT: f64 = 0.99;
 
 /// The per-vehicle governor.
+///
+/// The policy is shared ([`Governor::shared`]): a fleet simulator holds one governor per
+/// vehicle, and vehicles of one kind share one policy, so a governor is a few dozen bytes of
+/// state plus a pointer.
 #[derive(Debug, Clone)]
 pub struct Governor {
-    policy: Policy,
+    policy: Arc<Policy>,
     state: GovernorState,
     entered_at: Millis,
     last_step: Millis,
@@ -249,8 +254,22 @@ impl Governor {
         Governor::with_controller(policy, now, ControllerParams::default())
     }
 
+    /// A governor that starts `Unavailable` at `now` under a policy shared with other governors.
+    pub fn shared(policy: Arc<Policy>, now: Millis) -> Governor {
+        Governor::shared_with_controller(policy, now, ControllerParams::default())
+    }
+
     /// Same, with explicit controller gains.
     pub fn with_controller(policy: Policy, now: Millis, params: ControllerParams) -> Governor {
+        Governor::shared_with_controller(Arc::new(policy), now, params)
+    }
+
+    /// A shared policy and explicit controller gains.
+    pub fn shared_with_controller(
+        policy: Arc<Policy>,
+        now: Millis,
+        params: ControllerParams,
+    ) -> Governor {
         Governor {
             policy,
             state: GovernorState::Unavailable,
