@@ -119,10 +119,44 @@ struct Inner {
     template: Option<ChatTemplate>,
     info: ModelInfo,
     max_waiting: u32,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnects when the inference thread ends (its sender lives on that thread).
+    thread_done: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long dropping the last engine handle waits for the inference thread to end.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Drop for Inner {
+    /// Closes the command channel (the worker ends once its running sequences are done or
+    /// dropped) and waits for the thread, at most [`STOP_TIMEOUT`]: llama.cpp must not be torn
+    /// down under a running decode (a process exiting right after did that: SIGSEGV), and the
+    /// next user of the cores (a benchmark's reference run) should not share them with it.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.commands, closed));
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // One blocking wait, no polling: a waking poller steals the cores from llama.cpp's
+        // threads, whose barriers then stall (measured: seconds per token).
+        let done = match self.thread_done.get_mut() {
+            Ok(done) => done.recv_timeout(STOP_TIMEOUT),
+            Err(poisoned) => poisoned.into_inner().recv_timeout(STOP_TIMEOUT),
+        };
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done {
+            tracing::warn!(model = %self.info.name, "engine thread still running {STOP_TIMEOUT:?} after its last handle was dropped (a generation stream is still held); leaving it");
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!(model = %self.info.name, "engine thread panicked");
+        }
+    }
 }
 
 /// A loaded model with its inference thread. Cheap to clone; the thread stops when the last
-/// clone is dropped and the running sequences have been dropped.
+/// clone is dropped and the running sequences have ended or been dropped, and dropping the
+/// last clone waits for that (bounded).
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
@@ -186,9 +220,11 @@ impl Engine {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), EngineError>>(1);
         let thread_model = Arc::clone(&model);
         let cfg = config.clone();
-        std::thread::Builder::new()
+        let (done_tx, thread_done) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("tokenfleet-engine".into())
             .spawn(move || {
+                let _done = done_tx;
                 let params = LlamaContextParams::default()
                     .with_n_ctx(NonZeroU32::new(cfg.slots * cfg.ctx_per_slot))
                     .with_n_batch(cfg.batch_tokens)
@@ -231,6 +267,8 @@ impl Engine {
                 template,
                 info,
                 max_waiting: config.max_waiting,
+                thread: Some(thread),
+                thread_done: std::sync::Mutex::new(thread_done),
             }),
         })
     }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_coherent_english, chat_prompt, engine};
-use tokenfleet_engine::{Engine, GenerationEvent, GenerationRequest};
+use tokenfleet_engine::{Engine, GenerationEvent, GenerationRequest, GenerationStream};
 
 const QUESTIONS: [&str; 8] = [
     "What is the tallest mountain in the world?",
@@ -77,17 +77,24 @@ async fn eight_concurrent_greedy_streams_are_coherent_and_deterministic() {
     assert_eq!(identical, 8, "common prefix lengths {common_prefix:?}");
 }
 
-#[tokio::test]
-async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
-    let engine = engine(8, 256);
-    let mut streams: Vec<_> = QUESTIONS
+fn start_greedy(engine: &Engine, questions: &[&str], max_tokens: u32) -> Vec<GenerationStream> {
+    questions
         .iter()
         .map(|q| {
             engine
-                .generate(GenerationRequest::greedy(chat_prompt(&engine, q), 200))
+                .generate(GenerationRequest::greedy(
+                    chat_prompt(engine, q),
+                    max_tokens,
+                ))
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
+    let engine = engine(8, 256);
+    let mut streams = start_greedy(&engine, &QUESTIONS, 200);
     // Wait until all eight are decoding.
     for s in streams.iter_mut() {
         match s.next().await {
@@ -141,14 +148,7 @@ fn interactive(prompt: Vec<i32>, max_tokens: u32) -> GenerationRequest {
 #[tokio::test]
 async fn an_interactive_prompt_is_prefilled_ahead_of_running_decodes_and_gets_the_same_answer() {
     let engine = engine(8, 256);
-    let mut batch: Vec<_> = QUESTIONS[..7]
-        .iter()
-        .map(|q| {
-            engine
-                .generate(GenerationRequest::greedy(chat_prompt(&engine, q), 200))
-                .unwrap()
-        })
-        .collect();
+    let mut batch = start_greedy(&engine, &QUESTIONS[..7], 200);
     for s in batch.iter_mut() {
         assert!(matches!(s.next().await, Some(GenerationEvent::Token(_))));
     }

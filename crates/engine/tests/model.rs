@@ -200,3 +200,31 @@ fn truncated_gguf_is_a_typed_error() {
     let err = tokenfleet_engine::Engine::load(EngineConfig::new(&path)).unwrap_err();
     assert!(matches!(err, EngineError::ModelLoad { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_waits_for_running_work_and_the_thread() {
+    let engine = engine(1, 256);
+    let mut stream = engine
+        .generate(GenerationRequest::greedy(
+            chat_prompt(&engine, "Tell me a story."),
+            8,
+        ))
+        .unwrap();
+    // The stream is still held: its generation runs to the end, and the drop returns only once
+    // the inference thread has sent everything and exited.
+    tokio::task::spawn_blocking(move || drop(engine))
+        .await
+        .unwrap();
+    let mut finished = false;
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(std::time::Duration::from_millis(10), stream.next()).await
+    {
+        if matches!(ev, GenerationEvent::Finished(_)) {
+            finished = true;
+        }
+    }
+    assert!(
+        finished,
+        "the engine's drop returned before its running generation had finished"
+    );
+}
