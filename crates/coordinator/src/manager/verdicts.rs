@@ -17,7 +17,7 @@ use tokenfleet_protocol::v1;
 use tokenfleet_protocol::CoordinatorMsg;
 use tonic::Status;
 
-use super::{count_models, unix_ms, Manager, State};
+use super::{unix_ms, Manager, State};
 use crate::error::ApiError;
 use crate::jobs::{Job, JobOutcome, Placement};
 use crate::metrics::Metrics;
@@ -248,14 +248,7 @@ impl State {
                     reason: format!("quarantined: {reason}"),
                     evict: true,
                 }));
-                if node.sender.take().is_some() {
-                    count_models(
-                        &mut self.model_sessions,
-                        &self.models_tx,
-                        &node.hello,
-                        false,
-                    );
-                }
+                self.close_session(id);
                 self.scheduler.remove_node(id);
                 self.dirty_nodes.remove(&id);
                 self.node_gauges_dirty = true;

@@ -1,0 +1,303 @@
+//! What nodes tell the manager: registration (`Hello`), token chunks, finished jobs and
+//! evictions, and position updates that change a node's residency regions.
+
+use tokenfleet_protocol::v1;
+use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
+use tokenfleet_scheduler::NodeId;
+use tonic::Status;
+
+use super::{eviction_label, handback, Registered, State};
+use crate::error::ApiError;
+use crate::jobs::{JobOutcome, Placement};
+use crate::nodes::{count_models, LastSeen, Node, NodeSender};
+use crate::store::StoredToken;
+
+impl State {
+    /// Drops a node's session, if it has one, and its models from the served-model counts.
+    pub(super) fn close_session(&mut self, id: NodeId) {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if node.sender.take().is_some() {
+            count_models(
+                &mut self.model_sessions,
+                &self.models_tx,
+                &node.hello,
+                false,
+            );
+        }
+    }
+
+    pub(super) fn node_up(
+        &mut self,
+        hello: v1::Hello,
+        attested: bool,
+        sender: NodeSender,
+        last_seen: LastSeen,
+    ) -> Result<Registered, Status> {
+        if hello.node_id.is_empty() {
+            return Err(Status::invalid_argument("Hello.node_id is empty"));
+        }
+        self.refuse_quarantined(&hello.node_id)?;
+        if hello.protocol_version != tokenfleet_protocol::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported (this coordinator speaks {})",
+                hello.protocol_version,
+                tokenfleet_protocol::PROTOCOL_VERSION
+            )));
+        }
+        let id = *self
+            .node_names
+            .entry(hello.node_id.clone())
+            .or_insert_with(|| {
+                let id = NodeId(self.next_node);
+                self.next_node += 1;
+                id
+            });
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let held = hello.held_jobs.clone();
+        let node = self
+            .nodes
+            .entry(id)
+            .or_insert_with(|| Node::new(id, hello.clone()));
+        let old = std::mem::replace(&mut node.hello, hello);
+        if node.sender.is_some() {
+            count_models(&mut self.model_sessions, &self.models_tx, &old, false);
+        }
+        count_models(&mut self.model_sessions, &self.models_tx, &node.hello, true);
+        node.conn = conn;
+        node.attested = attested;
+        node.sender = Some(sender);
+        node.last_seen = last_seen;
+        tracing::debug!(node = %node.name, conn, held = held.len(), "node connected");
+        // Jobs the agent still runs: keep the ones still leased to it (it resends what we
+        // lack), cancel the ones that moved on.
+        for h in held {
+            let job_id = h.job_id.parse::<u64>().ok();
+            let job = job_id.and_then(|j| self.jobs.get(&j));
+            let msg = match job {
+                Some(job) if job.placement == (Placement::Running { node: id }) => {
+                    CoordinatorMsg::Resend(v1::Resend {
+                        job_id: h.job_id.clone(),
+                        from_index: job.generated() as u32,
+                    })
+                }
+                Some(job) if job.is_handing_back_from(id) => handback::hand_back_msg(job.id),
+                _ => CoordinatorMsg::Cancel(v1::Cancel {
+                    job_id: h.job_id.clone(),
+                    reason: "job moved to another vehicle".into(),
+                    hand_back: false,
+                }),
+            };
+            if let Some(node) = self.nodes.get(&id) {
+                node.send(msg);
+            }
+        }
+        self.dirty_nodes.insert(id);
+        self.wants_dispatch = true;
+        self.node_gauges_dirty = true;
+        Ok(Registered { node: id, conn })
+    }
+
+    pub(super) async fn node_msg(&mut self, id: NodeId, conn: u64, msg: AgentMsg) {
+        {
+            let Some(node) = self.nodes.get_mut(&id) else {
+                return;
+            };
+            if node.conn != conn {
+                return; // a stale session of a node that has reconnected
+            }
+        }
+        match msg {
+            // Answered by the session task, which also keeps `last_seen`, attestation and
+            // certificates.
+            AgentMsg::Heartbeat(_) | AgentMsg::Quote(_) | AgentMsg::CertificateRequest(_) => {}
+            AgentMsg::State(state) => {
+                if let Some(node) = self.nodes.get_mut(&id) {
+                    node.state = state;
+                }
+                self.update_regions(id).await;
+                self.node_gauges_dirty = true;
+                self.dirty_nodes.insert(id);
+                self.wants_dispatch = true;
+            }
+            AgentMsg::Hello(_) => {
+                tracing::warn!(node = %self.nodes[&id].name, "second Hello on one session ignored");
+            }
+            AgentMsg::Chunk(chunk) => self.on_chunk(id, chunk),
+            AgentMsg::Done(done) => self.on_done(id, done).await,
+            AgentMsg::Evicted(ev) => {
+                let Some(job) = self.running_on(&ev.job_id, id) else {
+                    return;
+                };
+                // A hand-back was counted when the preemption was decided.
+                if !self.jobs[&job].is_handing_back_from(id) {
+                    self.metrics
+                        .evictions
+                        .with_label_values(&[eviction_label(&ev.reason)])
+                        .inc();
+                }
+                tracing::info!(node = %self.nodes[&id].name, job, reason = %ev.reason, next_index = ev.next_index, "job evicted; requeued");
+                self.requeue(job, id).await;
+            }
+            AgentMsg::Failed(f) => {
+                let Some(job) = self.running_on(&f.job_id, id) else {
+                    return;
+                };
+                let attempts = self.jobs[&job].attempts;
+                tracing::warn!(node = %self.nodes[&id].name, job, retryable = f.retryable, cause = %f.message, "job failed on node");
+                if f.retryable && attempts < 3 {
+                    self.requeue(job, id).await;
+                } else {
+                    self.detach(job, id);
+                    let err = ApiError::invalid(f.message, None);
+                    self.end(job, JobOutcome::Failed(err)).await;
+                }
+            }
+        }
+    }
+
+    /// The job id if `job_id` names a job currently running on `node` (or being handed back
+    /// by it).
+    pub(super) fn running_on(&self, job_id: &str, node: NodeId) -> Option<u64> {
+        let id = job_id.parse::<u64>().ok()?;
+        let job = self.jobs.get(&id)?;
+        (job.placement == Placement::Running { node } || job.is_handing_back_from(node))
+            .then_some(id)
+    }
+
+    pub(super) fn on_chunk(&mut self, node: NodeId, chunk: v1::TokenChunk) {
+        let n = chunk.token_ids.len();
+        self.metrics.tokens_generated.inc_by(n as u64);
+        let Some(id) = self.running_on(&chunk.job_id, node) else {
+            return;
+        };
+        let job = self.jobs.get_mut(&id).expect("running job exists");
+        if chunk.texts.len() != n || chunk.logprobs.len() != n {
+            tracing::warn!(node = %self.nodes[&node].name, job = id, "malformed chunk ignored");
+            return;
+        }
+        let have = job.generated();
+        let start = chunk.start_index as usize;
+        if start > have {
+            tracing::warn!(node = %self.nodes[&node].name, job = id, start, have, "chunk leaves a gap; ignored");
+            return;
+        }
+        let skip = have - start;
+        if skip >= n {
+            return; // all already known (a resend)
+        }
+        if job.producers.last().map(|p| p.0) != Some(node) {
+            job.producers.push((node, have));
+        }
+        let mut delivered = 0;
+        job.view.send_modify(|v| {
+            v.prompt_tokens = chunk.prompt_tokens;
+            for i in skip..n {
+                let top = chunk
+                    .top_logprobs
+                    .get(i)
+                    .map(|t| t.top.iter().map(|a| (a.text.clone(), a.logprob)).collect())
+                    .unwrap_or_default();
+                v.tokens.push(StoredToken {
+                    id: chunk.token_ids[i],
+                    text: chunk.texts[i].clone(),
+                    logprob: chunk.logprobs[i],
+                    top,
+                });
+                delivered += 1;
+            }
+        });
+        self.metrics.tokens_delivered.inc_by(delivered);
+        if !job.first_token_seen {
+            job.first_token_seen = true;
+            self.metrics
+                .ttft
+                .observe(job.accepted.elapsed().as_secs_f64());
+        }
+    }
+
+    pub(super) async fn on_done(&mut self, node: NodeId, done: v1::JobDone) {
+        let Some(id) = self.running_on(&done.job_id, node) else {
+            return;
+        };
+        let have = self.jobs[&id].generated() as u32;
+        if done.next_index != have {
+            // Some chunks were lost (a reconnect); the tokens we lack are regenerated.
+            tracing::warn!(node = %self.nodes[&node].name, job = id, have, reported = done.next_index, "JobDone before all chunks arrived; resuming elsewhere");
+            self.requeue(id, node).await;
+            return;
+        }
+        self.detach(id, node);
+        self.metrics.record_job_energy(
+            done.grid_energy_j,
+            done.battery_energy_j,
+            done.energy_measured,
+            done.battery_wear_usd,
+        );
+        tracing::debug!(node = %self.nodes[&node].name, job = id, energy_j = done.energy_j, measured = done.energy_measured, wear_usd = done.battery_wear_usd, "job done");
+        let finish_reason = match v1::FinishReason::try_from(done.finish_reason) {
+            Ok(v1::FinishReason::Length) => "length",
+            _ => "stop",
+        };
+        let prompt_tokens = done.prompt_tokens;
+        self.end(
+            id,
+            JobOutcome::Done {
+                finish_reason: finish_reason.into(),
+                text_tail: done.text_tail,
+                prompt_tokens,
+            },
+        )
+        .await;
+    }
+
+    /// Recomputes a node's residency regions from its reported position; jobs whose residency
+    /// it no longer satisfies (it crossed a border, or lost its position fix) are taken back
+    /// and continue elsewhere from their acknowledged tokens.
+    pub(super) async fn update_regions(&mut self, id: NodeId) {
+        if self.regions.is_empty() {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let regions = match (node.state.latitude, node.state.longitude) {
+            (Some(lat), Some(lon)) => self.regions.regions_at(lat, lon),
+            _ => Vec::new(),
+        };
+        if regions == node.regions {
+            return;
+        }
+        tracing::info!(node = %node.name, from = ?node.regions, to = ?regions, "node changed residency regions");
+        node.regions = regions;
+        self.dirty_nodes.insert(id);
+        let outside: Vec<u64> =
+            node.jobs
+                .iter()
+                .copied()
+                .filter(|j| {
+                    self.jobs.get(j).is_some_and(|job| {
+                        job.request.residency.as_ref().is_some_and(|allowed| {
+                            !allowed.iter().any(|r| node.regions.contains(r))
+                        })
+                    })
+                })
+                .collect();
+        for job in outside {
+            self.nodes[&id].send(CoordinatorMsg::Cancel(v1::Cancel {
+                job_id: job.to_string(),
+                reason: "vehicle left the job's residency region".into(),
+                // Continued from the tokens the coordinator already holds.
+                hand_back: false,
+            }));
+            self.metrics
+                .evictions
+                .with_label_values(&["residency"])
+                .inc();
+            tracing::info!(node = %self.nodes[&id].name, job, "job taken back: vehicle left its residency region");
+            self.requeue(job, id).await;
+        }
+    }
+}
