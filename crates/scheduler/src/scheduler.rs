@@ -12,6 +12,8 @@
 //! Cost: each job looks at most `sample_size` candidates from the (model, region) candidate sets
 //! of the index; jobs of a (model, residency, sensitivity, class) that found no node are skipped
 //! for the rest of the call. So `decide` is O(queue x sample_size), independent of fleet size.
+//! `tokenfleet`/`oracle` interactive jobs of one group share their candidates within a call
+//! (see `Pool`), so the index is read a few members per job instead of a fresh sample each.
 
 use crate::constraints::check_placement;
 use crate::index::{FleetIndex, Kind, Member, SetKey, ANY_REGION};
