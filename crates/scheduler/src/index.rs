@@ -53,6 +53,9 @@ pub(crate) struct Entry {
     state: Option<Kind>,
     /// (set id, position) of every set the node is in.
     positions: Vec<(u32, u32)>,
+    /// Bumped on every change of the view: a copy of the card taken at version `v` is current
+    /// while the version is still `v`.
+    version: u32,
 }
 
 /// A candidate set member: the node's slot and a copy of its scoring card, so that scoring a
@@ -60,6 +63,8 @@ pub(crate) struct Entry {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Member {
     pub slot: u32,
+    /// The entry's version the card was copied at (kept in step by `refresh`).
+    pub version: u32,
     pub card: Card,
 }
 
@@ -216,6 +221,22 @@ impl FleetIndex {
         }
     }
 
+    /// The entry's change counter (see [`Entry::version`]).
+    pub fn version(&self, slot: u32) -> u32 {
+        self.entry(slot).version
+    }
+
+    /// The node's current card if it is in the `Free` sets (it has a free slot and may compute).
+    pub fn free_card(&self, slot: u32) -> Option<(u32, Card)> {
+        let e = self.entry(slot);
+        if e.state != Some(Kind::Free) {
+            return None;
+        }
+        let &(sid, pos) = e.positions.first()?;
+        let m = &self.sets[sid as usize][pos as usize];
+        Some((m.version, m.card))
+    }
+
     pub fn view(&self, slot: u32) -> &NodeView {
         &self.entry(slot).view
     }
@@ -268,6 +289,7 @@ impl FleetIndex {
             regions,
             state: None,
             positions: Vec::new(),
+            version: 0,
             view,
         };
         let id = entry.view.id;
@@ -310,25 +332,30 @@ impl FleetIndex {
     }
 
     fn refresh(&mut self, slot: u32) {
-        let Some(e) = &self.slots[slot as usize] else {
+        let Some(e) = &mut self.slots[slot as usize] else {
             return;
         };
+        e.version = e.version.wrapping_add(1);
+        let e = &*e;
+        let version = e.version;
         let card = Card::of(&e.view);
         let want = desired_kind(&e.view);
         if want == e.state {
             let sets = &mut self.sets;
             for &(sid, pos) in &e.positions {
-                sets[sid as usize][pos as usize].card = card;
+                let m = &mut sets[sid as usize][pos as usize];
+                m.card = card;
+                m.version = e.version;
             }
             return;
         }
         self.leave(slot);
         if let Some(kind) = want {
-            self.join(slot, kind, card);
+            self.join(slot, kind, card, version);
         }
     }
 
-    fn join(&mut self, slot: u32, kind: Kind, card: Card) {
+    fn join(&mut self, slot: u32, kind: Kind, card: Card, version: u32) {
         let e = match &mut self.slots[slot as usize] {
             Some(e) => e,
             None => return,
@@ -347,7 +374,11 @@ impl FleetIndex {
                 });
                 let set = &mut self.sets[sid as usize];
                 e.positions.push((sid, set.len() as u32));
-                set.push(Member { slot, card });
+                set.push(Member {
+                    slot,
+                    version,
+                    card,
+                });
             }
         }
     }

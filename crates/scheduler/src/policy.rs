@@ -95,6 +95,13 @@ pub struct SchedulerConfig {
     /// one another through preemptions and delivers less (city-mixed: -4%); 8 was the best of
     /// 2, 4, 8, 16 on city-mixed.
     pub resumed_rescue_window: f32,
+    /// `tokenfleet`/`oracle`: the interactive jobs of one (model, residency, sensitivity) in a
+    /// `decide` call share `sample_size_interactive` candidates, scored for each job; before
+    /// each job this many of the oldest leave for the next members of the candidate sets.
+    /// 0 keeps the candidates until they fill up (cheapest, but the pool then holds the nodes
+    /// every job passed over, and jobs go to nodes on battery: scale-1m noon, battery energy
+    /// 47 -> 2,156 kWh); `sample_size_interactive` gives every job fresh candidates.
+    pub interactive_pool_turnover: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -107,6 +114,7 @@ impl Default for SchedulerConfig {
             deadline_urgency: 2.0,
             interactive_queue_timeout_ms: 60_000,
             resumed_rescue_window: 8.0,
+            interactive_pool_turnover: 4,
         }
     }
 }

@@ -547,3 +547,56 @@ proptest! {
         prop_assert_eq!(a.decide(7, &queue), b.decide(7, &queue));
     }
 }
+
+/// The interactive jobs of one `decide` call share a pool of candidates (`tokenfleet`,
+/// `oracle`): a node that an earlier job of the call filled, or that a sensitive job may not
+/// use, must not be taken from the pool.
+#[test]
+fn interactive_jobs_sharing_a_candidate_pool_respect_slots_and_attestation() {
+    for policy in [PolicyKind::Tokenfleet, PolicyKind::Oracle] {
+        let mut s = Scheduler::new(policy, 3);
+        for id in 0..3 {
+            let mut n = plugged_node(id, 1 + id as u32, 60.0, 3600);
+            // Node 0 is the most attractive (no RTT) but unattested.
+            if id == 0 {
+                n.attested = false;
+                n.link_rtt_ms = 0.0;
+            }
+            s.upsert_node(n);
+        }
+        let job = |id: u64, sensitive: bool| QueuedJob {
+            id: JobId(id),
+            class: JobClass::Interactive,
+            model: "m".into(),
+            prompt_tokens: 100 + id as u32,
+            max_tokens: 50,
+            generated_tokens: 0,
+            deadline: None,
+            residency: None,
+            tenant: "t".into(),
+            sensitive,
+            enqueued_at: id,
+            running_on: None,
+        };
+        // Six slots in all (1 + 2 + 3), five of them on attested nodes.
+        let queue: Vec<QueuedJob> = (0..8).map(|i| job(i, i % 2 == 0)).collect();
+        let d = s.decide(10, &queue);
+        let mut per_node = std::collections::HashMap::new();
+        for a in &d.assignments {
+            *per_node.entry(a.node).or_insert(0u32) += 1;
+            let j = &queue[a.job.0 as usize];
+            assert!(
+                !(j.sensitive && a.node == NodeId(0)),
+                "{policy}: sensitive job on the unattested node"
+            );
+        }
+        for (node, n) in &per_node {
+            assert!(*n <= 1 + node.0 as u32, "{policy}: {node} over its slots");
+        }
+        assert_eq!(d.assignments.len(), 6, "{policy}: every slot is used");
+        for id in 0..3 {
+            let v = s.node(NodeId(id)).expect("node");
+            assert_eq!(v.slots_busy, v.slots_total);
+        }
+    }
+}
