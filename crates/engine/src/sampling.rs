@@ -80,13 +80,13 @@ pub fn uniform(seed: u64, index: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Natural log of the sum of exponentials, computed stably.
-pub fn log_sum_exp(logits: &[f32]) -> f32 {
-    if logits.is_empty() {
-        return f32::NEG_INFINITY;
-    }
-    let max = logits[argmax(logits)];
-    max + sum_exp_shifted(logits, max).ln()
+/// The index of the largest logit and the log of the sum of exponentials, sharing the one pass
+/// that finds the maximum (both are needed for every generated or scored token). `logits` must
+/// not be empty.
+pub fn argmax_and_log_sum_exp(logits: &[f32]) -> (usize, f32) {
+    let best = argmax(logits);
+    let max = logits[best];
+    (best, max + sum_exp_shifted(logits, max).ln())
 }
 
 /// Lanes of the exponential sum: independent accumulators the compiler turns into SIMD
@@ -173,9 +173,9 @@ pub fn top_n(logits: &[f32], n: usize) -> Vec<usize> {
 
 /// Samples the token at generation index `index`.
 pub fn sample(logits: &[f32], params: &SamplingParams, index: u64, n_top: usize) -> Sampled {
-    let lse = log_sum_exp(logits);
+    let (best, lse) = argmax_and_log_sum_exp(logits);
     let chosen = if params.is_greedy() {
-        argmax(logits)
+        best
     } else {
         sample_stochastic(logits, params, uniform(params.seed, index))
     };
@@ -304,7 +304,7 @@ mod tests {
                 .map(|&l| ((l - max) as f64).exp())
                 .sum::<f64>()
                 .ln();
-        let ours = super::log_sum_exp(&logits) as f64;
+        let ours = super::argmax_and_log_sum_exp(&logits).1 as f64;
         assert!((ours - direct).abs() < 1e-5, "{ours} vs {direct}");
     }
 

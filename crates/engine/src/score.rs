@@ -13,7 +13,7 @@
 //! from the generating run's by rounding: a greedy token that won a near-tie may come second
 //! here. Callers compare with a tolerance (see `gap`), never for exact equality.
 
-use crate::sampling::{argmax, log_sum_exp, truncated_support, SamplingParams, TokenId};
+use crate::sampling::{argmax_and_log_sum_exp, truncated_support, SamplingParams, TokenId};
 
 /// A prompt and the output tokens claimed to follow it.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,8 +84,7 @@ pub struct ScoreResult {
 
 /// Scores `token` against the logits of the position before it.
 pub fn score_position(logits: &[f32], token: TokenId, sampling: &SamplingParams) -> TokenScore {
-    let lse = log_sum_exp(logits);
-    let best = argmax(logits);
+    let (best, lse) = argmax_and_log_sum_exp(logits);
     let t = token as usize;
     let lt = logits[t];
     let rank = logits.iter().filter(|&&l| l > lt).count() as u32;
@@ -147,8 +146,7 @@ fn moments(probs: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// The position after the last claimed token.
 pub fn next_position(logits: &[f32], eog_tokens: &[TokenId]) -> NextScore {
-    let lse = log_sum_exp(logits);
-    let best = argmax(logits);
+    let (best, lse) = argmax_and_log_sum_exp(logits);
     let best_eog = eog_tokens
         .iter()
         .map(|&t| logits[t as usize])

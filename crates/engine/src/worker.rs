@@ -74,6 +74,13 @@ struct Active {
     first_token: Option<Instant>,
 }
 
+impl Active {
+    /// An interactive prompt not yet fully prefilled: it gets a step of its own (see `step`).
+    fn interactive_prefill_pending(&self) -> bool {
+        self.request.interactive && self.prefilled < self.prefill.len()
+    }
+}
+
 pub(crate) struct Worker<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
@@ -274,10 +281,7 @@ impl<'m> Worker<'m> {
         let mut seqs_in_batch = 0u32;
         // An interactive prompt waiting for prefill gets a step of its own: its first token
         // then waits for one prefill, not for a decode step of everything else as well.
-        let urgent = self
-            .active
-            .iter()
-            .any(|a| a.request.interactive && a.prefilled < a.prefill.len());
+        let urgent = self.active.iter().any(Active::interactive_prefill_pending);
         if urgent {
             prefill_budget = self.batch_capacity;
             if self.active.len() > 1 {
@@ -285,7 +289,7 @@ impl<'m> Worker<'m> {
             }
         }
         for (ai, a) in self.active.iter_mut().enumerate() {
-            if urgent && !(a.request.interactive && a.prefilled < a.prefill.len()) {
+            if urgent && !a.interactive_prefill_pending() {
                 continue;
             }
             if let Some(tok) = a.next_input.take() {
