@@ -160,14 +160,14 @@ fn cursor(
 
 impl Store {
     pub async fn insert_file(&self, file: NewFile) -> Result<(), StoreError> {
-        self.read(move |conn, sealer| put_file(conn, sealer, &file))
+        self.with_conn(move |conn, sealer| put_file(conn, sealer, &file))
             .await
     }
 
     /// A tenant's file (None for another tenant's).
     pub async fn file(&self, tenant: &str, id: &str) -> Result<Option<FileObject>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             Ok(conn
                 .query_row(
                     "SELECT id, bytes, created_s, filename, purpose FROM files
@@ -186,7 +186,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
-        self.read(move |conn, sealer| {
+        self.with_conn(move |conn, sealer| {
             let sealed: Option<Vec<u8>> = conn
                 .query_row(
                     "SELECT content FROM files WHERE id = ?1 AND tenant = ?2",
@@ -210,7 +210,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<FileObject>, bool), StoreError> {
         let tenant = tenant.to_string();
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             let before = cursor(conn, "files", &tenant, after.as_deref())?;
             let mut rows: Vec<FileObject> = conn
                 .prepare(
@@ -230,7 +230,7 @@ impl Store {
     /// Deletes a tenant's file; false when there is none.
     pub async fn delete_file(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             Ok(conn.execute(
                 "DELETE FROM files WHERE id = ?1 AND tenant = ?2",
                 params![id, tenant],
@@ -241,7 +241,7 @@ impl Store {
 
     pub async fn insert_batch(&self, tenant: &str, batch: Batch) -> Result<(), StoreError> {
         let tenant = tenant.to_string();
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             conn.execute(
                 "INSERT INTO batches (id, tenant, status, record) VALUES (?1, ?2, ?3, ?4)",
                 params![
@@ -259,7 +259,7 @@ impl Store {
     /// A tenant's batch (None for another tenant's).
     pub async fn batch(&self, tenant: &str, id: &str) -> Result<Option<Batch>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             conn.query_row(
                 "SELECT record FROM batches WHERE id = ?1 AND tenant = ?2",
                 params![id, tenant],
@@ -280,7 +280,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<Batch>, bool), StoreError> {
         let tenant = tenant.to_string();
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             let before = cursor(conn, "batches", &tenant, after.as_deref())?;
             let records: Vec<String> = conn
                 .prepare(
@@ -302,12 +302,12 @@ impl Store {
 
     /// Writes a batch's record (status, timestamps, counts).
     pub async fn update_batch(&self, batch: Batch) -> Result<(), StoreError> {
-        self.read(move |conn, _| put_batch(conn, &batch)).await
+        self.with_conn(move |conn, _| put_batch(conn, &batch)).await
     }
 
     /// Batches the runner still works on, with their tenants, oldest first.
     pub async fn active_batches(&self) -> Result<Vec<(String, Batch)>, StoreError> {
-        self.read(|conn, _| {
+        self.with_conn(|conn, _| {
             let rows: Vec<(String, String)> = conn
                 .prepare(
                     "SELECT tenant, record FROM batches
@@ -335,7 +335,7 @@ impl Store {
         let tenant = tenant.to_string();
         let valid = lines.iter().filter(|l| l.outcome.is_ok()).count() as u64;
         let first_id = self.reserve_job_ids(valid);
-        self.read(move |conn, sealer| {
+        self.with_conn(move |conn, sealer| {
             let tx = conn.transaction()?;
             let created_ms = batch.in_progress_at.unwrap_or(batch.created_at) * 1000;
             let mut jobs = Vec::with_capacity(valid as usize);
@@ -395,7 +395,7 @@ impl Store {
     /// How far a batch's lines got.
     pub async fn batch_progress(&self, batch: &str) -> Result<Progress, StoreError> {
         let batch = batch.to_string();
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             let mut p = Progress::default();
             let mut stmt = conn.prepare_cached(
                 "SELECT j.state, count(*) FROM batch_requests b LEFT JOIN jobs j ON j.id = b.job_id
@@ -422,7 +422,7 @@ impl Store {
     /// Jobs of a batch not yet ended in the store.
     pub async fn unfinished_batch_jobs(&self, batch: &str) -> Result<Vec<u64>, StoreError> {
         let batch = batch.to_string();
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             Ok(conn
                 .prepare(
                     "SELECT j.id FROM batch_requests b JOIN jobs j ON j.id = b.job_id
@@ -437,14 +437,14 @@ impl Store {
     /// Marks every job of `batch` still queued in the store as cancelled (durable on return).
     pub async fn cancel_batch_jobs(&self, batch: &str, now_ms: u64) -> Result<usize, StoreError> {
         let batch = batch.to_string();
-        self.read(move |conn, _| Ok(cancel_jobs(conn, &batch, now_ms)?))
+        self.with_conn(move |conn, _| Ok(cancel_jobs(conn, &batch, now_ms)?))
             .await
     }
 
     /// At startup, before unfinished jobs are loaded: the jobs of batches being cancelled or
     /// past their window are marked cancelled, so none of them starts again.
     pub async fn settle_ending_batches(&self, now_s: u64) -> Result<usize, StoreError> {
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             let records: Vec<String> = conn
                 .prepare(
                     "SELECT record FROM batches WHERE status IN ('in_progress', 'cancelling')",
@@ -466,7 +466,7 @@ impl Store {
     /// Every line of a batch in input order, with the job that answered it.
     pub async fn batch_results(&self, batch: &str) -> Result<Vec<LineResult>, StoreError> {
         let batch = batch.to_string();
-        self.read(move |conn, sealer| {
+        self.with_conn(move |conn, sealer| {
             let rows: Vec<(String, Option<u64>, Option<String>)> = conn
                 .prepare(
                     "SELECT custom_id, job_id, error FROM batch_requests
@@ -492,7 +492,7 @@ impl Store {
 
     /// Ends a batch in one transaction: its output and error files and its final record.
     pub async fn finish_batch(&self, batch: Batch, files: Vec<NewFile>) -> Result<(), StoreError> {
-        self.read(move |conn, sealer| {
+        self.with_conn(move |conn, sealer| {
             let tx = conn.transaction()?;
             for f in &files {
                 put_file(&tx, sealer, f)?;

@@ -100,7 +100,7 @@ pub struct Reputation {
 impl Reputation {
     pub async fn load(store: Store) -> Result<Self, StoreError> {
         let records = store
-            .read(|conn, _| {
+            .with_conn(|conn, _| {
                 let mut stmt = conn.prepare(
                     "SELECT node, passed, inconclusive, sampled_tokens, sampled_excess,
                             sampled_variance, sampled_looks, quarantined_ms, quarantine_reason
@@ -221,7 +221,7 @@ impl Reputation {
     pub async fn suspect_jobs(&self, node: &str, since_ms: u64) -> Result<Vec<u64>, StoreError> {
         let node = node.to_string();
         self.store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 let ids = conn
                     .prepare(
                         "SELECT job_id FROM job_producers WHERE node = ?1 AND finished_ms >= ?2
@@ -253,7 +253,7 @@ pub async fn queue_discard_tokens(store: &Store, job: u64) {
 /// finished `done` job). Durable on return.
 pub async fn reopen_for_rerun(store: &Store, job: u64) -> Result<Option<StoredJob>, StoreError> {
     store
-        .read(move |conn, sealer| {
+        .with_conn(move |conn, sealer| {
             let tx = conn.transaction()?;
             let changed = tx.execute(
                 "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,

@@ -207,7 +207,7 @@ enum Op {
     },
     /// Runs on the store thread after the current group's commit, outside any transaction
     /// (reads, and rare writes that commit on their own).
-    Read(Box<dyn FnOnce(&mut Connection) + Send>),
+    WithConn(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
 /// A write applied inside the open transaction, waiting for the commit to answer.
@@ -275,14 +275,15 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs `f` on the store thread after every operation queued before it is committed.
-    pub(crate) async fn read<T: Send + 'static>(
+    /// Runs `f` with the connection on the store thread, after every operation queued before it
+    /// is committed: reads, and writes that commit on their own outside the group commit.
+    pub(crate) async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection, &Sealer) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let sealer = Arc::clone(&self.sealer);
         self.request(|reply| {
-            Op::Read(Box::new(move |conn| {
+            Op::WithConn(Box::new(move |conn| {
                 let _ = reply.send(f(conn, &sealer));
             }))
         })
@@ -297,7 +298,7 @@ impl Store {
              AND id NOT IN (SELECT r.job_id FROM batch_requests r JOIN batches b ON b.id = r.batch_id
                             WHERE r.job_id IS NOT NULL
                               AND b.status NOT IN ('completed', 'failed', 'expired', 'cancelled'))";
-        self.read(move |conn, _| {
+        self.with_conn(move |conn, _| {
             let tx = conn.transaction()?;
             let cutoff = cutoff_ms as i64;
             tx.execute(
@@ -441,7 +442,7 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
     ) {
-        let op = Op::Read(Box::new(move |conn| {
+        let op = Op::WithConn(Box::new(move |conn| {
             if let Err(e) = f(conn) {
                 tracing::error!(cause = %e, "job store write failed");
             }
@@ -453,13 +454,13 @@ impl Store {
 
     /// Returns once every operation queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.read(|_, _| Ok(())).await
+        self.with_conn(|_, _| Ok(())).await
     }
 
     /// Puts a job that was cancelled (its client went away) back in the `queued` state and
     /// returns it with its tokens; None when it is not a cancelled job. Durable on return.
     pub async fn reopen_cancelled(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
-        self.read(move |conn, sealer| {
+        self.with_conn(move |conn, sealer| {
             let changed = conn.execute(
                 "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
                  text_tail = NULL, error = NULL WHERE id = ?1 AND state = 'cancelled'",
@@ -474,13 +475,13 @@ impl Store {
     }
 
     pub async fn load_job(&self, job: u64) -> Result<Option<StoredJob>, StoreError> {
-        self.read(move |conn, sealer| load_one(conn, sealer, job))
+        self.with_conn(move |conn, sealer| load_one(conn, sealer, job))
             .await
     }
 
     /// Every job not yet ended, with its tokens (for recovery after a restart).
     pub async fn load_unfinished(&self) -> Result<Vec<StoredJob>, StoreError> {
-        self.read(|conn, sealer| {
+        self.with_conn(|conn, sealer| {
             let ids: Vec<u64> = conn
                 .prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id")?
                 .query_map([], |r| r.get(0))?
@@ -514,12 +515,12 @@ fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>, sealer: &Sealer) {
 
 fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
     let mut applied = Vec::with_capacity(batch.len());
-    let mut reads = Vec::new();
+    let mut after_commit = Vec::new();
     let committed = match conn.transaction() {
         Ok(mut tx) => {
             for op in batch.drain(..) {
                 match op {
-                    Op::Read(f) => reads.push(f),
+                    Op::WithConn(f) => after_commit.push(f),
                     write => applied.push(apply_in_savepoint(&mut tx, write, sealer)),
                 }
             }
@@ -528,7 +529,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
         Err(e) => {
             for op in batch.drain(..) {
                 match op {
-                    Op::Read(f) => reads.push(f),
+                    Op::WithConn(f) => after_commit.push(f),
                     write => applied.push(not_applied(write)),
                 }
             }
@@ -563,7 +564,7 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
             }
         }
     }
-    for f in reads {
+    for f in after_commit {
         f(conn);
     }
 }
@@ -573,7 +574,7 @@ fn not_applied(op: Op) -> Applied {
     match op {
         Op::Insert { reply, .. } => Applied::Insert(reply, Err(err())),
         Op::Tokens { reply, .. } | Op::Finish { reply, .. } => Applied::Unit(reply, Err(err())),
-        Op::Read(_) => unreachable!("reads are not applied"),
+        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
     }
 }
 
@@ -621,7 +622,7 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op, sealer: &Seale
             outcome,
             reply,
         } => Applied::Unit(reply, finish(&sp, sealer, job, &outcome)),
-        Op::Read(_) => unreachable!("reads are not applied"),
+        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
     };
     let ok = match &applied {
         Applied::Insert(_, r) => r.is_ok(),

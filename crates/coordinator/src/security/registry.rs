@@ -106,7 +106,7 @@ impl Registry {
         let node = node_id.to_string();
         let now = unix_ms();
         self.store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 conn.execute(
                     "INSERT INTO enrollment_tokens (token_sha256, node_id, created_ms, expires_ms)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -124,7 +124,7 @@ impl Registry {
         let now = unix_ms() as i64;
         let node: Option<String> = self
             .store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 let node: Option<String> = conn
                     .query_row(
                         "UPDATE enrollment_tokens SET used_ms = ?2
@@ -153,7 +153,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let (node, serial) = (node_id.to_string(), serial.to_string());
         self.store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 conn.execute(
                     "INSERT INTO node_certificates (serial, node_id, issued_ms, not_after_ms)
                      VALUES (?1, ?2, ?3, ?4)",
@@ -174,7 +174,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let node = node_id.to_string();
         self.store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 match ak_public {
                     Some(ak) => conn.execute(
                         "INSERT INTO node_attestation_keys (node_id, ak_public, enrolled_ms)
@@ -197,7 +197,7 @@ impl Registry {
         let node = node_id.to_string();
         Ok(self
             .store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 Ok(conn
                     .query_row(
                         "SELECT ak_public FROM node_attestation_keys WHERE node_id = ?1",
@@ -215,7 +215,7 @@ impl Registry {
         check_node_id(node_id)?;
         let (node, reason) = (node_id.to_string(), reason.to_string());
         self.store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 conn.execute(
                     "INSERT INTO revoked_nodes (node_id, revoked_ms, reason) VALUES (?1, ?2, ?3)
                      ON CONFLICT (node_id) DO NOTHING",
@@ -235,7 +235,7 @@ impl Registry {
         let node = node_id.to_string();
         Ok(self
             .store
-            .read(move |conn, _| {
+            .with_conn(move |conn, _| {
                 Ok(conn
                     .query_row(
                         "SELECT reason FROM revoked_nodes WHERE node_id = ?1",
@@ -251,7 +251,7 @@ impl Registry {
     pub async fn revoked(&self) -> Result<Vec<String>, RegistryError> {
         Ok(self
             .store
-            .read(|conn, _| {
+            .with_conn(|conn, _| {
                 let mut stmt = conn.prepare_cached("SELECT node_id FROM revoked_nodes")?;
                 let ids = stmt
                     .query_map([], |r| r.get(0))?
