@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, spawn_coordinator, wait_http, wait_models};
+use common::process::{wait_models, KillableFleet};
 use common::{greedy_chat, metric, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
@@ -274,18 +274,8 @@ fn batch_job_states(db: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once() {
     const N: usize = 40;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("jobs.db");
-    let (http, grpc) = (free_port(), free_port());
-    let base = format!("http://127.0.0.1:{http}");
-    let client = reqwest::Client::new();
-    let mut coordinator = spawn_coordinator(http, grpc, &db);
-    wait_http(&client, &base).await;
-    let grpc_addr = format!("127.0.0.1:{grpc}");
-    let _agents = [
-        start_agent(&grpc_addr, "vehicle-a", 2).await,
-        start_agent(&grpc_addr, "vehicle-b", 2).await,
-    ];
+    let mut fleet = KillableFleet::start(2).await;
+    let (db, base, client) = (fleet.db.clone(), fleet.base.clone(), fleet.client.clone());
     wait_models(&client, &base).await;
     let id = start_batch(&client, &base, &input(N, 24), "24h").await;
     // SIGKILL once some requests are done and others are not.
@@ -300,15 +290,13 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
         assert!(Instant::now() < deadline, "no progress: {states:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = coordinator.0.kill();
-    let _ = coordinator.0.wait();
+    fleet.kill_coordinator();
     let at_kill = batch_job_states(&db);
     println!(
         "at SIGKILL: {} of {N} done",
         at_kill.iter().filter(|s| *s == "done").count()
     );
-    coordinator = spawn_coordinator(http, grpc, &db);
-    wait_http(&client, &base).await;
+    fleet.restart_coordinator().await;
     let b = wait_batch(&client, &base, &id, ended).await;
     assert_eq!(b["status"], "completed", "{b}");
     let (output, _) = results(&client, &base, &b, N).await;
@@ -317,7 +305,6 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
     let states = batch_job_states(&db);
     assert_eq!(states.len(), N);
     assert!(states.iter().all(|s| s == "done"), "{states:?}");
-    drop(coordinator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

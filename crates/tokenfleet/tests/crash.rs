@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, spawn_coordinator, wait_http, wait_models, Proc, BIN};
+use common::process::{wait_models, KillableFleet, Proc, BIN};
 use common::{chat_stream_text, greedy_chat, model_path, sse_events, start_agent, Fleet, KEY};
 use futures::StreamExt;
 use serde_json::Value;
@@ -50,18 +50,8 @@ fn prompt(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("jobs.db");
-    let (http, grpc) = (free_port(), free_port());
-    let base = format!("http://127.0.0.1:{http}");
-    let client = reqwest::Client::new();
-    let mut coordinator = spawn_coordinator(http, grpc, &db);
-    wait_http(&client, &base).await;
-    let grpc_addr = format!("127.0.0.1:{grpc}");
-    let _agents = [
-        start_agent(&grpc_addr, "vehicle-a", 4).await,
-        start_agent(&grpc_addr, "vehicle-b", 4).await,
-    ];
+    let mut fleet = KillableFleet::start(4).await;
+    let (db, base, client) = (fleet.db.clone(), fleet.base.clone(), fleet.client.clone());
 
     // 20 jobs, half streaming, each with an Idempotency-Key; 8 slots, so some queue.
     let mut inflight = Vec::new();
@@ -87,8 +77,7 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = job_rows(&db);
-    let _ = coordinator.0.kill();
-    let _ = coordinator.0.wait();
+    fleet.kill_coordinator();
     for t in inflight {
         let _ = t.await;
     }
@@ -100,8 +89,7 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
     );
 
     // Restart on the same store and ports; agents reconnect by themselves.
-    coordinator = spawn_coordinator(http, grpc, &db);
-    wait_http(&client, &base).await;
+    fleet.restart_coordinator().await;
     wait_models(&client, &base).await;
     let mut answers = Vec::new();
     for i in 0..20 {
@@ -152,7 +140,6 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
         fresh["choices"][0]["message"]["content"].as_str().unwrap(),
         answers[1]
     );
-    drop(coordinator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
