@@ -142,10 +142,9 @@ impl Agent {
         &self.status
     }
 
-    /// Stops the session and the core, waiting for both.
-    /// Stops the session and the core, waiting for both, then (at most 10 s) for the engine to
-    /// drop the stopped jobs' sequences, so a process exiting next never tears llama.cpp down
-    /// under a running decode.
+    /// Stops the session and the core, waiting for both, then (at most 10 s, without blocking
+    /// the executor) for the engine to drop the stopped jobs' sequences: the engine may be
+    /// shared, and its own wait on drop happens only when its last handle goes.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
