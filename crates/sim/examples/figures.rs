@@ -1,7 +1,7 @@
 //! Print the measured figures for a scenario.
 //!
 //! `cargo run --release -p tokenfleet-sim --example figures -- [SCENARIO] [--policy P | --compare]
-//!  [--vehicles N] [--days D] [--seed S] [--json] [--plots DIR]`
+//!  [--vehicles N] [--days D] [--seed S] [--threads N] [--json] [--plots DIR]`
 //!
 //! Prints wall time and peak RSS (from /proc/self/status) to stderr.
 
@@ -40,6 +40,10 @@ fn main() {
             }
             "--days" => {
                 opts.days = next(i).parse().ok();
+                i += 1;
+            }
+            "--threads" => {
+                opts.threads = next(i).parse().ok();
                 i += 1;
             }
             "--seed" => {

@@ -136,111 +136,174 @@ pub struct Sim<'a> {
     inter: InteractiveGen,
     trace: Vec<TraceRequest>,
     trace_pos: usize,
+    from_trace: bool,
     pub model_ids: Vec<String>,
     pub parked: u32,
     pub eligible_count: u32,
     pub slots_busy: u64,
-    opts: &'a RunOptions,
-    pub seed: u64,
+    /// Where this partition reports its progress (shared with the other partitions).
+    progress: Option<&'a crate::partition::SharedProgress>,
+    part_index: usize,
+    /// The model this partition serves (`None`: all).
+    part_model: Option<String>,
 }
 
-impl<'a> Sim<'a> {
-    pub fn new(
-        sc: &'a Scenario,
-        policy: PolicyKind,
-        opts: &'a RunOptions,
-        trace: Vec<TraceRequest>,
-        policies: &[Arc<Policy>],
-    ) -> Self {
-        let seed = opts.seed.unwrap_or(sc.seed);
-        let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
+/// The run's clock and measurement window.
+pub(crate) struct Window {
+    pub clock: Clock,
+    pub t_start: Millis,
+    pub t_end: Millis,
+}
+
+impl Window {
+    pub fn of(sc: &Scenario, opts: &RunOptions) -> Self {
         let days = opts.days.unwrap_or(sc.days);
         let t0 = (EPOCH_MONDAY as i64 - sc.utc_offset_min as i64 * 60_000) as Millis;
         let t_start = t0
             + sc.warmup_days as u64 * DAY
             + (sc.start_hour.clamp(0.0, 24.0) * HOUR as f64) as u64;
         let t_end = t_start + (days * DAY as f64) as u64;
-        let clock = Clock { t0 };
-        let mut rng = Rng::derive(seed, 1);
-        let mut vehicles = Vec::with_capacity(vehicles_n as usize);
-        let mut histories = Vec::with_capacity(vehicles_n as usize);
-        let mut governors = Vec::with_capacity(vehicles_n as usize);
-        for _ in 0..vehicles_n {
-            let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
-            let class = rng.weighted(sc.compute.iter().map(|c| c.share));
-            let region = rng.weighted(sc.regions.iter().map(|r| r.share));
-            let a = &sc.archetypes[arch];
-            let slot_h = rng.uniform(0.0, 1.5) as f32;
-            // Start somewhere in the last stay before t0, then let warm-up settle things.
-            let from = match a.kind {
-                ArchetypeKind::Commuter => Place::Work,
-                ArchetypeKind::DeliveryVan => Place::Depot,
-                ArchetypeKind::RideHail => Place::Public,
-                ArchetypeKind::CarShare => Place::Public,
-            };
-            // Pre-history: walk the vehicle's stays from `back` hours before t0 to the start of
-            // measurement without the event loop (nothing computes before it), recording each
-            // finished stay in the dwell history and tracking the state of charge.
-            let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
-            let mut soc = rng.uniform(40.0, 90.0) as f32;
-            let mut history = DwellHistory::new(sc.utc_offset_min);
-            let mut stay = vehicle_model::next_stay(
+        Window {
+            clock: Clock { t0 },
+            t_start,
+            t_end,
+        }
+    }
+}
+
+/// One partition of a run (see [`crate::partition`]): its vehicles (with their dwell
+/// histories and governors), its share of the workload and its random streams.
+pub(crate) struct Part {
+    /// Index among the run's partitions (fixed by the scenario, not the thread count).
+    pub index: usize,
+    /// The partition's own seed (the run's seed when the run has one partition).
+    pub seed: u64,
+    /// The model this partition serves; `None`: every model (a run with one partition).
+    pub model: Option<String>,
+    /// Peak interactive arrival rate of this partition's model.
+    pub interactive_peak_rps: f64,
+    pub vehicles: Vec<Vehicle>,
+    pub histories: Vec<DwellHistory>,
+    pub governors: Vec<Governor>,
+    /// This partition's requests of a workload trace (relative times, sorted).
+    pub trace: Vec<TraceRequest>,
+    /// The run's workload is a trace (this partition's part of it may be empty).
+    pub from_trace: bool,
+}
+
+/// Build the whole fleet in vehicle order from the run's seed: archetype, class, region and
+/// each vehicle's pre-history up to the start of measurement. Partitioning takes vehicles
+/// from this list, so the fleet is the same whatever the partitioning.
+pub(crate) fn build_fleet(
+    sc: &Scenario,
+    opts: &RunOptions,
+    policies: &[Arc<Policy>],
+) -> (Vec<Vehicle>, Vec<DwellHistory>, Vec<Governor>) {
+    let seed = opts.seed.unwrap_or(sc.seed);
+    let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
+    let Window { clock, t_start, .. } = Window::of(sc, opts);
+    let t0 = clock.t0;
+    let mut rng = Rng::derive(seed, 1);
+    let mut vehicles = Vec::with_capacity(vehicles_n as usize);
+    let mut histories = Vec::with_capacity(vehicles_n as usize);
+    let mut governors = Vec::with_capacity(vehicles_n as usize);
+    for _ in 0..vehicles_n {
+        let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
+        let class = rng.weighted(sc.compute.iter().map(|c| c.share));
+        let region = rng.weighted(sc.regions.iter().map(|r| r.share));
+        let a = &sc.archetypes[arch];
+        let slot_h = rng.uniform(0.0, 1.5) as f32;
+        // Start somewhere in the last stay before t0, then let warm-up settle things.
+        let from = match a.kind {
+            ArchetypeKind::Commuter => Place::Work,
+            ArchetypeKind::DeliveryVan => Place::Depot,
+            ArchetypeKind::RideHail => Place::Public,
+            ArchetypeKind::CarShare => Place::Public,
+        };
+        // Pre-history: walk the vehicle's stays from `back` hours before t0 to the start of
+        // measurement without the event loop (nothing computes before it), recording each
+        // finished stay in the dwell history and tracking the state of charge.
+        let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
+        let mut soc = rng.uniform(40.0, 90.0) as f32;
+        let mut history = DwellHistory::new(sc.utc_offset_min);
+        let mut stay = vehicle_model::next_stay(
+            a.kind,
+            &a.plug_prob,
+            &mut rng,
+            &clock,
+            t0 - back,
+            from,
+            slot_h as f64,
+        );
+        while stay.depart <= t_start {
+            if stay.arrive >= t0 {
+                history.record(stay.arrive, stay.depart);
+            }
+            soc = vehicle_model::charge_during(a, &stay, stay.depart, soc);
+            let next = vehicle_model::next_stay(
                 a.kind,
                 &a.plug_prob,
                 &mut rng,
                 &clock,
-                t0 - back,
-                from,
+                stay.depart,
+                stay.place,
                 slot_h as f64,
             );
-            while stay.depart <= t_start {
-                if stay.arrive >= t0 {
-                    history.record(stay.arrive, stay.depart);
-                }
-                soc = vehicle_model::charge_during(a, &stay, stay.depart, soc);
-                let next = vehicle_model::next_stay(
-                    a.kind,
-                    &a.plug_prob,
-                    &mut rng,
-                    &clock,
-                    stay.depart,
-                    stay.place,
-                    slot_h as f64,
-                );
-                let drive_kwh = vehicle_model::trip_kwh(next.arrive - stay.depart);
-                soc = (soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
-                stay = next;
-            }
-            if stay.arrive < t_start {
-                soc = vehicle_model::charge_during(a, &stay, t_start, soc);
-            }
-            vehicles.push(Vehicle {
-                arch: arch as u8,
-                class: class as u8,
-                region: region as u16,
-                stay,
-                parked: false,
-                link_up: true,
-                eligible: false,
-                gov_allowed: false,
-                gov_wake: 0,
-                soc,
-                last_t: t_start,
-                busy: 0,
-                epoch: 0,
-                stay_no: 0,
-                slot_h,
-                rtt_ms: 0.0,
-                running: Vec::new(),
-                forecast: DepartureForecast::unknown(t_start),
-                forecast_stay: u32::MAX,
-            });
-            histories.push(history);
-            governors.push(Governor::shared(
-                Arc::clone(&policies[arch]),
-                VMillis(t0 - back),
-            ));
+            let drive_kwh = vehicle_model::trip_kwh(next.arrive - stay.depart);
+            soc = (soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
+            stay = next;
         }
+        if stay.arrive < t_start {
+            soc = vehicle_model::charge_during(a, &stay, t_start, soc);
+        }
+        vehicles.push(Vehicle {
+            arch: arch as u8,
+            class: class as u8,
+            region: region as u16,
+            stay,
+            parked: false,
+            link_up: true,
+            eligible: false,
+            gov_allowed: false,
+            gov_wake: 0,
+            soc,
+            last_t: t_start,
+            busy: 0,
+            epoch: 0,
+            stay_no: 0,
+            slot_h,
+            rtt_ms: 0.0,
+            running: Vec::new(),
+            forecast: DepartureForecast::unknown(t_start),
+            forecast_stay: u32::MAX,
+        });
+        histories.push(history);
+        governors.push(Governor::shared(
+            Arc::clone(&policies[arch]),
+            VMillis(t0 - back),
+        ));
+    }
+    (vehicles, histories, governors)
+}
+
+impl<'a> Sim<'a> {
+    pub(crate) fn new(
+        sc: &'a Scenario,
+        policy: PolicyKind,
+        opts: &'a RunOptions,
+        part: Part,
+        progress: Option<&'a crate::partition::SharedProgress>,
+    ) -> Self {
+        let Window {
+            clock,
+            t_start,
+            t_end,
+        } = Window::of(sc, opts);
+        let seed = part.seed;
+        let vehicles = part.vehicles;
+        let histories = part.histories;
+        let governors = part.governors;
+        let vehicles_n = vehicles.len();
         let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
         model_ids.dedup();
         let mut sim = Sim {
@@ -259,7 +322,7 @@ impl<'a> Sim<'a> {
             jobs: Vec::new(),
             free_jobs: Vec::new(),
             next_run: 0,
-            registered: vec![false; vehicles_n as usize],
+            registered: vec![false; vehicles_n],
             scratch: Vec::new(),
             queue_buf: Vec::new(),
             ids_buf: Vec::new(),
@@ -274,15 +337,17 @@ impl<'a> Sim<'a> {
             sweep_at: None,
             freed: 0,
             last_sweep: 0,
-            inter: InteractiveGen::new(seed, sc.workload.interactive_peak_rps),
-            trace,
+            inter: InteractiveGen::new(seed, part.interactive_peak_rps, part.model.clone()),
+            trace: part.trace,
+            from_trace: part.from_trace,
             trace_pos: 0,
             model_ids,
             parked: 0,
             eligible_count: 0,
             slots_busy: 0,
-            opts,
-            seed,
+            progress,
+            part_index: part.index,
+            part_model: part.model,
         };
         for v in 0..sim.vehicles.len() {
             let s = sim.vehicles[v].stay;
@@ -309,11 +374,12 @@ impl<'a> Sim<'a> {
             self.m.events += 1;
             self.prefetch_ahead();
             if self.live && t >= next_progress {
-                if let Some(p) = &self.opts.progress {
-                    p(crate::Progress {
-                        policy: self.policy,
-                        fraction: ((t - self.t_start) as f64 / span).min(1.0),
-                    });
+                if let Some(p) = self.progress {
+                    p.report(
+                        self.part_index,
+                        self.policy,
+                        ((t - self.t_start) as f64 / span).min(1.0),
+                    );
                 }
                 next_progress = t + HOUR;
             }
@@ -414,7 +480,7 @@ impl<'a> Sim<'a> {
             self.reevaluate(v, true);
             self.upsert(v);
         }
-        if self.trace.is_empty() {
+        if !self.from_trace {
             self.interactive_arrival_schedule();
             let days = ((self.t_end - self.t_start) as f64 / DAY as f64).ceil() as u32 + 1;
             for (i, d) in self.sc.workload.batch.iter().enumerate() {
@@ -425,8 +491,8 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-        } else {
-            let t = self.t_start + self.trace[0].t_ms;
+        } else if let Some(r) = self.trace.first() {
+            let t = self.t_start + r.t_ms;
             self.push(t, Ev::TraceNext);
         }
         self.push(self.t_start + SAMPLE_MS, Ev::Sample);
@@ -471,6 +537,9 @@ impl<'a> Sim<'a> {
 
     fn batch_dump(&mut self, d: usize, _day: u32) {
         let dump = &self.sc.workload.batch[d];
+        if self.part_model.as_ref().is_some_and(|m| *m != dump.model) {
+            return;
+        }
         if dump.weekdays_only && self.clock.weekday(self.now) >= 5 {
             return;
         }

@@ -329,7 +329,11 @@ mod tests {
             .iter()
             .map(|a| Arc::new(vehicle_model::governor_policy(a, sc.utc_offset_min).unwrap()))
             .collect();
-        let mut sim = Sim::new(&sc, PolicyKind::Tokenfleet, &opts, Vec::new(), &policies);
+        let part = crate::partition::split(&sc, &opts, &policies, Vec::new())
+            .into_iter()
+            .find(|p| !p.vehicles.is_empty())
+            .expect("the vehicle's partition");
+        let mut sim = Sim::new(&sc, PolicyKind::Tokenfleet, &opts, part, None);
         sim.live = true;
         let now = sim.t_start;
         sim.now = now;

@@ -20,6 +20,7 @@ mod engine;
 mod fleet;
 mod jobs;
 pub mod metrics;
+mod partition;
 pub mod plot;
 mod queue;
 pub mod report;
@@ -55,7 +56,12 @@ pub struct RunOptions {
     /// Record every scheduler call (for small runs: the trace holds full node views).
     pub record_trace: bool,
     pub progress: Option<ProgressFn>,
+    /// Threads to simulate the run's partitions on (one per model; see `run_checked`);
+    /// `None`: [`DEFAULT_THREADS`]. The report does not depend on it.
+    pub threads: Option<usize>,
 }
+
+pub use partition::DEFAULT_THREADS;
 
 /// Errors from `run_checked`.
 #[derive(Debug, thiserror::Error)]
@@ -85,12 +91,21 @@ pub fn run(scenario: &Scenario, policy: PolicyKind, opts: &RunOptions) -> RunRep
     }
 }
 
-/// Run one policy; also returns the scheduler trace when `opts.record_trace`.
+/// Run one policy; also returns the scheduler traces when `opts.record_trace` (else none).
+///
+/// The run is split into one independent simulation per model (every vehicle holds one model
+/// and every job asks for one), each with its vehicles, its own scheduler and random streams
+/// derived from the seed, simulated on up to `opts.threads` threads; the report merges them
+/// (sums; TTFT percentiles exact over all partitions' answers). Deterministic for a seed and
+/// independent of the thread count. So there is one scheduler, and one trace, per partition:
+/// the traces come in partition order (the compute classes' models, then other models the
+/// workload asks for, each at its first occurrence); node and job ids are per partition. A
+/// scenario with one model runs as one simulation, as before the split.
 pub fn run_checked(
     scenario: &Scenario,
     policy: PolicyKind,
     opts: &RunOptions,
-) -> Result<(RunReport, Option<SchedulerTrace>), SimError> {
+) -> Result<(RunReport, Vec<SchedulerTrace>), SimError> {
     let trace = match &scenario.workload.trace {
         Some(path) => workload::load_trace(path)?,
         None => Vec::new(),
@@ -108,9 +123,22 @@ pub fn run_checked(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut sim = engine::Sim::new(scenario, policy, opts, trace, &policies);
-    sim.run();
-    Ok(report::build(sim))
+    let parts = partition::split(scenario, opts, &policies, trace);
+    let mut m = metrics::Metrics::default();
+    let mut vehicles = 0;
+    let mut traces = Vec::new();
+    for r in partition::run_parts(scenario, policy, opts, parts) {
+        m.merge(r.metrics);
+        vehicles += r.vehicles;
+        traces.extend(r.trace);
+    }
+    let w = engine::Window::of(scenario, opts);
+    let days = (w.t_end - w.t_start) as f64 / vehicle_model::DAY as f64;
+    let seed = opts.seed.unwrap_or(scenario.seed);
+    Ok((
+        report::build(scenario, policy, seed, days, vehicles, m),
+        traces,
+    ))
 }
 
 /// Run every policy on the same scenario and seed.

@@ -133,6 +133,56 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Add another partition's metrics (partitions share the run's window and sampling
+    /// times). Counts and energy are sums; TTFT histograms are merged bucket by bucket, so the
+    /// percentiles are exactly those of all partitions' samples together; series points are
+    /// summed by sample time. Merging in partition order keeps floating-point sums
+    /// deterministic.
+    pub fn merge(&mut self, o: Metrics) {
+        self.delivered_int += o.delivered_int;
+        self.delivered_batch += o.delivered_batch;
+        self.wasted += o.wasted;
+        self.waste.lost_on_eviction += o.waste.lost_on_eviction;
+        self.waste.reprefill += o.waste.reprefill;
+        self.waste.refused_partial += o.waste.refused_partial;
+        self.reprefill += o.reprefill;
+        self.evictions += o.evictions;
+        self.preemptions += o.preemptions;
+        self.ttft_ms.merge(o.ttft_ms);
+        self.int_jobs += o.int_jobs;
+        self.int_slo_ok += o.int_slo_ok;
+        self.int_cut += o.int_cut;
+        self.int_rejected += o.int_rejected;
+        self.batch_jobs += o.batch_jobs;
+        self.batch_completed += o.batch_completed;
+        self.batch_due += o.batch_due;
+        self.batch_on_time += o.batch_on_time;
+        self.batch_rejected += o.batch_rejected;
+        self.grid_kwh += o.grid_kwh;
+        self.battery_kwh += o.battery_kwh;
+        self.energy_cost += o.energy_cost;
+        for (a, b) in self.calib_hits.iter_mut().zip(o.calib_hits) {
+            *a += b;
+        }
+        self.calib_n += o.calib_n;
+        for (k, v) in o.rejections {
+            *self.rejections.entry(k).or_default() += v;
+        }
+        if self.series.len() < o.series.len() {
+            self.series.resize(o.series.len(), SeriesPoint::default());
+        }
+        for (a, b) in self.series.iter_mut().zip(o.series) {
+            a.t_h = b.t_h;
+            a.vehicles_parked += b.vehicles_parked;
+            a.vehicles_eligible += b.vehicles_eligible;
+            a.slots_busy += b.slots_busy;
+            a.tokens += b.tokens;
+        }
+        self.tokens_in_bucket += o.tokens_in_bucket;
+        self.events += o.events;
+        self.scheduler_calls += o.scheduler_calls;
+    }
+
     pub fn calibration(&self) -> Calibration {
         let observed: Vec<f64> = self
             .calib_hits
@@ -181,6 +231,22 @@ impl MsHistogram {
             None => self.over.push(ms),
         }
         self.n += 1;
+    }
+
+    /// Add every value of `o` (percentiles are then those of both samples together).
+    pub fn merge(&mut self, o: MsHistogram) {
+        if o.counts.is_empty() && o.over.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.counts = o.counts;
+        } else {
+            for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+                *a += b;
+            }
+        }
+        self.over.extend(o.over);
+        self.n += o.n;
     }
 
     pub fn len(&self) -> u64 {
@@ -245,5 +311,19 @@ mod tests {
             assert_eq!(h.percentile(p), percentile(&mut raw, p), "p = {p}");
         }
         assert_eq!(MsHistogram::default().percentile(0.5), 0.0);
+        // Split into three histograms and merged back: the same percentiles.
+        let mut parts: Vec<MsHistogram> = (0..3).map(|_| MsHistogram::default()).collect();
+        for (i, &ms) in raw.iter().enumerate() {
+            parts[i % 3].push(ms);
+        }
+        let mut merged = MsHistogram::default();
+        merged.merge(MsHistogram::default());
+        for p in parts {
+            merged.merge(p);
+        }
+        assert_eq!(merged.len(), h.len());
+        for p in [0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(merged.percentile(p), percentile(&mut raw, p), "p = {p}");
+        }
     }
 }

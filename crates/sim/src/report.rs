@@ -2,17 +2,21 @@
 
 use std::fmt::Write;
 
-use tokenfleet_scheduler::SchedulerTrace;
+use tokenfleet_scheduler::PolicyKind;
 
-use crate::engine::Sim;
-use crate::metrics::{CompareReport, RunReport};
-use crate::vehicle_model::{wear_cost, DAY};
+use crate::metrics::{CompareReport, Metrics, RunReport};
+use crate::scenario::Scenario;
+use crate::vehicle_model::wear_cost;
 
-pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
-    let sc = sim.sc;
-    let seed = sim.seed;
-    let days = (sim.t_end - sim.t_start) as f64 / DAY as f64;
-    let mut m = sim.m;
+/// The report of a run from its (merged) metrics.
+pub(crate) fn build(
+    sc: &Scenario,
+    policy: PolicyKind,
+    seed: u64,
+    days: f64,
+    vehicles: u32,
+    mut m: Metrics,
+) -> RunReport {
     let delivered = m.delivered_int + m.delivered_batch;
     let pack_kwh: f64 = sc
         .archetypes
@@ -24,11 +28,10 @@ pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
     let revenue = m.delivered_int as f64 / 1e6 * sc.economics.price_per_mtok_interactive
         + m.delivered_batch as f64 / 1e6 * sc.economics.price_per_mtok_batch;
     let cost = m.energy_cost + wear;
-    let vehicles = sim.vehicles.len() as u32;
     let calibration = m.calibration();
-    let r = RunReport {
+    RunReport {
         scenario: sc.name.clone(),
-        policy: sim.policy.to_string(),
+        policy: policy.to_string(),
         seed,
         vehicles,
         days,
@@ -81,8 +84,7 @@ pub(crate) fn build(sim: Sim<'_>) -> (RunReport, Option<SchedulerTrace>) {
         events: m.events,
         scheduler_calls: m.scheduler_calls,
         series: m.series,
-    };
-    (r, sim.driver.into_trace())
+    }
 }
 
 /// A readable report of one run.

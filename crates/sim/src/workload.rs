@@ -85,14 +85,18 @@ pub struct InteractiveGen {
     /// Time of the last arrival with its sub-millisecond part: above 1,000 requests/s several
     /// arrivals share a millisecond, and rounding each gap to whole ms would cap the rate.
     last: f64,
+    /// Every request asks for this model (a partition's stream, `peak_rps` its share);
+    /// `None`: drawn per request by the workload's model shares.
+    model: Option<String>,
 }
 
 impl InteractiveGen {
-    pub fn new(seed: u64, peak_rps: f64) -> Self {
+    pub fn new(seed: u64, peak_rps: f64, model: Option<String>) -> Self {
         Self {
             rng: Rng::derive(seed, 0x1A7E),
             peak_rps,
             last: 0.0,
+            model,
         }
     }
 
@@ -125,7 +129,10 @@ impl InteractiveGen {
         };
         self.last = tf;
         let w = &sc.workload;
-        let model = pick_model(&mut self.rng, sc);
+        let model = match &self.model {
+            Some(m) => m.clone(),
+            None => pick_model(&mut self.rng, sc),
+        };
         let residency = if w.residency.is_empty() {
             None
         } else {

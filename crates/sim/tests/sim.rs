@@ -34,34 +34,55 @@ fn same_seed_same_json_different_seed_differs() {
 }
 
 #[test]
+fn the_report_does_not_depend_on_the_thread_count() {
+    let (sc, opts) = small();
+    let one = RunOptions {
+        threads: Some(1),
+        ..opts.clone()
+    };
+    let three = RunOptions {
+        threads: Some(3),
+        ..opts.clone()
+    };
+    let a = serde_json::to_string(&run(&sc, PolicyKind::Tokenfleet, &one)).expect("json");
+    let b = serde_json::to_string(&run(&sc, PolicyKind::Tokenfleet, &three)).expect("json");
+    let c = serde_json::to_string(&run(&sc, PolicyKind::Tokenfleet, &opts)).expect("json");
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+}
+
+#[test]
 fn trace_recorded_from_a_sim_run_replays_identically() {
     let (sc, mut opts) = small();
     opts.days = Some(0.2);
     opts.vehicles = Some(120);
     opts.record_trace = true;
     for policy in PolicyKind::ALL {
-        let (report, trace) = run_checked(&sc, policy, &opts).expect("run");
-        let trace = trace.expect("trace recorded");
-        assert!(trace
-            .steps
-            .iter()
-            .any(|s| !s.decisions.assignments.is_empty()));
+        let (report, traces) = run_checked(&sc, policy, &opts).expect("run");
+        // One scheduler, so one trace, per model.
+        assert_eq!(traces.len(), 3, "{policy}");
         assert!(report.delivered_tokens > 0);
-        // Through JSON, as the coordinator would store it.
-        let json = serde_json::to_string(&trace).expect("json");
-        let back = serde_json::from_str(&json).expect("parse");
-        assert_eq!(tokenfleet_scheduler::replay(&back), Ok(()), "{policy}");
-        assert_eq!(Driver::replay(&back), Ok(()), "{policy}");
-        // A tampered trace must be caught.
-        let mut bad = back.clone();
-        if let Some(step) = bad
-            .steps
-            .iter_mut()
-            .find(|s| !s.decisions.assignments.is_empty())
-        {
-            step.decisions.assignments.pop();
+        for trace in &traces {
+            assert!(trace
+                .steps
+                .iter()
+                .any(|s| !s.decisions.assignments.is_empty()));
+            // Through JSON, as the coordinator would store it.
+            let json = serde_json::to_string(trace).expect("json");
+            let back = serde_json::from_str(&json).expect("parse");
+            assert_eq!(tokenfleet_scheduler::replay(&back), Ok(()), "{policy}");
+            assert_eq!(Driver::replay(&back), Ok(()), "{policy}");
+            // A tampered trace must be caught.
+            let mut bad = back.clone();
+            if let Some(step) = bad
+                .steps
+                .iter_mut()
+                .find(|s| !s.decisions.assignments.is_empty())
+            {
+                step.decisions.assignments.pop();
+            }
+            assert!(Driver::replay(&bad).is_err());
         }
-        assert!(Driver::replay(&bad).is_err());
     }
 }
 
@@ -173,11 +194,18 @@ fn no_work_on_a_vehicle_below_its_reserve_and_unplugged() {
     opts.days = Some(0.2);
     opts.vehicles = Some(120);
     opts.record_trace = true;
-    let (_, trace) = run_checked(&sc, PolicyKind::Tokenfleet, &opts).expect("run");
-    let trace = trace.expect("trace");
+    let (_, traces) = run_checked(&sc, PolicyKind::Tokenfleet, &opts).expect("run");
+    assert!(!traces.is_empty());
     let mut views = std::collections::HashMap::new();
     let mut assigned = 0;
-    for s in &trace.steps {
+    for s in traces.iter().flat_map(|t| {
+        // Node ids are per partition: each trace starts with its own views.
+        std::iter::once(None).chain(t.steps.iter().map(Some))
+    }) {
+        let Some(s) = s else {
+            views.clear();
+            continue;
+        };
         for c in &s.nodes {
             if let tokenfleet_scheduler::NodeChange::Upsert(v) = c {
                 views.insert(v.id, v.clone());
