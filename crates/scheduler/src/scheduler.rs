@@ -400,8 +400,11 @@ impl Scheduler {
         } else {
             self.pick_in(now, job, &group.free, false)
         };
+        let scoring = matches!(self.policy, PolicyKind::Tokenfleet | PolicyKind::Oracle);
+        let may_preempt = !scoring
+            || now.saturating_sub(job.enqueued_at) >= self.config.interactive_preempt_after_ms;
         match free {
-            Pick::Nothing if job.class == JobClass::Interactive => {
+            Pick::Nothing if job.class == JobClass::Interactive && may_preempt => {
                 match self.pick_in(now, job, &group.preemptible, true) {
                     Pick::Free(s) => Pick::Preempt(s),
                     other => other,

@@ -340,10 +340,9 @@ proptest! {
     }
 }
 
-#[test]
-fn interactive_preempts_batch_when_full() {
-    let mut s = Scheduler::new(PolicyKind::Tokenfleet, 1);
-    let node = NodeView {
+/// A one-slot node, full with batch job 99.
+fn full_node_running_batch() -> NodeView {
+    NodeView {
         id: NodeId(7),
         models: vec!["m".into()],
         slots_total: 1,
@@ -364,9 +363,12 @@ fn interactive_preempts_batch_when_full() {
         departure: DepartureForecast::unknown(0),
         running_batch: vec![JobId(99)],
         oracle_departure: None,
-    };
-    s.upsert_node(node);
-    let job = QueuedJob {
+    }
+}
+
+/// A small interactive job for model "m" in "eu", enqueued at 0.
+fn interactive_job() -> QueuedJob {
+    QueuedJob {
         id: JobId(1),
         class: JobClass::Interactive,
         model: "m".into(),
@@ -379,8 +381,42 @@ fn interactive_preempts_batch_when_full() {
         sensitive: false,
         enqueued_at: 0,
         running_on: None,
-    };
-    let d = s.decide(0, std::slice::from_ref(&job));
+    }
+}
+
+#[test]
+fn interactive_preempts_batch_when_full() {
+    // `first-fit` and `random` preempt at once, and so does `tokenfleet` by default.
+    for policy in [
+        PolicyKind::FirstFit,
+        PolicyKind::Random,
+        PolicyKind::Tokenfleet,
+    ] {
+        let mut s = Scheduler::new(policy, 1);
+        s.upsert_node(full_node_running_batch());
+        let d = s.decide(0, &[interactive_job()]);
+        assert_eq!(d.preemptions.len(), 1, "{policy}");
+    }
+    let job = interactive_job();
+    // With `interactive_preempt_after_ms`, `tokenfleet` first gives a slot the chance to free
+    // by itself...
+    let wait = 250;
+    let mut s = Scheduler::with_config(
+        PolicyKind::Tokenfleet,
+        1,
+        SchedulerConfig {
+            interactive_preempt_after_ms: wait,
+            ..SchedulerConfig::default()
+        },
+    );
+    s.upsert_node(full_node_running_batch());
+    let d = s.decide(wait - 1, std::slice::from_ref(&job));
+    assert!(
+        d.preemptions.is_empty() && d.assignments.is_empty(),
+        "{d:?}"
+    );
+    // ...then preempts the batch work.
+    let d = s.decide(wait, std::slice::from_ref(&job));
     assert_eq!(d.preemptions.len(), 1);
     assert_eq!(d.preemptions[0].job, JobId(99));
     assert_eq!(d.assignments.len(), 1);

@@ -331,7 +331,14 @@ impl<'a> Sim<'a> {
             pending_int: VecDeque::new(),
             pending_batch: BTreeSet::new(),
             pending_resumed: BTreeSet::new(),
-            driver: Driver::new(policy, seed, opts.scheduler.clone(), opts.record_trace),
+            driver: Driver::new(
+                policy,
+                seed,
+                opts.scheduler
+                    .clone()
+                    .unwrap_or_else(|| sc.scheduler.clone()),
+                opts.record_trace,
+            ),
             m: Metrics::default(),
             dispatch_at: None,
             sweep_at: None,

@@ -52,7 +52,8 @@ pub struct RunOptions {
     pub seed: Option<u64>,
     pub vehicles: Option<u32>,
     pub days: Option<f64>,
-    pub scheduler: SchedulerConfig,
+    /// Scheduler tunables for this run; `None`: the scenario's `[scheduler]` table.
+    pub scheduler: Option<SchedulerConfig>,
     /// Record every scheduler call (for small runs: the trace holds full node views).
     pub record_trace: bool,
     pub progress: Option<ProgressFn>,

@@ -262,6 +262,10 @@ pub struct Scenario {
     pub workload: Workload,
     #[serde(default)]
     pub economics: Economics,
+    /// Scheduler tunables (`[scheduler]`, any subset of `tokenfleet_scheduler::SchedulerConfig`;
+    /// the rest keep their defaults). `RunOptions::scheduler` overrides the whole table.
+    #[serde(default)]
+    pub scheduler: tokenfleet_scheduler::SchedulerConfig,
     /// Resolved compute classes (filled by `resolve`).
     #[serde(skip)]
     pub classes: Vec<ComputeClass>,
