@@ -241,10 +241,16 @@ impl FleetIndex {
         &self.entry(slot).view
     }
 
-    pub fn set(&self, key: &SetKey) -> &[Member] {
-        self.set_ids
-            .get(key)
-            .map_or(&[], |&id| self.sets[id as usize].as_slice())
+    /// The id of the set `key`, created empty if it does not exist yet.
+    pub fn set_id(&mut self, key: SetKey) -> u32 {
+        *self.set_ids.entry(key).or_insert_with(|| {
+            self.sets.push(Vec::new());
+            (self.sets.len() - 1) as u32
+        })
+    }
+
+    pub fn set_by_id(&self, id: u32) -> &[Member] {
+        &self.sets[id as usize]
     }
 
     /// Registered nodes (any state) with `model` in `region`: (all, attested).

@@ -18,7 +18,7 @@
 use crate::constraints::check_placement;
 use crate::index::{FleetIndex, Kind, Member, SetKey, ANY_REGION};
 use crate::policy::{Card, PolicyKind, SchedulerConfig};
-use crate::rng::{FxHashMap as HashMap, SplitMix64};
+use crate::rng::SplitMix64;
 use crate::trace::{NodeChange, Recorder, StepSink, TraceHeader};
 use crate::types::{
     Assignment, Decisions, JobClass, Millis, NodeId, NodeView, PreemptReason, Preemption,
@@ -52,9 +52,9 @@ struct MemoKey<'a> {
 struct Group {
     /// Some registered node (in any state) holds the model inside the allowed regions.
     registered: bool,
-    /// Candidate-set keys with a free slot, and running preemptible batch work.
-    free: Vec<SetKey>,
-    preemptible: Vec<SetKey>,
+    /// Candidate sets (ids in the index) with a free slot, and running preemptible batch work.
+    free: Vec<u32>,
+    preemptible: Vec<u32>,
     /// None = not tried yet; Some(None) = no candidate; Some(Some(t)) = declined at >= t ms.
     memo: Option<Option<u64>>,
     /// `tokenfleet`/`oracle` interactive jobs: the candidates the group's jobs share in this
@@ -230,11 +230,13 @@ impl Scheduler {
             (j.class, due, !rescue, j.enqueued_at, j.id)
         });
         let mut out = Decisions::default();
-        // Per call: the candidate-set keys of each (model, residency, sensitivity, class), and
-        // the memo: None = no candidate at all; Some(t) = declined jobs needing >= t ms. Sorted
-        // jobs come in runs of the same key, so the previous key is checked before hashing.
+        // Per call: the candidate sets of each (model, residency, sensitivity, class), and the
+        // memo: None = no candidate at all; Some(t) = declined jobs needing >= t ms. A call sees
+        // a handful of groups, so they are found by a scan (hashing the key's strings for every
+        // job cost more); sorted jobs come in runs of the same key, so the previous key is
+        // checked first.
         let mut groups: Vec<Group> = Vec::new();
-        let mut group_of: HashMap<MemoKey<'_>, usize> = HashMap::default();
+        let mut group_keys: Vec<MemoKey<'_>> = Vec::new();
         let mut last: Option<(MemoKey<'_>, usize)> = None;
         for job in order {
             let key = MemoKey {
@@ -246,10 +248,14 @@ impl Scheduler {
             let g = match &last {
                 Some((k, g)) if *k == key => *g,
                 _ => {
-                    let g = *group_of.entry(key).or_insert_with(|| {
-                        groups.push(self.group(job));
-                        groups.len() - 1
-                    });
+                    let g = match group_keys.iter().position(|k| *k == key) {
+                        Some(g) => g,
+                        None => {
+                            groups.push(self.group(job));
+                            group_keys.push(key);
+                            groups.len() - 1
+                        }
+                    };
                     last = Some((key, g));
                     g
                 }
@@ -339,7 +345,7 @@ impl Scheduler {
     }
 
     /// Resolve what a job's group (model, residency, sensitivity, class) needs from the index.
-    fn group(&self, job: &QueuedJob) -> Group {
+    fn group(&mut self, job: &QueuedJob) -> Group {
         let mut g = Group {
             registered: false,
             free: Vec::new(),
@@ -366,24 +372,30 @@ impl Scheduler {
             let (all, attested) = self.index.registered(model, region);
             (if job.sensitive { attested } else { all }) > 0
         });
-        let keys = |kind| {
-            regions
-                .iter()
-                .map(|&region| SetKey {
-                    model,
-                    region,
-                    kind,
-                })
-                .collect()
-        };
-        g.free = keys(Kind::Free);
-        g.preemptible = keys(Kind::Preemptible);
+        // Every set is created here if it does not exist yet (empty), so that a node joining it
+        // during this call is seen.
+        for &region in &regions {
+            let key = |kind| SetKey {
+                model,
+                region,
+                kind,
+            };
+            g.free.push(self.index.set_id(key(Kind::Free)));
+            g.preemptible
+                .push(self.index.set_id(key(Kind::Preemptible)));
+        }
         g
     }
 
-    /// The `i`-th member of the concatenated sets.
-    fn member<'s>(sets: &[&'s [Member]], mut at: usize) -> &'s Member {
-        for set in sets {
+    /// Members in the concatenation of the sets `ids`.
+    fn total(&self, ids: &[u32]) -> usize {
+        ids.iter().map(|&id| self.index.set_by_id(id).len()).sum()
+    }
+
+    /// The `at`-th member of the concatenated sets `ids`.
+    fn member(&self, ids: &[u32], mut at: usize) -> &Member {
+        for &id in ids {
+            let set = self.index.set_by_id(id);
             if at < set.len() {
                 return &set[at];
             }
@@ -416,16 +428,15 @@ impl Scheduler {
 
     /// Add up to `k` members after the pool's window (skipping unattested nodes for a sensitive
     /// job and nodes already in the pool); stops early when the sets have no other member.
-    fn pool_refill(&self, pool: &mut Pool, keys: &[SetKey], sensitive: bool, k: usize) {
-        let sets: Vec<&[Member]> = keys.iter().map(|k| self.index.set(k)).collect();
-        let total: usize = sets.iter().map(|s| s.len()).sum();
+    fn pool_refill(&self, pool: &mut Pool, ids: &[u32], sensitive: bool, k: usize) {
+        let total = self.total(ids);
         let mut added = 0;
         // Each refill looks at every member at most once.
         for _ in 0..total {
             if added == k {
                 break;
             }
-            let m = Self::member(&sets, (pool.start + pool.next) % total);
+            let m = self.member(ids, (pool.start + pool.next) % total);
             pool.next += 1;
             if sensitive && !m.card.attested {
                 continue;
@@ -446,7 +457,7 @@ impl Scheduler {
         let mut pool = match group.pool.take() {
             Some(p) => p,
             None => {
-                let total: usize = group.free.iter().map(|k| self.index.set(k).len()).sum();
+                let total = self.total(&group.free);
                 if total == 0 {
                     return Pick::Nothing;
                 }
@@ -468,9 +479,14 @@ impl Scheduler {
             self.pool_refill(&mut pool, &group.free, job.sensitive, k);
         }
         let pick = loop {
-            // Score every member for this job; the first best wins (as in `pick_in`).
+            // Score every member for this job; the first best wins (as in `pick_in`). A member
+            // whose upper bound does not beat the best so far is skipped: same winner, and most
+            // members never need their forecast evaluated.
             let mut best: Option<(f32, usize)> = None;
             for (i, (_, _, card)) in pool.members.iter().enumerate() {
+                if best.is_some_and(|(bs, _)| card.interactive_score_bound(job) <= bs) {
+                    continue;
+                }
                 let (s, _, _) = card.score(self.policy, job, now);
                 if best.is_none_or(|(bs, _)| s > bs) {
                     best = Some((s, i));
@@ -501,7 +517,7 @@ impl Scheduler {
         pick
     }
 
-    fn pick_in(&mut self, now: Millis, job: &QueuedJob, keys: &[SetKey], freeing: bool) -> Pick {
+    fn pick_in(&mut self, now: Millis, job: &QueuedJob, ids: &[u32], freeing: bool) -> Pick {
         let limit = match self.policy {
             PolicyKind::Random | PolicyKind::FirstFit => usize::MAX,
             PolicyKind::Tokenfleet | PolicyKind::Oracle => match job.class {
@@ -513,7 +529,7 @@ impl Scheduler {
         match self.policy {
             PolicyKind::Random | PolicyKind::FirstFit => {
                 // Walk lazily: the first feasible node from a random (or the first) position.
-                let total: usize = keys.iter().map(|k| self.index.set(k).len()).sum();
+                let total = self.total(ids);
                 if total == 0 {
                     return Pick::Nothing;
                 }
@@ -523,24 +539,15 @@ impl Scheduler {
                     0
                 };
                 for i in 0..total.min(limit) {
-                    let mut at = (start + i) % total;
-                    for k in keys {
-                        let set = self.index.set(k);
-                        if at < set.len() {
-                            let slot = set[at].slot;
-                            if check_placement(job, self.index.view(slot), freeing).is_ok() {
-                                return Pick::Free(slot);
-                            }
-                            break;
-                        }
-                        at -= set.len();
+                    let slot = self.member(ids, (start + i) % total).slot;
+                    if check_placement(job, self.index.view(slot), freeing).is_ok() {
+                        return Pick::Free(slot);
                     }
                 }
                 Pick::Nothing
             }
             PolicyKind::Tokenfleet | PolicyKind::Oracle => {
-                let sets: Vec<&[Member]> = keys.iter().map(|k| self.index.set(k)).collect();
-                let total: usize = sets.iter().map(|s| s.len()).sum();
+                let total = self.total(ids);
                 if total == 0 {
                     return Pick::Nothing;
                 }
@@ -552,7 +559,7 @@ impl Scheduler {
                 let mut best: Option<(f32, u64, &Member)> = None;
                 let mut min_refused = u64::MAX;
                 for i in 0..n {
-                    let m = Self::member(&sets, (start + i) % total);
+                    let m = self.member(ids, (start + i) % total);
                     if job.sensitive && !m.card.attested {
                         continue;
                     }
