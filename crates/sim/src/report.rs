@@ -102,7 +102,7 @@ pub fn text(r: &RunReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  wasted      {:>16} tokens (wasted_frac {:.4}); re-prefill {} tokens; {} evictions, {} preemptions",
+        "  wasted      {:>16} tokens (wasted_frac {:.6}); re-prefill {} tokens; {} evictions, {} preemptions",
         r.wasted_tokens, r.wasted_frac, r.reprefill_tokens, r.evictions, r.preemptions
     );
     let w = &r.wasted_breakdown;
@@ -172,7 +172,7 @@ pub fn compare_table(c: &CompareReport) -> String {
         if let Some(r) = c.policies.get(name) {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.3} | {:.4} | {:.3} | {:.0} | {:.3} | {:.0} | {:.0} | {:.2} | {:.4} | {:.2} |",
+                "| {} | {} | {:.4} | {:.6} | {:.4} | {:.0} | {:.3} | {:.0} | {:.0} | {:.2} | {:.4} | {:.2} |",
                 name,
                 r.delivered_tokens,
                 r.delivered_tokens as f64 / oracle as f64,
