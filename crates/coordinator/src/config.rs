@@ -63,6 +63,10 @@ pub struct CoordinatorConfig {
     pub api_keys: Vec<ApiKey>,
     /// Placement policy: random, first-fit, tokenfleet or oracle.
     pub policy: String,
+    /// Scheduler tunables (`[scheduler]`, any subset of `tokenfleet_scheduler::SchedulerConfig`:
+    /// sample sizes, batch stay probability, `interactive_preempt_after_ms`, ...); the rest keep
+    /// their defaults. The simulator's scenarios take the same table.
+    pub scheduler: tokenfleet_scheduler::SchedulerConfig,
     /// Agents heartbeat this often.
     #[serde(with = "millis")]
     pub heartbeat_interval: Duration,
@@ -119,6 +123,7 @@ impl Default for CoordinatorConfig {
             db_path: PathBuf::from("tokenfleet.db"),
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
+            scheduler: tokenfleet_scheduler::SchedulerConfig::default(),
             heartbeat_interval: Duration::from_millis(1000),
             lease_timeout: Duration::from_millis(5000),
             queue_timeout: Duration::from_secs(120),
@@ -278,5 +283,34 @@ pub(crate) mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CoordinatorConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn scheduler_table_sets_tunables_and_keeps_the_other_defaults() {
+        let c = parse("policy = \"tokenfleet\"\n[scheduler]\ninteractive_preempt_after_ms = 250\n")
+            .expect("valid config");
+        assert_eq!(c.scheduler.interactive_preempt_after_ms, 250);
+        let defaults = tokenfleet_scheduler::SchedulerConfig::default();
+        assert_eq!(c.scheduler.sample_size, defaults.sample_size);
+        assert_eq!(parse("").expect("empty config").scheduler, defaults);
+    }
+
+    #[test]
+    fn a_misspelt_scheduler_tunable_is_refused() {
+        let err =
+            parse("[scheduler]\ninteractive_preempt_after = 250\n").expect_err("unknown field");
+        assert!(
+            err.to_string().contains("interactive_preempt_after"),
+            "{err}"
+        );
     }
 }

@@ -161,7 +161,8 @@ pub async fn start(
     } else {
         None
     };
-    let mut scheduler = Scheduler::new(config.policy_kind()?, 0x007f_1ee7);
+    let mut scheduler =
+        Scheduler::with_config(config.policy_kind()?, 0x007f_1ee7, config.scheduler.clone());
     if let Some(path) = &config.decision_log {
         decision_log::attach(&mut scheduler, path)?;
     }

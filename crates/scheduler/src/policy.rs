@@ -66,7 +66,7 @@ impl FromStr for PolicyKind {
 
 /// Tunables shared by all policies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// Candidates examined per job by the scoring policies (bounded so `decide` never scans the
     /// whole fleet; small fleets are scanned completely).
