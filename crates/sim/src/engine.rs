@@ -2,18 +2,18 @@
 //! links) and the measurement window. Job execution lives in [`crate::jobs`].
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Arc;
 
 use tokenfleet_scheduler::forecast::LEVELS;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
-use tokenfleet_vehicle::{Governor, Millis as VMillis, Policy};
+use tokenfleet_vehicle::Governor;
 
 use crate::driver::Driver;
 use crate::jobs::Job;
 use crate::metrics::{Metrics, SeriesPoint};
+use crate::partition::Part;
 use crate::queue::EventQueue;
 use crate::rng::Rng;
-use crate::scenario::{ArchetypeKind, Scenario};
+use crate::scenario::Scenario;
 use crate::vehicle_model::{self, Clock, Place, Signals, Stay, DAY, HOUR, MIN};
 use crate::workload::{InteractiveGen, TraceRequest};
 use crate::RunOptions;
@@ -169,121 +169,6 @@ impl Window {
             t_end,
         }
     }
-}
-
-/// One partition of a run (see [`crate::partition`]): its vehicles (with their dwell
-/// histories and governors), its share of the workload and its random streams.
-pub(crate) struct Part {
-    /// Index among the run's partitions (fixed by the scenario, not the thread count).
-    pub index: usize,
-    /// The partition's own seed (the run's seed when the run has one partition).
-    pub seed: u64,
-    /// The model this partition serves; `None`: every model (a run with one partition).
-    pub model: Option<String>,
-    /// Peak interactive arrival rate of this partition's model.
-    pub interactive_peak_rps: f64,
-    pub vehicles: Vec<Vehicle>,
-    pub histories: Vec<DwellHistory>,
-    pub governors: Vec<Governor>,
-    /// This partition's requests of a workload trace (relative times, sorted).
-    pub trace: Vec<TraceRequest>,
-    /// The run's workload is a trace (this partition's part of it may be empty).
-    pub from_trace: bool,
-}
-
-/// Build the whole fleet in vehicle order from the run's seed: archetype, class, region and
-/// each vehicle's pre-history up to the start of measurement. Partitioning takes vehicles
-/// from this list, so the fleet is the same whatever the partitioning.
-pub(crate) fn build_fleet(
-    sc: &Scenario,
-    opts: &RunOptions,
-    policies: &[Arc<Policy>],
-) -> (Vec<Vehicle>, Vec<DwellHistory>, Vec<Governor>) {
-    let seed = opts.seed.unwrap_or(sc.seed);
-    let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
-    let Window { clock, t_start, .. } = Window::of(sc, opts);
-    let t0 = clock.t0;
-    let mut rng = Rng::derive(seed, 1);
-    let mut vehicles = Vec::with_capacity(vehicles_n as usize);
-    let mut histories = Vec::with_capacity(vehicles_n as usize);
-    let mut governors = Vec::with_capacity(vehicles_n as usize);
-    for _ in 0..vehicles_n {
-        let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
-        let class = rng.weighted(sc.compute.iter().map(|c| c.share));
-        let region = rng.weighted(sc.regions.iter().map(|r| r.share));
-        let a = &sc.archetypes[arch];
-        let slot_h = rng.uniform(0.0, 1.5) as f32;
-        // Start somewhere in the last stay before t0, then let warm-up settle things.
-        let from = match a.kind {
-            ArchetypeKind::Commuter => Place::Work,
-            ArchetypeKind::DeliveryVan => Place::Depot,
-            ArchetypeKind::RideHail => Place::Public,
-            ArchetypeKind::CarShare => Place::Public,
-        };
-        // Pre-history: walk the vehicle's stays from `back` hours before t0 to the start of
-        // measurement without the event loop (nothing computes before it), recording each
-        // finished stay in the dwell history and tracking the state of charge.
-        let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
-        let mut soc = rng.uniform(40.0, 90.0) as f32;
-        let mut history = DwellHistory::new(sc.utc_offset_min);
-        let mut stay = vehicle_model::next_stay(
-            a.kind,
-            &a.plug_prob,
-            &mut rng,
-            &clock,
-            t0 - back,
-            from,
-            slot_h as f64,
-        );
-        while stay.depart <= t_start {
-            if stay.arrive >= t0 {
-                history.record(stay.arrive, stay.depart);
-            }
-            soc = vehicle_model::charge_during(a, &stay, stay.depart, soc);
-            let next = vehicle_model::next_stay(
-                a.kind,
-                &a.plug_prob,
-                &mut rng,
-                &clock,
-                stay.depart,
-                stay.place,
-                slot_h as f64,
-            );
-            let drive_kwh = vehicle_model::trip_kwh(next.arrive - stay.depart);
-            soc = (soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
-            stay = next;
-        }
-        if stay.arrive < t_start {
-            soc = vehicle_model::charge_during(a, &stay, t_start, soc);
-        }
-        vehicles.push(Vehicle {
-            arch: arch as u8,
-            class: class as u8,
-            region: region as u16,
-            stay,
-            parked: false,
-            link_up: true,
-            eligible: false,
-            gov_allowed: false,
-            gov_wake: 0,
-            soc,
-            last_t: t_start,
-            busy: 0,
-            epoch: 0,
-            stay_no: 0,
-            slot_h,
-            rtt_ms: 0.0,
-            running: Vec::new(),
-            forecast: DepartureForecast::unknown(t_start),
-            forecast_stay: u32::MAX,
-        });
-        histories.push(history);
-        governors.push(Governor::shared(
-            Arc::clone(&policies[arch]),
-            VMillis(t0 - back),
-        ));
-    }
-    (vehicles, histories, governors)
 }
 
 impl<'a> Sim<'a> {

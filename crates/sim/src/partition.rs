@@ -1,5 +1,6 @@
 //! A run split into independent partitions, one per model, simulated on up to
-//! `RunOptions::threads` threads and merged at the end.
+//! `RunOptions::threads` threads and merged at the end; and the fleet they are cut from (each
+//! vehicle's archetype, class, region and pre-history, built from the seed).
 //!
 //! Every vehicle holds one model (its compute class's) and every job asks for one, so the
 //! vehicles and jobs of different models never meet: each model's vehicles, jobs and scheduler
@@ -19,11 +20,132 @@ use tokenfleet_scheduler::rng::SplitMix64;
 use tokenfleet_scheduler::{PolicyKind, SchedulerTrace};
 use tokenfleet_vehicle::Policy;
 
-use crate::engine::{build_fleet, Part, Sim};
+use tokenfleet_scheduler::{DepartureForecast, DwellHistory};
+use tokenfleet_vehicle::{Governor, Millis as VMillis};
+
+use crate::engine::{Sim, Vehicle, Window};
 use crate::metrics::Metrics;
+use crate::rng::Rng;
+use crate::scenario::ArchetypeKind;
 use crate::scenario::Scenario;
+use crate::vehicle_model::{self, Place, HOUR};
 use crate::workload::TraceRequest;
 use crate::{Progress, ProgressFn, RunOptions};
+
+/// One partition of a run (see [`crate::partition`]): its vehicles (with their dwell
+/// histories and governors), its share of the workload and its random streams.
+pub(crate) struct Part {
+    /// Index among the run's partitions (fixed by the scenario, not the thread count).
+    pub index: usize,
+    /// The partition's own seed (the run's seed when the run has one partition).
+    pub seed: u64,
+    /// The model this partition serves; `None`: every model (a run with one partition).
+    pub model: Option<String>,
+    /// Peak interactive arrival rate of this partition's model.
+    pub interactive_peak_rps: f64,
+    pub vehicles: Vec<Vehicle>,
+    pub histories: Vec<DwellHistory>,
+    pub governors: Vec<Governor>,
+    /// This partition's requests of a workload trace (relative times, sorted).
+    pub trace: Vec<TraceRequest>,
+    /// The run's workload is a trace (this partition's part of it may be empty).
+    pub from_trace: bool,
+}
+
+/// Build the whole fleet in vehicle order from the run's seed: archetype, class, region and
+/// each vehicle's pre-history up to the start of measurement. Partitioning takes vehicles
+/// from this list, so the fleet is the same whatever the partitioning.
+pub(crate) fn build_fleet(
+    sc: &Scenario,
+    opts: &RunOptions,
+    policies: &[Arc<Policy>],
+) -> (Vec<Vehicle>, Vec<DwellHistory>, Vec<Governor>) {
+    let seed = opts.seed.unwrap_or(sc.seed);
+    let vehicles_n = opts.vehicles.unwrap_or(sc.vehicles);
+    let Window { clock, t_start, .. } = Window::of(sc, opts);
+    let t0 = clock.t0;
+    let mut rng = Rng::derive(seed, 1);
+    let mut vehicles = Vec::with_capacity(vehicles_n as usize);
+    let mut histories = Vec::with_capacity(vehicles_n as usize);
+    let mut governors = Vec::with_capacity(vehicles_n as usize);
+    for _ in 0..vehicles_n {
+        let arch = rng.weighted(sc.archetypes.iter().map(|a| a.share));
+        let class = rng.weighted(sc.compute.iter().map(|c| c.share));
+        let region = rng.weighted(sc.regions.iter().map(|r| r.share));
+        let a = &sc.archetypes[arch];
+        let slot_h = rng.uniform(0.0, 1.5) as f32;
+        // Start somewhere in the last stay before t0, then let warm-up settle things.
+        let from = match a.kind {
+            ArchetypeKind::Commuter => Place::Work,
+            ArchetypeKind::DeliveryVan => Place::Depot,
+            ArchetypeKind::RideHail => Place::Public,
+            ArchetypeKind::CarShare => Place::Public,
+        };
+        // Pre-history: walk the vehicle's stays from `back` hours before t0 to the start of
+        // measurement without the event loop (nothing computes before it), recording each
+        // finished stay in the dwell history and tracking the state of charge.
+        let back = rng.uniform(2.0, 20.0) as u64 * HOUR;
+        let mut soc = rng.uniform(40.0, 90.0) as f32;
+        let mut history = DwellHistory::new(sc.utc_offset_min);
+        let mut stay = vehicle_model::next_stay(
+            a.kind,
+            &a.plug_prob,
+            &mut rng,
+            &clock,
+            t0 - back,
+            from,
+            slot_h as f64,
+        );
+        while stay.depart <= t_start {
+            if stay.arrive >= t0 {
+                history.record(stay.arrive, stay.depart);
+            }
+            soc = vehicle_model::charge_during(a, &stay, stay.depart, soc);
+            let next = vehicle_model::next_stay(
+                a.kind,
+                &a.plug_prob,
+                &mut rng,
+                &clock,
+                stay.depart,
+                stay.place,
+                slot_h as f64,
+            );
+            let drive_kwh = vehicle_model::trip_kwh(next.arrive - stay.depart);
+            soc = (soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
+            stay = next;
+        }
+        if stay.arrive < t_start {
+            soc = vehicle_model::charge_during(a, &stay, t_start, soc);
+        }
+        vehicles.push(Vehicle {
+            arch: arch as u8,
+            class: class as u8,
+            region: region as u16,
+            stay,
+            parked: false,
+            link_up: true,
+            eligible: false,
+            gov_allowed: false,
+            gov_wake: 0,
+            soc,
+            last_t: t_start,
+            busy: 0,
+            epoch: 0,
+            stay_no: 0,
+            slot_h,
+            rtt_ms: 0.0,
+            running: Vec::new(),
+            forecast: DepartureForecast::unknown(t_start),
+            forecast_stay: u32::MAX,
+        });
+        histories.push(history);
+        governors.push(Governor::shared(
+            Arc::clone(&policies[arch]),
+            VMillis(t0 - back),
+        ));
+    }
+    (vehicles, histories, governors)
+}
 
 /// Threads when `RunOptions::threads` is not set.
 pub const DEFAULT_THREADS: usize = 2;

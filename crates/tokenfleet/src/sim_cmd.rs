@@ -45,6 +45,17 @@ pub struct SimArgs {
     pub threads: Option<u16>,
 }
 
+/// A report with the run's wall time and peak RSS beside its own fields. Serialized directly
+/// (not through `serde_json::Value`, which widens `f32` fields: calibration level 0.1 would
+/// print as 0.10000000149011612).
+#[derive(serde::Serialize)]
+struct Timed<'a, T: serde::Serialize> {
+    #[serde(flatten)]
+    report: &'a T,
+    wall_time_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
 fn parse_policy(s: &str) -> Result<PolicyKind, String> {
     s.parse::<PolicyKind>().map_err(|e| e.to_string())
 }
@@ -113,10 +124,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         }
         let wall_s = started.elapsed().as_secs_f64();
         if args.json {
-            let mut v = serde_json::to_value(&c)?;
-            v["wall_time_s"] = wall_s.into();
-            v["peak_rss_mib"] = peak_rss_mib().into();
-            writeln!(out, "{v}")?;
+            let timed = Timed {
+                report: &c,
+                wall_time_s: wall_s,
+                peak_rss_mib: peak_rss_mib(),
+            };
+            writeln!(out, "{}", serde_json::to_string(&timed)?)?;
         } else {
             for r in c.policies.values() {
                 write!(out, "{}", report::text(r))?;
@@ -130,10 +143,12 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             plots = plot::plot_run(&r, dir).context("plotting")?;
         }
         if args.json {
-            let mut v = serde_json::to_value(&r)?;
-            v["wall_time_s"] = started.elapsed().as_secs_f64().into();
-            v["peak_rss_mib"] = peak_rss_mib().into();
-            writeln!(out, "{v}")?;
+            let timed = Timed {
+                report: &r,
+                wall_time_s: started.elapsed().as_secs_f64(),
+                peak_rss_mib: peak_rss_mib(),
+            };
+            writeln!(out, "{}", serde_json::to_string(&timed)?)?;
         } else {
             write!(out, "{}", report::text(&r))?;
         }
