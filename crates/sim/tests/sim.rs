@@ -86,26 +86,16 @@ fn trace_recorded_from_a_sim_run_replays_identically() {
     }
 }
 
+/// The JSON contract itself (every policy, the required fields) is tested on the command
+/// line: `crates/tokenfleet/tests/sim_cli.rs`.
 #[test]
-fn compare_json_has_every_policy_and_the_required_fields() {
+fn compare_runs_every_policy_with_figures_in_range() {
     let (sc, mut opts) = small();
     opts.days = Some(0.25);
     opts.vehicles = Some(100);
     let c = compare(&sc, &opts);
-    let v = serde_json::to_value(&c).expect("json");
     for p in ["random", "first-fit", "tokenfleet", "oracle"] {
-        let r = &v["policies"][p];
-        for field in [
-            "delivered_tokens",
-            "wasted_frac",
-            "slo_interactive",
-            "cost_per_mtok",
-            "energy_kwh_grid",
-            "energy_kwh_battery",
-            "wear_cost",
-        ] {
-            assert!(r[field].is_number(), "{p}.{field} missing");
-        }
+        assert!(c.policies.contains_key(p), "{p}");
     }
     let tf = &c.policies["tokenfleet"];
     assert!(tf.delivered_tokens > 0);
