@@ -26,8 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::sealing::{SealError, Sealer};
 use crate::validation::ValidRequest;
 
+mod commit;
 mod migrations;
 
+pub use commit::MAX_BATCH;
+use commit::{serve, Op, Reply, QUEUE};
 use migrations::{Migration, MIGRATIONS};
 
 #[derive(Debug, thiserror::Error)]
@@ -175,48 +178,6 @@ impl Durable {
     pub async fn wait(self) -> Result<(), StoreError> {
         self.0.await.map_err(|_| StoreError::Closed)?.map(|_| ())
     }
-}
-
-/// Operations applied in one transaction, at most.
-pub const MAX_BATCH: usize = 1024;
-/// Operations waiting for the store thread beyond which callers wait (backpressure).
-const QUEUE: usize = 8192;
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum Op {
-    Insert {
-        id: u64,
-        public_id: String,
-        tenant: String,
-        idempotency_key: Option<String>,
-        request: String,
-        created_ms: u64,
-        reply: Reply<Result<u64, u64>>,
-    },
-    Tokens {
-        job: u64,
-        start: u32,
-        tokens: Vec<StoredToken>,
-        reply: Option<Reply<()>>,
-    },
-    Finish {
-        job: u64,
-        outcome: Outcome,
-        reply: Option<Reply<()>>,
-    },
-    /// Runs on the store thread after the current group's commit, outside any transaction
-    /// (reads, and rare writes that commit on their own).
-    WithConn(Box<dyn FnOnce(&mut Connection) + Send>),
-}
-
-/// A write applied inside the open transaction, waiting for the commit to answer.
-enum Applied {
-    Insert(
-        Reply<Result<u64, u64>>,
-        Result<Result<u64, u64>, StoreError>,
-    ),
-    Unit(Option<Reply<()>>, Result<(), StoreError>),
 }
 
 impl Store {
@@ -495,149 +456,6 @@ impl Store {
             Ok(jobs)
         })
         .await
-    }
-}
-
-/// The store thread: group commits until every [`Store`] handle is gone.
-fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>, sealer: &Sealer) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(op) = rx.blocking_recv() {
-        batch.push(op);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        run_batch(&mut conn, &mut batch, sealer);
-    }
-}
-
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
-    let mut applied = Vec::with_capacity(batch.len());
-    let mut after_commit = Vec::new();
-    let committed = match conn.transaction() {
-        Ok(mut tx) => {
-            for op in batch.drain(..) {
-                match op {
-                    Op::WithConn(f) => after_commit.push(f),
-                    write => applied.push(apply_in_savepoint(&mut tx, write, sealer)),
-                }
-            }
-            tx.commit().map_err(|e| e.to_string())
-        }
-        Err(e) => {
-            for op in batch.drain(..) {
-                match op {
-                    Op::WithConn(f) => after_commit.push(f),
-                    write => applied.push(not_applied(write)),
-                }
-            }
-            Err(e.to_string())
-        }
-    };
-    for a in applied {
-        match a {
-            Applied::Insert(reply, result) => {
-                let _ = reply.send(match &committed {
-                    Ok(()) => result,
-                    Err(e) => Err(StoreError::Commit(e.clone())),
-                });
-            }
-            Applied::Unit(reply, result) => {
-                let result = match &committed {
-                    Ok(()) => result,
-                    Err(e) => Err(StoreError::Commit(e.clone())),
-                };
-                match reply {
-                    Some(reply) => {
-                        let _ = reply.send(result);
-                    }
-                    // The job stays recoverable: unpersisted tokens are regenerated after a
-                    // restart, an unpersisted outcome means the job is re-run from its tokens.
-                    None => {
-                        if let Err(e) = result {
-                            tracing::error!(cause = %e, "job store write failed");
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for f in after_commit {
-        f(conn);
-    }
-}
-
-fn not_applied(op: Op) -> Applied {
-    let err = || StoreError::Commit("the operation could not be applied".into());
-    match op {
-        Op::Insert { reply, .. } => Applied::Insert(reply, Err(err())),
-        Op::Tokens { reply, .. } | Op::Finish { reply, .. } => Applied::Unit(reply, Err(err())),
-        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
-    }
-}
-
-fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op, sealer: &Sealer) -> Applied {
-    let sp = match tx.savepoint() {
-        Ok(sp) => sp,
-        Err(e) => {
-            let applied = not_applied(op);
-            tracing::error!(cause = %e, "job store savepoint failed");
-            return applied;
-        }
-    };
-    let applied = match op {
-        Op::Insert {
-            id,
-            public_id,
-            tenant,
-            idempotency_key,
-            request,
-            created_ms,
-            reply,
-        } => Applied::Insert(
-            reply,
-            insert(
-                &sp,
-                sealer,
-                NewRow {
-                    id,
-                    public_id: &public_id,
-                    tenant: &tenant,
-                    idempotency_key: idempotency_key.as_deref(),
-                    request: &request,
-                    created_ms,
-                },
-            ),
-        ),
-        Op::Tokens {
-            job,
-            start,
-            tokens,
-            reply,
-        } => Applied::Unit(reply, append(&sp, sealer, job, start, &tokens)),
-        Op::Finish {
-            job,
-            outcome,
-            reply,
-        } => Applied::Unit(reply, finish(&sp, sealer, job, &outcome)),
-        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
-    };
-    let ok = match &applied {
-        Applied::Insert(_, r) => r.is_ok(),
-        Applied::Unit(_, r) => r.is_ok(),
-    };
-    let end = if ok {
-        sp.commit()
-    } else {
-        // Undo this operation only; the rest of the group commits.
-        sp.finish()
-    };
-    match (end, applied) {
-        (Ok(()), applied) => applied,
-        (Err(e), Applied::Insert(reply, _)) => Applied::Insert(reply, Err(e.into())),
-        (Err(e), Applied::Unit(reply, _)) => Applied::Unit(reply, Err(e.into())),
     }
 }
 
