@@ -229,7 +229,7 @@ impl<'a> Sim<'a> {
             sweep_at: None,
             freed: 0,
             last_sweep: 0,
-            inter: InteractiveGen::new(seed, part.interactive_peak_rps, part.model.clone()),
+            inter: InteractiveGen::new(sc, seed, part.interactive_peak_rps, part.model.as_deref()),
             trace: part.trace,
             from_trace: part.from_trace,
             trace_pos: 0,
@@ -437,18 +437,20 @@ impl<'a> Sim<'a> {
         }
         let shard = dump.shard.max(1) as u64;
         let n_jobs = dump.requests.div_ceil(shard);
+        let model: std::sync::Arc<str> = dump.model.as_str().into();
+        let residency: Option<std::sync::Arc<[String]>> = dump.residency.as_deref().map(Into::into);
         for i in 0..n_jobs {
             let reqs = shard.min(dump.requests - i * shard) as u32;
             self.enqueue(TraceRequest {
                 t_ms: self.now,
                 class: tokenfleet_scheduler::JobClass::Batch,
-                model: dump.model.clone(),
+                model: std::sync::Arc::clone(&model),
                 prompt_tokens: dump.prompt_tokens,
                 max_tokens: dump.max_tokens,
                 deadline_ms: dump
                     .deadline_hours
                     .map(|h| self.now + (h * HOUR as f64) as u64),
-                residency: dump.residency.clone(),
+                residency: residency.clone(),
                 sensitive: false,
                 shard: reqs,
             });

@@ -24,7 +24,7 @@ pub struct Job {
     pub deadline: Option<Millis>,
     pub arrived: Millis,
     pub enqueued: Millis,
-    pub residency: Option<Box<[String]>>,
+    pub residency: Option<std::sync::Arc<[String]>>,
     pub node: Option<u32>,
     pub attempt: u32,
     /// When decoding starts on the current node.
@@ -69,10 +69,10 @@ fn clone_into_vec(src: &[String], dst: &mut Vec<String>) {
 
 impl Sim<'_> {
     pub fn enqueue(&mut self, r: crate::workload::TraceRequest) {
-        let model = match self.model_ids.iter().position(|m| *m == r.model) {
+        let model = match self.model_ids.iter().position(|m| **m == *r.model) {
             Some(i) => i,
             None => {
-                self.model_ids.push(r.model.clone());
+                self.model_ids.push(r.model.to_string());
                 self.model_ids.len() - 1
             }
         };
@@ -87,7 +87,7 @@ impl Sim<'_> {
             deadline: r.deadline_ms,
             arrived: self.now,
             enqueued: self.now,
-            residency: r.residency.map(|v| v.into_boxed_slice()),
+            residency: r.residency,
             node: None,
             attempt: 0,
             decode_from: 0,

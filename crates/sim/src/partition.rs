@@ -182,13 +182,13 @@ pub(crate) fn models(sc: &Scenario, trace: &[TraceRequest]) -> Vec<String> {
     let names = sc
         .classes
         .iter()
-        .map(|c| &c.model)
-        .chain(sc.workload.models.iter().map(|m| &m.name))
-        .chain(sc.workload.batch.iter().map(|b| &b.model))
-        .chain(trace.iter().map(|r| &r.model));
+        .map(|c| c.model.as_str())
+        .chain(sc.workload.models.iter().map(|m| m.name.as_str()))
+        .chain(sc.workload.batch.iter().map(|b| b.model.as_str()))
+        .chain(trace.iter().map(|r| &*r.model));
     for m in names {
-        if !out.contains(m) {
-            out.push(m.clone());
+        if !out.iter().any(|o| o == m) {
+            out.push(m.to_string());
         }
     }
     if out.is_empty() {
@@ -279,7 +279,7 @@ pub(crate) fn split(
         p.governors.push(g);
     }
     for r in trace {
-        let i = models.iter().position(|m| *m == r.model).unwrap_or(0);
+        let i = models.iter().position(|m| **m == *r.model).unwrap_or(0);
         parts[i].trace.push(r);
     }
     parts

@@ -8,24 +8,26 @@
 
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
+use std::sync::Arc;
 
 use tokenfleet_scheduler::{JobClass, Millis};
 
 use crate::rng::Rng;
 use crate::scenario::Scenario;
 
-/// One request (or batch shard) before it enters the queue.
+/// One request (or batch shard) before it enters the queue. Model and residency are shared
+/// (`Arc`): a generated day has ~10^8 requests, and each used to allocate its own copies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TraceRequest {
     pub t_ms: Millis,
     pub class: JobClass,
-    pub model: String,
+    pub model: Arc<str>,
     pub prompt_tokens: u32,
     pub max_tokens: u32,
     #[serde(default)]
     pub deadline_ms: Option<Millis>,
     #[serde(default)]
-    pub residency: Option<Vec<String>>,
+    pub residency: Option<Arc<[String]>>,
     #[serde(default)]
     pub sensitive: bool,
     /// Requests in this job (batch shards); prompt/max tokens are per request.
@@ -87,16 +89,31 @@ pub struct InteractiveGen {
     last: f64,
     /// Every request asks for this model (a partition's stream, `peak_rps` its share);
     /// `None`: drawn per request by the workload's model shares.
-    model: Option<String>,
+    model: Option<Arc<str>>,
+    /// The workload's model names and residency choices, shared by the requests.
+    models: Vec<Arc<str>>,
+    residencies: Vec<Option<Arc<[String]>>>,
 }
 
 impl InteractiveGen {
-    pub fn new(seed: u64, peak_rps: f64, model: Option<String>) -> Self {
+    pub fn new(sc: &Scenario, seed: u64, peak_rps: f64, model: Option<&str>) -> Self {
         Self {
             rng: Rng::derive(seed, 0x1A7E),
             peak_rps,
             last: 0.0,
-            model,
+            model: model.map(Arc::from),
+            models: sc
+                .workload
+                .models
+                .iter()
+                .map(|m| Arc::from(m.name.as_str()))
+                .collect(),
+            residencies: sc
+                .workload
+                .residency
+                .iter()
+                .map(|r| r.regions.as_deref().map(Arc::from))
+                .collect(),
         }
     }
 
@@ -130,14 +147,14 @@ impl InteractiveGen {
         self.last = tf;
         let w = &sc.workload;
         let model = match &self.model {
-            Some(m) => m.clone(),
-            None => pick_model(&mut self.rng, sc),
+            Some(m) => Arc::clone(m),
+            None => self.pick_model(sc),
         };
         let residency = if w.residency.is_empty() {
             None
         } else {
             let i = self.rng.weighted(w.residency.iter().map(|r| r.share));
-            w.residency[i].regions.clone()
+            self.residencies[i].clone()
         };
         let prompt = (self.rng.lognormal(w.interactive_prompt_tokens as f64, 0.5) as u32).max(8);
         let max = (self.rng.lognormal(w.interactive_max_tokens as f64, 0.5) as u32).max(8);
@@ -155,15 +172,13 @@ impl InteractiveGen {
     }
 }
 
-/// A model name by the workload's model shares (or the first compute class's model).
-pub fn pick_model(rng: &mut Rng, sc: &Scenario) -> String {
-    let ms = &sc.workload.models;
-    if ms.is_empty() {
-        return sc
-            .classes
-            .first()
-            .map(|c| c.model.clone())
-            .unwrap_or_default();
+impl InteractiveGen {
+    /// A model name by the workload's model shares (or the first compute class's model).
+    fn pick_model(&mut self, sc: &Scenario) -> Arc<str> {
+        let ms = &sc.workload.models;
+        if ms.is_empty() {
+            return Arc::from(sc.classes.first().map_or("", |c| c.model.as_str()));
+        }
+        Arc::clone(&self.models[self.rng.weighted(ms.iter().map(|m| m.share))])
     }
-    ms[rng.weighted(ms.iter().map(|m| m.share))].name.clone()
 }
