@@ -57,6 +57,18 @@ impl Job {
     }
 }
 
+/// Bytes per token on the wire (text or token ids: about 4 either way).
+const WIRE_BYTES_PER_TOKEN: f64 = 4.0;
+
+/// Time to send `tokens` over a link of `mbps` megabits per second, ms (0 for a link without a
+/// stated bandwidth).
+fn transfer_ms(tokens: u32, mbps: f32) -> u64 {
+    if mbps <= 0.0 {
+        return 0;
+    }
+    (tokens as f64 * WIRE_BYTES_PER_TOKEN * 8.0 / (mbps as f64 * 1000.0)).ceil() as u64
+}
+
 /// `dst = src`, reusing `dst`'s strings.
 fn clone_into_vec(src: &[String], dst: &mut Vec<String>) {
     dst.truncate(src.len());
@@ -337,13 +349,16 @@ impl Sim<'_> {
             self.m.waste.reprefill += equiv;
         }
         let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
+        // The job's input (prompts, and on a resume the tokens already generated) goes to the
+        // vehicle over its link before the prefill starts.
+        let upload_ms = transfer_ms(job.prefill_tokens(), sc.link.bandwidth_mbps);
         job.attempt += 1;
         self.next_run = self.next_run.wrapping_add(1);
         job.run = self.next_run;
         job.node = Some(v);
         job.rate = rate;
         job.rtt_ms = rtt;
-        job.decode_from = now + rtt as u64 + prefill_ms(first_prefill);
+        job.decode_from = now + rtt as u64 + upload_ms + prefill_ms(first_prefill);
         if !job.ttft_done && job.class == JobClass::Interactive {
             job.ttft_done = true;
             let ttft = job.decode_from - job.arrived;

@@ -95,6 +95,8 @@ pub struct LinkConfig {
     pub rtt_ms_work: f32,
     pub rtt_ms_depot: f32,
     pub rtt_ms_public: f32,
+    /// Link bandwidth to a parked vehicle, Mbit/s: a job's input (prompts, and on a resume the
+    /// tokens already generated) is sent at this rate before its prefill starts (0: instant).
     pub bandwidth_mbps: f32,
     /// Link outages per parked hour (Poisson); an outage evicts running work abruptly.
     pub outages_per_hour: f64,

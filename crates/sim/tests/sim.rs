@@ -157,6 +157,24 @@ fn an_interactive_answer_cut_by_an_eviction_misses_its_slo() {
 }
 
 #[test]
+fn a_slow_link_delays_the_first_token_by_the_input_transfer() {
+    // 0.1 Mbit/s: a ~600-token prompt (4 bytes a token) takes about 0.2 s to send, at 20
+    // Mbit/s about 1 ms.
+    let (mut sc, mut opts) = small();
+    opts.days = Some(0.25);
+    let fast = run(&sc, PolicyKind::FirstFit, &opts);
+    sc.link.bandwidth_mbps = 0.1;
+    let slow = run(&sc, PolicyKind::FirstFit, &opts);
+    assert!(fast.interactive_jobs > 100, "{}", fast.interactive_jobs);
+    assert!(
+        slow.ttft_p50_ms >= fast.ttft_p50_ms + 100.0,
+        "TTFT p50 {} ms at 0.1 Mbit/s vs {} ms at 20",
+        slow.ttft_p50_ms,
+        fast.ttft_p50_ms
+    );
+}
+
+#[test]
 fn governor_policy_from_the_scenario_is_enforced() {
     // Quiet hours all day long: `tokenfleet-vehicle`'s governor never lets a vehicle compute,
     // so nothing is delivered (the same run without them delivers).
