@@ -6,6 +6,7 @@
 //! the `Preemptible` sets instead. Sets are `Vec`s with swap-remove; every node remembers its
 //! positions, so joining and leaving cost O(models x regions).
 
+use crate::hint::prefetch;
 use crate::policy::Card;
 use crate::rng::FxHashMap as HashMap;
 use crate::types::{NodeId, NodeView};
@@ -136,23 +137,12 @@ impl SlotMap {
     }
 }
 
-/// Ask the CPU to bring every cache line of `x` into cache. A hint: it changes nothing.
-#[inline(always)]
-fn prefetch<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let p = (x as *const T).cast::<i8>();
-        for off in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
-            // address is inside `x`); SSE is part of the x86_64 baseline.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
+/// [`FleetIndex::set_id`] on the two fields it needs (`join` holds a node's entry meanwhile).
+fn set_id_in(set_ids: &mut HashMap<SetKey, u32>, sets: &mut Vec<Vec<Member>>, key: SetKey) -> u32 {
+    *set_ids.entry(key).or_insert_with(|| {
+        sets.push(Vec::new());
+        (sets.len() - 1) as u32
+    })
 }
 
 fn desired_kind(v: &NodeView) -> Option<Kind> {
@@ -243,10 +233,7 @@ impl FleetIndex {
 
     /// The id of the set `key`, created empty if it does not exist yet.
     pub fn set_id(&mut self, key: SetKey) -> u32 {
-        *self.set_ids.entry(key).or_insert_with(|| {
-            self.sets.push(Vec::new());
-            (self.sets.len() - 1) as u32
-        })
+        set_id_in(&mut self.set_ids, &mut self.sets, key)
     }
 
     pub fn set_by_id(&self, id: u32) -> &[Member] {
@@ -374,10 +361,7 @@ impl FleetIndex {
                     region,
                     kind,
                 };
-                let sid = *self.set_ids.entry(key).or_insert_with(|| {
-                    self.sets.push(Vec::new());
-                    (self.sets.len() - 1) as u32
-                });
+                let sid = set_id_in(&mut self.set_ids, &mut self.sets, key);
                 let set = &mut self.sets[sid as usize];
                 e.positions.push((sid, set.len() as u32));
                 set.push(Member {

@@ -13,9 +13,11 @@
 //! - `index` (private): candidate sets by (model, region) with free capacity.
 //! - [`trace`]: [`SchedulerTrace`] and [`replay`] for the "one code path" check.
 //! - [`rng`]: a tiny deterministic PRNG.
+//! - [`hint`]: a cache prefetch hint (no effect on any result).
 
 pub mod constraints;
 pub mod forecast;
+pub mod hint;
 mod index;
 pub mod policy;
 pub mod predict;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use tokenfleet_scheduler::forecast::LEVELS;
+use tokenfleet_scheduler::hint::prefetch;
 use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
 use tokenfleet_vehicle::Governor;
 
@@ -42,25 +43,6 @@ pub enum Ev {
     Sweep,
     Sample,
     End,
-}
-
-/// Ask the CPU to bring `x` (every cache line of it) into cache. A hint: it changes no result.
-#[inline(always)]
-pub(crate) fn prefetch<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let p = (x as *const T).cast::<i8>();
-        for off in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
-            // address is inside `x`); SSE is part of the x86_64 baseline.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
 }
 
 pub struct Vehicle {

@@ -8,9 +8,10 @@
 //! token; a graceful hand-back loses only the tokens in flight (one RTT), an abrupt one (link
 //! outage, unannounced departure) loses everything since the last acknowledged checkpoint.
 
+use tokenfleet_scheduler::hint::prefetch;
 use tokenfleet_scheduler::{JobClass, JobId, Millis, QueuedJob, RejectReason};
 
-use crate::engine::{prefetch, Ev, Sim, SWEEP_MS};
+use crate::engine::{Ev, Sim, SWEEP_MS};
 
 pub struct Job {
     pub class: JobClass,
