@@ -30,6 +30,13 @@ impl PolicyKind {
         PolicyKind::Oracle,
     ];
 
+    /// `tokenfleet` and `oracle` score sampled candidates (and share the rules that come with
+    /// scoring: the interactive pool, the rescue of resumed batch jobs, the preemption wait);
+    /// `random` and `first-fit` take the first feasible node.
+    pub fn scores(self) -> bool {
+        matches!(self, PolicyKind::Tokenfleet | PolicyKind::Oracle)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::Random => "random",

@@ -199,7 +199,7 @@ impl Scheduler {
 
     fn decide_unrecorded(&mut self, now: Millis, queue: &[QueuedJob]) -> Decisions {
         let mut order: Vec<&QueuedJob> = queue.iter().filter(|j| j.running_on.is_none()).collect();
-        let rescue_resumed = matches!(self.policy, PolicyKind::Tokenfleet | PolicyKind::Oracle);
+        let rescue_resumed = self.policy.scores();
         let window = self.config.resumed_rescue_window as f64;
         order.sort_by_cached_key(|j| {
             let due = match j.class {
@@ -394,14 +394,12 @@ impl Scheduler {
     }
 
     fn pick(&mut self, now: Millis, job: &QueuedJob, group: &mut Group) -> Pick {
-        let pooled = job.class == JobClass::Interactive
-            && matches!(self.policy, PolicyKind::Tokenfleet | PolicyKind::Oracle);
-        let free = if pooled {
+        let scoring = self.policy.scores();
+        let free = if scoring && job.class == JobClass::Interactive {
             self.pick_pooled(now, job, group)
         } else {
             self.pick_in(now, job, &group.free, false)
         };
-        let scoring = matches!(self.policy, PolicyKind::Tokenfleet | PolicyKind::Oracle);
         let may_preempt = !scoring
             || now.saturating_sub(job.enqueued_at) >= self.config.interactive_preempt_after_ms;
         match free {

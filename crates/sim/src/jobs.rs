@@ -352,7 +352,8 @@ impl Sim<'_> {
         let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
         // The job's input (prompts, and on a resume the tokens already generated) goes to the
         // vehicle over its link before the prefill starts.
-        let upload_ms = transfer_ms(job.prefill_tokens(), sc.link.bandwidth_mbps);
+        let prefill_total = job.prefill_tokens();
+        let upload_ms = transfer_ms(prefill_total, sc.link.bandwidth_mbps);
         job.attempt += 1;
         self.next_run = self.next_run.wrapping_add(1);
         job.run = self.next_run;
@@ -374,7 +375,7 @@ impl Sim<'_> {
             self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
         }
         let remaining_tokens = job.max_total().saturating_sub(job.generated);
-        let other_prefill = job.prefill_tokens().saturating_sub(first_prefill);
+        let other_prefill = prefill_total.saturating_sub(first_prefill);
         let done_at = job.decode_from
             + prefill_ms(other_prefill)
             + (remaining_tokens as f64 / rate as f64 * 1000.0) as u64;
