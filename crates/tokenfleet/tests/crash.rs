@@ -32,6 +32,19 @@ fn job_rows(db: &Path) -> Vec<(String, String, i64)> {
     .unwrap()
 }
 
+/// [`job_rows`] once `n` jobs are stored and all done, or after 30 s (then as they are).
+async fn rows_once_all_done(db: &Path, n: usize) -> Vec<(String, String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = job_rows(db);
+        let done = rows.len() == n && rows.iter().all(|(_, state, _)| state == "done");
+        if done || Instant::now() >= deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn prompt(i: usize) -> String {
     let topics = [
         "the moon",
@@ -118,8 +131,11 @@ async fn coordinator_sigkill_loses_no_accepted_job_and_finishes_none_twice() {
         assert!(!text.is_empty(), "job-{i}");
         answers.push(text);
     }
-    // Exactly 20 jobs, all done once: no duplicate row, each job's tokens stored once.
-    let rows = job_rows(&db);
+    // Exactly 20 jobs, all done once: no duplicate row, each job's tokens stored once. A job's
+    // outcome is written after its answer (the store queues it behind the answer; an outcome
+    // lost to a crash means a re-run from the stored tokens), so the last one may still be on
+    // its way: wait for it, a bounded while.
+    let rows = rows_once_all_done(&db, 20).await;
     assert_eq!(rows.len(), 20, "{rows:?}");
     for (key, state, tokens) in &rows {
         assert_eq!(state, "done", "{key}");
