@@ -42,6 +42,10 @@ pub struct AgentConfig {
     /// Reconnect backoff: first delay and cap.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Backoff after the coordinator denies the vehicle itself (quarantine, revocation): an
+    /// operator has to act first, so the agent asks again only every few minutes.
+    pub denied_backoff_initial: Duration,
+    pub denied_backoff_max: Duration,
     /// Compute-unit power model, used for per-job energy when neither the vehicle's power
     /// signal nor RAPL is available (reported as estimated).
     pub power_model: HardwareProfile,
@@ -67,6 +71,8 @@ impl AgentConfig {
             decode_tps_batched: 250.0,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            denied_backoff_initial: Duration::from_secs(60),
+            denied_backoff_max: Duration::from_secs(1800),
             // An Orin-class compute unit: ~8 W powered and idle, ~60 W inferring flat out.
             power_model: HardwareProfile {
                 idle_w: 8.0,

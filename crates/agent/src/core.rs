@@ -284,12 +284,12 @@ impl Core {
                     .into_iter()
                     .map(|m| ChatMessage::new(m.role, m.content))
                     .collect();
-                match self.engine.render_chat(&messages) {
-                    Ok(text) => self.engine.tokenize(&text, true),
+                match self.engine.chat_prompt(&messages) {
+                    Ok(tokens) => tokens,
                     Err(e) => return fail(self, e.to_string(), false),
                 }
             }
-            Some(v1::assign::Prompt::Text(t)) => self.engine.tokenize(&t, true),
+            Some(v1::assign::Prompt::Text(t)) => self.engine.text_prompt(&t),
             Some(v1::assign::Prompt::Tokens(t)) => t.ids,
             None => return fail(self, "Assign without a prompt".into(), false),
         };

@@ -46,6 +46,10 @@ pub enum AgentError {
     Connect(String),
     #[error("the coordinator refused the session: {0}")]
     Refused(String),
+    /// Refused for who this vehicle is (quarantined, revoked, unknown): retrying soon cannot
+    /// help, so the agent backs off for minutes, not seconds.
+    #[error("the coordinator denies this vehicle: {0}")]
+    Denied(String),
     #[error("the agent is stopping")]
     Stopped,
 }

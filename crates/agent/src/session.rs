@@ -78,6 +78,17 @@ async fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
         .map_err(|e| AgentError::Connect(e.to_string()))
 }
 
+/// A refused session: denied for who the vehicle is (PERMISSION_DENIED, UNAUTHENTICATED), or
+/// refused for now (anything else).
+fn refusal(status: tonic::Status) -> AgentError {
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            AgentError::Denied(status.message().to_string())
+        }
+        _ => AgentError::Refused(status.message().to_string()),
+    }
+}
+
 /// Keeps a session up until `shutdown` flips.
 pub(crate) async fn run(
     config: AgentConfig,
@@ -86,14 +97,27 @@ pub(crate) async fn run(
     report: SessionReport,
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut denied = Backoff::new(config.denied_backoff_initial, config.denied_backoff_max);
     loop {
         if *shutdown.borrow() {
             return;
         }
         report.status.send_replace(SessionStatus::Connecting);
+        let mut delay = None;
         match one_session(&config, &core, &mut shutdown, &mut backoff, &report).await {
             Ok(()) => tracing::info!(node = %config.node_id, "session ended"),
+            Err(AgentError::Denied(why)) => {
+                // Never less than the initial wait (full jitter could make it ~0).
+                let wait = denied.next_delay().max(config.denied_backoff_initial);
+                tracing::error!(node = %config.node_id, cause = %why, retry_in_s = wait.as_secs(),
+                    "the coordinator denies this vehicle (an operator must act: release from quarantine, re-enroll); asking again later");
+                report
+                    .status
+                    .send_replace(SessionStatus::Failed(format!("denied: {why}")));
+                delay = Some(wait);
+            }
             Err(e) => {
+                denied.reset();
                 tracing::warn!(node = %config.node_id, cause = %e, "session failed");
                 report
                     .status
@@ -101,7 +125,7 @@ pub(crate) async fn run(
             }
         }
         let _ = core.send(CoreMsg::Detach).await;
-        let delay = backoff.next_delay();
+        let delay = delay.unwrap_or_else(|| backoff.next_delay());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
@@ -131,16 +155,12 @@ async fn one_session(
     let response = client
         .open(ReceiverStream::new(out_rx))
         .await
-        .map_err(|s| AgentError::Refused(s.message().to_string()))?;
+        .map_err(refusal)?;
     let mut inbound = response.into_inner();
     // An attestation challenge may come before Welcome: the coordinator registers the node
     // only once its quote verifies.
     let welcome = loop {
-        match inbound
-            .message()
-            .await
-            .map_err(|s| AgentError::Refused(s.message().to_string()))?
-        {
+        match inbound.message().await.map_err(refusal)? {
             Some(v1::CoordinatorMessage {
                 msg: Some(CoordinatorMsg::Welcome(w)),
             }) => break w,
@@ -243,5 +263,26 @@ async fn answer_challenge(config: &AgentConfig, challenge: v1::AttestChallenge) 
             unavailable(e.to_string())
         }
         Err(e) => unavailable(format!("quote task failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: a quarantined agent retried its permanent refusal about once a second. Being
+    /// denied for who the vehicle is must take the long backoff; anything else the short one.
+    #[test]
+    fn a_denial_is_told_apart_from_a_passing_refusal() {
+        let denied = refusal(tonic::Status::permission_denied("this node is quarantined"));
+        assert!(matches!(denied, AgentError::Denied(m) if m.contains("quarantined")));
+        assert!(matches!(
+            refusal(tonic::Status::unauthenticated("unknown certificate")),
+            AgentError::Denied(_)
+        ));
+        assert!(matches!(
+            refusal(tonic::Status::unavailable("coordinator shutting down")),
+            AgentError::Refused(_)
+        ));
     }
 }

@@ -153,8 +153,13 @@ pub async fn start(
         let models = tokio::task::spawn_blocking(move || verify::TrustedModels::load(&vc))
             .await
             .map_err(|e| verify::VerifyError::Start(e.to_string()))??;
+        let thresholds = config
+            .verification
+            .load_thresholds()
+            .map_err(verify::VerifyError::Start)?;
         Some(verify::Setup {
             config: config.verification.clone(),
+            thresholds,
             models,
             reputation: reputation::Reputation::load(store.clone()).await?,
         })

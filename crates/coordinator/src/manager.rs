@@ -17,7 +17,7 @@ use tonic::Status;
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
-use crate::jobs::{Job, JobHandle, JobOutcome, JobView, Placement};
+use crate::jobs::{Job, JobHandle, JobOutcome, JobText, JobView, Placement};
 use crate::metrics::Metrics;
 use crate::nodes::{LastSeen, Node, NodeSender};
 use crate::store::{JobState, Outcome, Store, StoredJob, StoredToken};
@@ -252,7 +252,10 @@ impl State {
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => {
+                    self.on_tick().await;
+                    self.poll_operator().await;
+                }
                 _ = shutdown.changed() => break,
             }
             if self.wants_dispatch {
@@ -271,6 +274,10 @@ impl State {
             restarts: 0,
         });
         let persisted = view.borrow().tokens.len();
+        let text = {
+            let ids: Vec<i32> = view.borrow().tokens.iter().map(|t| t.id).collect();
+            self.job_text(&stored.request, &ids)
+        };
         tracing::debug!(
             job = stored.id,
             tokens = persisted,
@@ -293,6 +300,7 @@ impl State {
                 first_token_seen: persisted > 0,
                 attempts: 0,
                 producers: Vec::new(),
+                text,
             },
         );
         self.queue.insert(stored.id, ());
@@ -372,6 +380,7 @@ impl State {
             )));
         }
         let (view, _) = watch::channel(JobView::default());
+        let text = self.job_text(&new.request, &[]);
         let job = Job {
             id: new.id,
             public_id: new.public_id,
@@ -387,12 +396,20 @@ impl State {
             first_token_seen: false,
             attempts: 0,
             producers: Vec::new(),
+            text,
         };
         let handle = job.handle();
         self.queue.insert(job.id, ());
         self.jobs.insert(job.id, job);
         self.wants_dispatch = true;
         Ok(handle)
+    }
+
+    /// The coordinator's text release for a job of `request`'s model, when it holds the
+    /// model's token table.
+    fn job_text(&self, request: &ValidRequest, ids: &[i32]) -> Option<JobText> {
+        let table = self.verify.as_ref()?.token_tables.get(&request.model)?;
+        Some(JobText::new(Arc::clone(table), &request.stop, ids))
     }
 
     /// Removes a job from a node's books.

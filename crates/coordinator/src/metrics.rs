@@ -36,6 +36,12 @@ pub struct Metrics {
     pub energy_joules: CounterVec,
     /// Battery wear that energy caused, US dollars of pack value.
     pub battery_wear_usd: Counter,
+    /// Jobs a node reported failed (JobFailed), by what the node claimed (retryable,
+    /// permanent); the job moves on either way.
+    pub node_job_failures: IntCounterVec,
+    /// Node outputs refused as forged before any spot check (texts that are not their ids'
+    /// detokenization, tokens past max_tokens or a stop string, an inconsistent finish).
+    pub forged_outputs: IntCounter,
 }
 
 impl Metrics {
@@ -123,8 +129,23 @@ impl Metrics {
             "Battery wear caused by finished jobs, USD",
         )
         .expect("valid metric");
+        let node_job_failures = IntCounterVec::new(
+            Opts::new(
+                "tokenfleet_node_job_failures_total",
+                "Jobs nodes reported failed, by the node's claim",
+            ),
+            &["claim"],
+        )
+        .expect("valid metric");
+        let forged_outputs = IntCounter::new(
+            "tokenfleet_forged_outputs_total",
+            "Node outputs refused as forged (text, token count or finish inconsistent)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(node_job_failures.clone()),
+            Box::new(forged_outputs.clone()),
             Box::new(energy_joules.clone()),
             Box::new(battery_wear_usd.clone()),
             Box::new(tokens_generated.clone()),
@@ -157,6 +178,8 @@ impl Metrics {
             ttft,
             energy_joules,
             battery_wear_usd,
+            node_job_failures,
+            forged_outputs,
         }
     }
 

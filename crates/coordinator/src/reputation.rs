@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use rusqlite::params;
 
 use crate::store::{Store, StoreError, StoredJob};
-use crate::verify::check::SampledEvidence;
+use crate::verify::check::SampledSums;
 
 /// Schema for reputation (appended to the store's migrations).
 pub const MIGRATION: &str = "CREATE TABLE node_reputation (
@@ -41,6 +41,18 @@ pub const MIGRATION: &str = "CREATE TABLE node_reputation (
     ) WITHOUT ROWID;
     CREATE INDEX job_producers_node ON job_producers(node, verification, finished_ms);";
 
+/// Schema change: a node whose failure the circuit breaker held for an operator.
+pub const MIGRATION_HELD: &str = "ALTER TABLE node_reputation ADD COLUMN held_ms INTEGER;
+    ALTER TABLE node_reputation ADD COLUMN held_reason TEXT;";
+
+/// A node's quarantine state as the store has it (an operator may have changed it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorState {
+    pub node: String,
+    pub quarantined: Option<(u64, String)>,
+    pub held: Option<(u64, String)>,
+}
+
 /// What the fleet knows of one node's honesty.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeRecord {
@@ -48,10 +60,13 @@ pub struct NodeRecord {
     pub passed: u64,
     /// Spot checks that could not decide (short sampled jobs, unknown model).
     pub inconclusive: u64,
-    /// Accumulated evidence of the sampled-output test.
-    pub sampled: SampledEvidence,
+    /// Lifetime sums of the sampled-output test (a statistic for operators; the verdicts use
+    /// a sliding window, see `verify::check`).
+    pub sampled: SampledSums,
     /// (unix ms, reason) once quarantined.
     pub quarantined: Option<(u64, String)>,
+    /// (unix ms, reason) when a failure was held by the circuit breaker for an operator.
+    pub held: Option<(u64, String)>,
 }
 
 /// Where a producer's work stands.
@@ -85,6 +100,9 @@ pub struct RatePolicy {
 impl RatePolicy {
     /// The probability that a finished job of a node with this record is re-scored.
     pub fn rate(&self, record: Option<&NodeRecord>) -> f64 {
+        if record.is_some_and(|r| r.held.is_some()) {
+            return 1.0; // failed once; until an operator decides, every job is checked
+        }
         let good = record.map_or(0, |r| r.passed) as f64;
         let d = self.decay_jobs.max(1) as f64;
         (self.new_node_rate * d / (d + good)).clamp(self.min_rate, 1.0)
@@ -103,29 +121,24 @@ impl Reputation {
             .with_conn(|conn, _| {
                 let mut stmt = conn.prepare(
                     "SELECT node, passed, inconclusive, sampled_tokens, sampled_excess,
-                            sampled_variance, sampled_looks, quarantined_ms, quarantine_reason
+                            sampled_variance, quarantined_ms, quarantine_reason, held_ms,
+                            held_reason
                      FROM node_reputation",
                 )?;
                 let rows = stmt
                     .query_map([], |r| {
-                        let quarantined = match r.get::<_, Option<u64>>(7)? {
-                            Some(ms) => {
-                                Some((ms, r.get::<_, Option<String>>(8)?.unwrap_or_default()))
-                            }
-                            None => None,
-                        };
                         Ok((
                             r.get::<_, String>(0)?,
                             NodeRecord {
                                 passed: r.get(1)?,
                                 inconclusive: r.get(2)?,
-                                sampled: SampledEvidence {
+                                sampled: SampledSums {
                                     tokens: r.get(3)?,
                                     excess: r.get(4)?,
                                     variance: r.get(5)?,
-                                    looks: r.get(6)?,
                                 },
-                                quarantined,
+                                quarantined: since_and_reason(r, 6)?,
+                                held: since_and_reason(r, 8)?,
                             },
                         ))
                     })?
@@ -146,6 +159,31 @@ impl Reputation {
             .is_some_and(|r| r.quarantined.is_some())
     }
 
+    pub fn is_held(&self, node: &str) -> bool {
+        self.records.get(node).is_some_and(|r| r.held.is_some())
+    }
+
+    pub fn held_count(&self) -> usize {
+        self.records.values().filter(|r| r.held.is_some()).count()
+    }
+
+    /// Every node's quarantine and hold as the store has them now.
+    pub async fn operator_states(&self) -> Result<Vec<OperatorState>, StoreError> {
+        operator_states(&self.store).await
+    }
+
+    /// Takes an operator's decision into the in-memory record (already in the store).
+    pub fn set_operator_state(
+        &mut self,
+        node: &str,
+        quarantined: Option<(u64, String)>,
+        held: Option<(u64, String)>,
+    ) {
+        let record = self.records.entry(node.to_string()).or_default();
+        record.quarantined = quarantined;
+        record.held = held;
+    }
+
     pub fn quarantined_count(&self) -> usize {
         self.records
             .values()
@@ -154,21 +192,23 @@ impl Reputation {
     }
 
     /// Changes a node's record and writes it through (queued behind earlier store writes).
+    /// Quarantine and hold columns are written only when the change sets them, so a pass
+    /// counted here never overwrites an operator's decision made in the store meanwhile.
     pub async fn update(&mut self, node: &str, now_ms: u64, change: impl FnOnce(&mut NodeRecord)) {
         let record = self.records.entry(node.to_string()).or_default();
+        let status_before = (record.quarantined.clone(), record.held.clone());
         change(record);
+        let status_changed = status_before != (record.quarantined.clone(), record.held.clone());
         let (node, r) = (node.to_string(), record.clone());
         self.store
             .queue_exec(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO node_reputation (node, passed, inconclusive, sampled_tokens,
-                        sampled_excess, sampled_variance, sampled_looks, quarantined_ms,
-                        quarantine_reason, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                        sampled_excess, sampled_variance, sampled_looks, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7)
                      ON CONFLICT (node) DO UPDATE SET passed = ?2, inconclusive = ?3,
                         sampled_tokens = ?4, sampled_excess = ?5, sampled_variance = ?6,
-                        sampled_looks = ?7, quarantined_ms = ?8, quarantine_reason = ?9,
-                        updated_ms = ?10",
+                        updated_ms = ?7",
                 )?
                 .execute(params![
                     node,
@@ -177,11 +217,21 @@ impl Reputation {
                     r.sampled.tokens,
                     r.sampled.excess,
                     r.sampled.variance,
-                    r.sampled.looks,
-                    r.quarantined.as_ref().map(|q| q.0),
-                    r.quarantined.as_ref().map(|q| q.1.clone()),
-                    now_ms
+                    now_ms,
                 ])?;
+                if status_changed {
+                    conn.prepare_cached(
+                        "UPDATE node_reputation SET quarantined_ms = ?2, quarantine_reason = ?3,
+                            held_ms = ?4, held_reason = ?5 WHERE node = ?1",
+                    )?
+                    .execute(params![
+                        node,
+                        r.quarantined.as_ref().map(|q| q.0),
+                        r.quarantined.as_ref().map(|q| q.1.clone()),
+                        r.held.as_ref().map(|q| q.0),
+                        r.held.as_ref().map(|q| q.1.clone()),
+                    ])?;
+                }
                 Ok(())
             })
             .await;
@@ -233,6 +283,71 @@ impl Reputation {
             })
             .await
     }
+}
+
+/// A nullable (ms, reason) column pair.
+fn since_and_reason(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<(u64, String)>> {
+    Ok(match r.get::<_, Option<u64>>(at)? {
+        Some(ms) => Some((ms, r.get::<_, Option<String>>(at + 1)?.unwrap_or_default())),
+        None => None,
+    })
+}
+
+/// Every node that is quarantined or held, as the store has it.
+pub async fn operator_states(store: &Store) -> Result<Vec<OperatorState>, StoreError> {
+    store
+        .with_conn(|conn, _| {
+            let rows = conn
+                .prepare(
+                    "SELECT node, quarantined_ms, quarantine_reason, held_ms, held_reason
+                     FROM node_reputation ORDER BY node",
+                )?
+                .query_map([], |r| {
+                    Ok(OperatorState {
+                        node: r.get(0)?,
+                        quarantined: since_and_reason(r, 1)?,
+                        held: since_and_reason(r, 3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+}
+
+/// An operator's decision on a node, written to the store (the running coordinator reads it
+/// within a few seconds). Returns false when the node has no record.
+pub async fn decide(store: &Store, node: &str, decision: Decision) -> Result<bool, StoreError> {
+    let node = node.to_string();
+    store
+        .with_conn(move |conn, _| {
+            let now = crate::manager::unix_ms() as i64;
+            let changed = match decision {
+                // Released: judged afresh (its window and record of passes start over).
+                Decision::Release => conn.execute(
+                    "UPDATE node_reputation SET quarantined_ms = NULL, quarantine_reason = NULL,
+                        held_ms = NULL, held_reason = NULL, passed = 0, updated_ms = ?2
+                     WHERE node = ?1",
+                    params![node, now],
+                )?,
+                Decision::Confirm => conn.execute(
+                    "UPDATE node_reputation SET quarantined_ms = ?2,
+                        quarantine_reason = COALESCE(held_reason, 'quarantined by an operator'),
+                        held_ms = NULL, held_reason = NULL, updated_ms = ?2
+                     WHERE node = ?1",
+                    params![node, now],
+                )?,
+            };
+            Ok(changed > 0)
+        })
+        .await
+}
+
+/// What an operator decides about a quarantined or held node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Release,
+    Confirm,
 }
 
 /// Discards a job's stored tokens and outcome so it runs again from scratch: deletes its

@@ -37,4 +37,5 @@ pub use request::{
     FinishReason, Finished, GenerationEvent, GenerationRequest, Timings, TokenEvent,
 };
 pub use sampling::{SamplingParams, TokenId};
-pub use score::{NextScore, SampledScore, ScoreRequest, ScoreResult, TokenScore};
+pub use score::{NextScore, SampledScore, ScoreMode, ScoreRequest, ScoreResult, TokenScore};
+pub use token_text::TokenTable;

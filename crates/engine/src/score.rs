@@ -15,6 +15,17 @@
 
 use crate::sampling::{argmax_and_log_sum_exp, truncated_support, SamplingParams, TokenId};
 
+/// How the claimed tokens are evaluated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ScoreMode {
+    /// All in batched prefills (fast; other kernel paths than decoding, so rounding differs).
+    #[default]
+    Prefill,
+    /// The prompt in a prefill, then one claimed token per decode call: the path a generating
+    /// node takes. Several times slower; used to confirm a failed check before it counts.
+    Stepwise,
+}
+
 /// A prompt and the output tokens claimed to follow it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreRequest {
@@ -25,6 +36,7 @@ pub struct ScoreRequest {
     /// The sampling parameters the output was supposedly drawn with; greedy (temperature 0)
     /// skips the per-distribution statistics.
     pub sampling: SamplingParams,
+    pub mode: ScoreMode,
 }
 
 /// How the model scores one claimed token, given everything before it.

@@ -1,9 +1,59 @@
 //! Turning a stream of token ids into released text: UTF-8 reassembly and stop strings.
 //!
+//! [`TokenTable`] holds every token's piece (the bytes llama.cpp gives it, special tokens
+//! omitted) and the end-of-generation ids. The engine's worker and the coordinator read pieces
+//! from the same table type through the same [`TextReleaser`], so the text a client gets from
+//! the coordinator is, by construction, what an honest agent released: the coordinator does
+//! not have to trust a node's texts (issue 13).
+//!
 //! The text released after each token is a pure function of the token ids so far and the stop
 //! strings. That is what makes resume exact: a vehicle that continues another vehicle's
 //! generation replays the already-generated ids through a fresh [`TextReleaser`] (without
 //! emitting) and then releases exactly the text the first vehicle would have released next.
+
+use std::sync::Arc;
+
+use crate::sampling::TokenId;
+
+/// Every token's piece and which tokens end a generation, read once from a model's vocabulary.
+/// Pure data (no llama.cpp handle): cheap to share across threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenTable {
+    pieces: Vec<Box<[u8]>>,
+    eog: Vec<TokenId>,
+}
+
+impl TokenTable {
+    /// A table from pieces indexed by token id and the end-of-generation ids.
+    pub fn new(pieces: Vec<Box<[u8]>>, eog: Vec<TokenId>) -> Arc<Self> {
+        Arc::new(Self { pieces, eog })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// The bytes of token `id`; None when `id` is not in the vocabulary.
+    pub fn piece(&self, id: TokenId) -> Option<&[u8]> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.pieces.get(i))
+            .map(|p| &p[..])
+    }
+
+    pub fn is_eog(&self, id: TokenId) -> bool {
+        self.eog.contains(&id)
+    }
+
+    pub fn eog_tokens(&self) -> &[TokenId] {
+        &self.eog
+    }
+
+    /// The text of one token on its own (as top-logprob alternatives are shown).
+    pub fn lossy_text(&self, id: TokenId) -> String {
+        String::from_utf8_lossy(self.piece(id).unwrap_or_default()).into_owned()
+    }
+}
 
 /// What happened to the text after one more token.
 #[derive(Debug, Clone, PartialEq, Eq)]

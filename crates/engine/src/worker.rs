@@ -8,19 +8,19 @@
 //! chunked across steps instead).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, watch};
 
 use crate::request::{FinishReason, Finished, GenerationEvent, GenerationRequest, Timings};
 use crate::request::{TokenEvent, TopLogprob};
 use crate::sampling::{sample, TokenId};
-use crate::score::{next_position, score_position, ScoreRequest, ScoreResult};
-use crate::token_text::{Release, TextReleaser};
+use crate::score::{next_position, score_position, ScoreMode, ScoreRequest, ScoreResult};
+use crate::token_text::{Release, TextReleaser, TokenTable};
 use crate::{EngineStats, Limits};
 
 pub(crate) enum Command {
@@ -82,7 +82,8 @@ impl Active {
 }
 
 pub(crate) struct Worker<'m> {
-    model: &'m LlamaModel,
+    /// Pieces and end-of-generation ids (the same table the coordinator releases text from).
+    tokens: Arc<TokenTable>,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     batch_capacity: usize,
@@ -102,24 +103,19 @@ pub(crate) struct Worker<'m> {
         ScoreRequest,
         tokio::sync::oneshot::Sender<Result<ScoreResult, String>>,
     )>,
-    /// End-of-generation token ids (for [`crate::score::NextScore`]).
-    eog_tokens: Vec<TokenId>,
 }
 
 impl<'m> Worker<'m> {
     pub(crate) fn new(
-        model: &'m LlamaModel,
+        tokens: Arc<TokenTable>,
         ctx: LlamaContext<'m>,
         slots: u32,
         batch_capacity: u32,
         commands: mpsc::Receiver<Command>,
         stats: watch::Sender<EngineStats>,
     ) -> Self {
-        let eog_tokens = (0..model.n_vocab())
-            .filter(|&t| model.vocab().is_eog(LlamaToken(t)))
-            .collect();
         Self {
-            model,
+            tokens,
             ctx,
             batch: LlamaBatch::new(batch_capacity as usize, 1),
             batch_capacity: batch_capacity as usize,
@@ -139,7 +135,6 @@ impl<'m> Worker<'m> {
                 ..Default::default()
             },
             scores: VecDeque::new(),
-            eog_tokens,
         }
     }
 
@@ -235,7 +230,7 @@ impl<'m> Worker<'m> {
             };
             let mut text = TextReleaser::new(&w.request.stop);
             for &id in &w.request.resume {
-                text.push(&self.piece(id));
+                text.push(self.piece(id));
             }
             let prefill = w.request.prompt.clone();
             let replay = w.request.resume.clone();
@@ -385,14 +380,13 @@ impl<'m> Worker<'m> {
         let s = sample(logits, &a.request.sampling, a.next_index as u64, n_top);
         let now = Instant::now();
         let first = *a.first_token.get_or_insert(now);
-        let vocab = self.model.vocab();
-        if !a.request.ignore_eos && vocab.is_eog(LlamaToken(s.token)) {
+        if !a.request.ignore_eos && self.tokens.is_eog(s.token) {
             let tail = a.text.finish();
             finish(a, FinishReason::Stop, tail, first, now);
             return true;
         }
-        let piece = vocab.token_to_piece(LlamaToken(s.token), false, None);
-        let (text, stopped) = match a.text.push(&piece) {
+        let piece = self.tokens.piece(s.token).unwrap_or_default();
+        let (text, stopped) = match a.text.push(piece) {
             Release::Text(t) => (t, false),
             Release::Stopped(t) => (t, true),
         };
@@ -401,8 +395,7 @@ impl<'m> Worker<'m> {
             .iter()
             .map(|&(id, logprob)| TopLogprob {
                 id,
-                text: String::from_utf8_lossy(&vocab.token_to_piece(LlamaToken(id), false, None))
-                    .into_owned(),
+                text: self.tokens.lossy_text(id),
                 logprob,
             })
             .collect();
@@ -456,6 +449,11 @@ impl<'m> Worker<'m> {
             .copied()
             .collect();
         let first_output = request.prompt.len() - 1;
+        // Stepwise: one claimed token per decode call, as a generating node evaluates them.
+        let outputs_per_decode = match request.mode {
+            ScoreMode::Prefill => SCORE_OUTPUTS_PER_DECODE,
+            ScoreMode::Stepwise => 1,
+        };
         let mut tokens = Vec::with_capacity(request.claimed.len());
         let mut next = None;
         let mut pos = 0;
@@ -465,7 +463,7 @@ impl<'m> Worker<'m> {
             let mut outputs = 0;
             while pos < all.len()
                 && pos - start < self.batch_capacity
-                && outputs < SCORE_OUTPUTS_PER_DECODE
+                && outputs < outputs_per_decode
             {
                 let logits = pos >= first_output;
                 self.batch
@@ -484,7 +482,7 @@ impl<'m> Worker<'m> {
                     Some(&claimed) => {
                         tokens.push(score_position(logits, claimed, &request.sampling))
                     }
-                    None => next = Some(next_position(logits, &self.eog_tokens)),
+                    None => next = Some(next_position(logits, self.tokens.eog_tokens())),
                 }
             }
         }
@@ -494,10 +492,8 @@ impl<'m> Worker<'m> {
         })
     }
 
-    fn piece(&self, id: TokenId) -> Vec<u8> {
-        self.model
-            .vocab()
-            .token_to_piece(LlamaToken(id), false, None)
+    fn piece(&self, id: TokenId) -> &[u8] {
+        self.tokens.piece(id).unwrap_or_default()
     }
 
     /// The lowest free sequence id: dense ids keep each step's batch one ubatch (see `step`).

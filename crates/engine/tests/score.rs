@@ -25,6 +25,7 @@ async fn a_greedy_generation_scores_as_all_argmax_and_a_corrupted_one_does_not()
             prompt: prompt.clone(),
             claimed: out.tokens.clone(),
             sampling: SamplingParams::default(),
+            mode: Default::default(),
         })
         .await
         .unwrap();
@@ -61,6 +62,7 @@ async fn a_greedy_generation_scores_as_all_argmax_and_a_corrupted_one_does_not()
             prompt,
             claimed: corrupted.clone(),
             sampling: SamplingParams::default(),
+            mode: Default::default(),
         })
         .await
         .unwrap();
@@ -99,6 +101,7 @@ async fn an_honest_sampled_generation_stays_in_its_support() {
             prompt,
             claimed: out.tokens.clone(),
             sampling: sampling.clone(),
+            mode: Default::default(),
         })
         .await
         .unwrap();
@@ -130,6 +133,7 @@ async fn scoring_rejects_what_the_model_cannot_hold() {
             prompt: vec![1; 40],
             claimed: vec![2; 40],
             sampling: SamplingParams::default(),
+            mode: Default::default(),
         })
         .await
         .unwrap_err();
@@ -142,6 +146,7 @@ async fn scoring_rejects_what_the_model_cannot_hold() {
             prompt: vec![1],
             claimed: vec![-3],
             sampling: SamplingParams::default(),
+            mode: Default::default(),
         })
         .await
         .unwrap_err();

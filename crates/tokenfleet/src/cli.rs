@@ -33,6 +33,9 @@ pub enum Command {
     Sim(crate::sim_cmd::SimArgs),
     /// Answer one chat prompt with the local engine, streaming tokens to stdout.
     Chat(ChatArgs),
+    /// Result verification: calibrate the verifier's thresholds on honest work.
+    #[command(subcommand)]
+    Verify(crate::verify_cmd::VerifyCommand),
     /// Benchmarks that print our figures next to a reference measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -83,6 +86,8 @@ pub enum BenchCommand {
     E2e(crate::bench::e2e::E2eArgs),
     /// Coordinator dispatch at fleet scale: N simulated agents (null engine) over gRPC/TLS.
     Dispatch(crate::bench::dispatch::DispatchArgs),
+    /// Result verification: false quarantines of an honest fleet, and how long liars last.
+    Trust(crate::bench::trust::TrustArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -115,9 +120,11 @@ pub fn main() -> ExitCode {
                 tokio::task::spawn_blocking(move || crate::sim_cmd::run(args)).await?
             }
             Command::Chat(args) => crate::chat::run(args).await,
+            Command::Verify(cmd) => crate::verify_cmd::run(cmd).await,
             Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
             Command::Bench(BenchCommand::E2e(args)) => crate::bench::e2e::run(args).await,
             Command::Bench(BenchCommand::Dispatch(args)) => crate::bench::dispatch::run(args).await,
+            Command::Bench(BenchCommand::Trust(args)) => crate::bench::trust::run(args).await,
         }
     });
     match result {

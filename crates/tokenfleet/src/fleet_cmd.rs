@@ -2,6 +2,8 @@
 //!
 //! - `tokenfleet fleet token --node-id ID`: the operator issues a one-time enrollment token
 //!   (stored hashed in the coordinator's store, expiring, single use);
+//! - `tokenfleet fleet quarantine list|release|confirm`: vehicles result verification took
+//!   out, and failures its circuit breaker held for an operator's decision;
 //! - `tokenfleet fleet revoke --node-id ID`: revokes a vehicle (the running coordinator ends
 //!   its sessions within its revocation poll interval and refuses it from then on);
 //! - `tokenfleet enroll --token T --ca-cert fleet-ca.pem`: on the vehicle, trades the token for
@@ -26,6 +28,35 @@ pub enum FleetCommand {
     Token(TokenArgs),
     /// Revoke a vehicle: its live sessions end and it can never connect again.
     Revoke(RevokeArgs),
+    /// Vehicles taken out by result verification: list, release, or confirm a held failure.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Vehicles quarantined, and failures the circuit breaker holds for a decision.
+    List(DbArgs),
+    /// Let a vehicle back in: it reconnects at its next attempt and is judged afresh (every
+    /// job checked again until it earns trust).
+    Release(NodeArgs),
+    /// Quarantine a vehicle whose failure the circuit breaker held.
+    Confirm(NodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// The coordinator's job store (SQLite).
+    #[arg(long, env = "TOKENFLEET_DB", default_value = "tokenfleet.db")]
+    pub db: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[arg(long)]
+    pub node_id: String,
 }
 
 #[derive(Debug, Args)]
@@ -83,11 +114,55 @@ pub fn default_identity_dir() -> PathBuf {
     crate::cli::default_cache_dir().join("identity")
 }
 
-async fn open_registry(db: &Path) -> anyhow::Result<Registry> {
+async fn open_store(db: &Path) -> anyhow::Result<Store> {
     let sealer = tokenfleet_coordinator::config::store_sealer(db, None)
         .with_context(|| format!("the job store keys of {}", db.display()))?;
-    let store = Store::open(db, sealer).with_context(|| format!("opening {}", db.display()))?;
-    Ok(Registry::new(store))
+    Store::open(db, sealer).with_context(|| format!("opening {}", db.display()))
+}
+
+async fn open_registry(db: &Path) -> anyhow::Result<Registry> {
+    Ok(Registry::new(open_store(db).await?))
+}
+
+async fn quarantine(cmd: QuarantineCommand) -> anyhow::Result<()> {
+    use tokenfleet_coordinator::reputation::{decide, operator_states, Decision};
+    let (db, node, decision) = match &cmd {
+        QuarantineCommand::List(a) => {
+            let store = open_store(&a.db).await?;
+            let states = operator_states(&store).await?;
+            let mut any = false;
+            for s in states {
+                let (what, (ms, why)) = match (s.quarantined, s.held) {
+                    (Some(q), _) => ("quarantined", q),
+                    (None, Some(h)) => ("held", h),
+                    (None, None) => continue,
+                };
+                any = true;
+                println!("{}\t{what}\tsince_unix_ms={ms}\t{why}", s.node);
+            }
+            if !any {
+                eprintln!("no vehicle is quarantined or held");
+            }
+            return Ok(());
+        }
+        QuarantineCommand::Release(a) => (&a.db.db, &a.node_id, Decision::Release),
+        QuarantineCommand::Confirm(a) => (&a.db.db, &a.node_id, Decision::Confirm),
+    };
+    let store = open_store(db).await?;
+    anyhow::ensure!(
+        decide(&store, node, decision).await?,
+        "{node} has no verification record in {}",
+        db.display()
+    );
+    store.flush().await?;
+    eprintln!(
+        "{node}: {} (a running coordinator applies it within seconds)",
+        match decision {
+            Decision::Release => "released",
+            Decision::Confirm => "quarantined",
+        }
+    );
+    Ok(())
 }
 
 pub async fn run(cmd: FleetCommand) -> anyhow::Result<()> {
@@ -106,6 +181,7 @@ pub async fn run(cmd: FleetCommand) -> anyhow::Result<()> {
             registry.revoke(&a.node_id, &a.reason).await?;
             eprintln!("revoked {}: a running coordinator disconnects it within its revocation poll interval", a.node_id);
         }
+        FleetCommand::Quarantine(cmd) => quarantine(cmd).await?,
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! - [`sim_cmd`]: `tokenfleet sim`, the fleet simulator's command line.
 //! - [`tls`]: a self-signed certificate for fleets on one machine.
 //! - [`chat`]: `tokenfleet chat`, one prompt through the local engine, streamed.
+//! - [`verify_cmd`]: `tokenfleet verify calibrate`, the verifier's thresholds from honest work.
 //! - [`bench`]: `tokenfleet bench ...`, our figures next to a reference measured in the same run.
 
 pub mod bench;
@@ -20,3 +21,4 @@ pub mod sim_cmd;
 pub mod swtpm;
 pub mod tls;
 pub mod up;
+pub mod verify_cmd;

@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::liar::RandomTokenLiar;
-use common::perturb::perturbed_copy;
 use common::{greedy_chat, model_path, start_agent_with, Fleet, MODEL};
+use tokenfleet::bench::trust::perturb::perturbed_copy;
 use tokenfleet_coordinator::verify::VerificationConfig;
 
 /// Sum of every sample of `name` (any labels) whose label set contains `labels`.
@@ -40,11 +40,21 @@ async fn verifying_fleet() -> Fleet {
         c.verification = VerificationConfig {
             enabled: true,
             models: vec![model_path()],
-            min_rate: 1.0,
+            min_rate: Some(1.0),
             ..Default::default()
         };
     })
     .await
+}
+
+async fn token_table() -> std::sync::Arc<tokenfleet_engine::TokenTable> {
+    let mut ec = tokenfleet_engine::EngineConfig::new(model_path());
+    ec.slots = 1;
+    ec.ctx_per_slot = 64;
+    tokenfleet_engine::Engine::load_async(ec)
+        .await
+        .unwrap()
+        .token_table()
 }
 
 async fn real_sha() -> String {
@@ -112,8 +122,19 @@ fn quarantined(m: &str) -> f64 {
 async fn a_random_token_liar_is_caught_quarantined_and_its_jobs_rerun() {
     let fleet = verifying_fleet().await;
     let sha = real_sha().await;
-    // Holds its first two jobs half done; answers later ones at once.
-    let liar = RandomTokenLiar::start(&fleet.grpc, "liar-random", MODEL, &sha, 49152, 2).await;
+    // Holds its first two jobs half done; answers later ones at once, with the true texts of
+    // its random ids (so that only the spot check can tell).
+    let table = token_table().await;
+    let liar = RandomTokenLiar::start(
+        &fleet.grpc,
+        "liar-random",
+        MODEL,
+        &sha,
+        49152,
+        2,
+        Some(table),
+    )
+    .await;
     fleet.wait_for_nodes(1).await;
     let pending_prompts = ["Write a haiku about parking lots.", "Name three colors."];
     let mut pending = Vec::new();
@@ -201,7 +222,7 @@ async fn a_random_token_liar_is_caught_quarantined_and_its_jobs_rerun() {
 async fn an_agent_running_a_different_model_is_caught_and_its_jobs_rerun() {
     let dir = tempfile::tempdir().unwrap();
     let perturbed = dir.path().join("perturbed.gguf");
-    let changed = perturbed_copy(&model_path(), &perturbed, 0.3, 7);
+    let changed = perturbed_copy(&model_path(), &perturbed, 0.3, 7).unwrap();
     assert!(changed > 100_000, "only {changed} bytes perturbed");
     let fleet = verifying_fleet().await;
     let sha = real_sha().await;
@@ -316,4 +337,180 @@ async fn an_honest_node_passes_greedy_and_sampled_checks() {
     assert_eq!(quarantined(&m), 0.0);
     // Greedy checks always decide; the sampled test decides once it has enough tokens.
     assert!(pass >= 5.0, "{m}");
+}
+
+/// Issue 13, hole 1: what the client reads was never checked. A node whose texts are not the
+/// detokenization of its token ids is refused on its first chunk, before any spot check; the
+/// client never reads the forged text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_forged_texts_are_caught_before_any_spot_check() {
+    let fleet = verifying_fleet().await;
+    let sha = real_sha().await;
+    // Answers at once, with made-up texts ("<id>") for its token ids.
+    let liar = RandomTokenLiar::start(&fleet.grpc, "liar-texts", MODEL, &sha, 49152, 0, None).await;
+    fleet.wait_for_nodes(1).await;
+    let f = (fleet.http.clone(), fleet.client.clone());
+    let pending = tokio::spawn(async move {
+        f.1.post(format!("{}/v1/chat/completions", f.0))
+            .bearer_auth(common::KEY)
+            .json(&greedy_chat("Name three colors.", 16, false))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let m = wait_for(&fleet, "quarantine", |m| quarantined(m) >= 1.0).await;
+    assert_eq!(
+        metric(&m, "tokenfleet_forged_outputs_total", ""),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "tokenfleet_verification_checks_total", ""),
+        0.0,
+        "caught by the coordinator's own detokenization, not a spot check"
+    );
+    // An honest vehicle answers the job afresh; nothing the liar wrote reaches the client.
+    let _honest = start_agent_with(&fleet.grpc, "honest-1", 4, model_path(), &sha).await;
+    let body = tokio::time::timeout(Duration::from_secs(180), pending)
+        .await
+        .expect("the job hangs")
+        .unwrap();
+    assert!(
+        !body.contains('<'),
+        "forged text reached the client: {body}"
+    );
+    assert!(liar.log.drained.load(Ordering::SeqCst));
+}
+
+/// Issue 13: under a dozen concurrent greedy requests the verifier quarantined all three
+/// honest vehicles (a 0.31-nat near-tie against a hand-picked 0.25 tolerance) and the fleet
+/// stopped. Three honest vehicles with different slot counts, every job checked, twelve
+/// requests at a time: none is quarantined or held, no check fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_honest_vehicles_under_concurrent_load_keep_their_standing() {
+    let fleet = verifying_fleet().await;
+    let sha = real_sha().await;
+    let _a = start_agent_with(&fleet.grpc, "honest-a", 4, model_path(), &sha).await;
+    let _b = start_agent_with(&fleet.grpc, "honest-b", 2, model_path(), &sha).await;
+    let _c = start_agent_with(&fleet.grpc, "honest-c", 1, model_path(), &sha).await;
+    fleet.wait_for_nodes(3).await;
+    let topics = [
+        "electric cars",
+        "the moon",
+        "bread",
+        "rivers",
+        "jazz",
+        "volcanoes",
+        "bees",
+        "chess",
+        "tea",
+        "glaciers",
+        "batteries",
+        "owls",
+    ];
+    let mut clients = Vec::new();
+    for round in 0..3 {
+        for t in topics {
+            let f = (fleet.http.clone(), fleet.client.clone());
+            let prompt = format!("Write two sentences about {t} (round {round}).");
+            clients.push(tokio::spawn(async move {
+                f.1.post(format!("{}/v1/chat/completions", f.0))
+                    .bearer_auth(common::KEY)
+                    .json(&greedy_chat(&prompt, 48, false))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        for c in clients.drain(..) {
+            assert_eq!(c.await.unwrap(), 200);
+        }
+    }
+    let m = wait_for(&fleet, "36 spot checks", |m| {
+        metric(m, "tokenfleet_verification_checks_total", "") >= 36.0
+    })
+    .await;
+    println!(
+        "honest fleet under load: {} checks, {} false alarms cleared",
+        metric(&m, "tokenfleet_verification_checks_total", ""),
+        metric(&m, "tokenfleet_verification_false_alarms_total", "")
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tokenfleet_verification_checks_total",
+            "result=\"fail\""
+        ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(quarantined(&m), 0.0);
+    assert_eq!(metric(&m, "tokenfleet_verification_held_nodes", ""), 0.0);
+}
+
+/// Issue 13: the circuit breaker. The verifier may quarantine at most its share of the live
+/// fleet (here 1 of 2) within its window without an operator; a second failure is held (the
+/// node keeps serving, every job checked) until an operator confirms or releases it, through
+/// the store as `tokenfleet fleet quarantine` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue13_the_circuit_breaker_holds_failures_beyond_its_share_for_an_operator() {
+    use tokenfleet_coordinator::reputation::{decide, operator_states, Decision};
+    let fleet = verifying_fleet().await;
+    let sha = real_sha().await;
+    let table = token_table().await;
+    let _liars = [
+        RandomTokenLiar::start(
+            &fleet.grpc,
+            "liar-a",
+            MODEL,
+            &sha,
+            49152,
+            0,
+            Some(table.clone()),
+        )
+        .await,
+        RandomTokenLiar::start(&fleet.grpc, "liar-b", MODEL, &sha, 49152, 0, Some(table)).await,
+    ];
+    fleet.wait_for_nodes(2).await;
+    let held = |m: &str| metric(m, "tokenfleet_verification_held_nodes", "");
+    let mut round = 0;
+    let m = loop {
+        // Jobs go to both liars; each is checked (new nodes, and held ones, always are).
+        let _ = chat(&fleet, &format!("Say something ({round})."), None).await;
+        round += 1;
+        let m = fleet.metrics().await;
+        if quarantined(&m) >= 1.0 && held(&m) >= 1.0 {
+            break m;
+        }
+        assert!(round < 40, "the breaker never held the second liar:\n{m}");
+    };
+    assert_eq!(
+        quarantined(&m),
+        1.0,
+        "the breaker let a second quarantine through"
+    );
+    let store = tokenfleet_coordinator::store::Store::open(
+        &fleet.db,
+        tokenfleet_coordinator::config::store_sealer(&fleet.db, None).unwrap(),
+    )
+    .unwrap();
+    let states = operator_states(&store).await.unwrap();
+    let held_node = states
+        .iter()
+        .find(|s| s.held.is_some())
+        .map(|s| s.node.clone())
+        .expect("the held node is listed for the operator");
+    // The operator confirms: the coordinator quarantines it within its poll.
+    assert!(decide(&store, &held_node, Decision::Confirm).await.unwrap());
+    wait_for(&fleet, "the confirmed quarantine", |m| {
+        quarantined(m) >= 2.0 && held(m) == 0.0
+    })
+    .await;
+    // And releases one: it may come back.
+    assert!(decide(&store, &held_node, Decision::Release).await.unwrap());
+    wait_for(&fleet, "the release", |m| quarantined(m) == 1.0).await;
 }

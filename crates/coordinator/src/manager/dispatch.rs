@@ -129,13 +129,18 @@ impl State {
             lease_deadline_unix_ms: unix_ms() + self.config.lease_timeout.as_millis() as u64,
             model: r.model.clone(),
             prompt: Some(prompt),
-            sampling: Some(v1::Sampling {
-                temperature: r.sampling.temperature,
-                top_p: r.sampling.top_p,
-                top_k: 0,
-                seed: r.sampling.seed,
+            sampling: Some({
+                let s = crate::jobs::engine_sampling(r);
+                v1::Sampling {
+                    temperature: s.temperature,
+                    top_p: s.top_p,
+                    top_k: s.top_k,
+                    seed: s.seed,
+                }
             }),
-            max_tokens: r.max_tokens - resume.len() as u32,
+            // The manager never keeps more than max_tokens (node_events caps chunks), but a
+            // stored job is not to be trusted blindly either.
+            max_tokens: r.max_tokens.saturating_sub(resume.len() as u32),
             resume_token_ids: resume,
             stop: r.stop.clone(),
             logprobs: r.logprobs,

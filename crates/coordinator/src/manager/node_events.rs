@@ -8,9 +8,17 @@ use tonic::Status;
 
 use super::{eviction_label, handback, Registered, State};
 use crate::error::ApiError;
-use crate::jobs::{JobOutcome, Placement};
+use crate::jobs::{JobOutcome, JobText, Placement};
 use crate::nodes::{count_models, LastSeen, Node, NodeSender};
 use crate::store::StoredToken;
+
+/// Longest text a node may send for one token (its own or an alternative's). A token's piece
+/// is at most a few dozen bytes; the released text adds at most a held-back stop-string
+/// prefix (stop strings are bounded at the edge).
+const MAX_TOKEN_TEXT_BYTES: usize = 4096;
+
+/// Vehicles a job may fail on (JobFailed) before the client gets an error.
+const MAX_ATTEMPTS_AFTER_FAILURE: u32 = 3;
 
 impl State {
     /// Drops a node's session, if it has one, and its models from the served-model counts.
@@ -125,7 +133,7 @@ impl State {
             AgentMsg::Hello(_) => {
                 tracing::warn!(node = %self.nodes[&id].name, "second Hello on one session ignored");
             }
-            AgentMsg::Chunk(chunk) => self.on_chunk(id, chunk),
+            AgentMsg::Chunk(chunk) => self.on_chunk(id, chunk).await,
             AgentMsg::Done(done) => self.on_done(id, done).await,
             AgentMsg::Evicted(ev) => {
                 let Some(job) = self.running_on(&ev.job_id, id) else {
@@ -146,12 +154,27 @@ impl State {
                     return;
                 };
                 let attempts = self.jobs[&job].attempts;
-                tracing::warn!(node = %self.nodes[&id].name, job, retryable = f.retryable, cause = %f.message, "job failed on node");
-                if f.retryable && attempts < 3 {
+                // The node's text goes to the operator's log only: a client never reads what a
+                // vehicle wrote (it could be anything), and "permanent" is the node's claim,
+                // so the job gets other vehicles before it fails.
+                let reason = if f.retryable {
+                    "retryable"
+                } else {
+                    "permanent"
+                };
+                let cause: String = f.message.chars().take(512).collect();
+                tracing::warn!(node = %self.nodes[&id].name, job, retryable = f.retryable, %cause, "job failed on node");
+                self.metrics
+                    .node_job_failures
+                    .with_label_values(&[reason])
+                    .inc();
+                if attempts < MAX_ATTEMPTS_AFTER_FAILURE {
                     self.requeue(job, id).await;
                 } else {
                     self.detach(job, id);
-                    let err = ApiError::invalid(f.message, None);
+                    let err = ApiError::unavailable(format!(
+                        "the fleet could not complete this request ({attempts} vehicles failed it); retry later"
+                    ));
                     self.end(job, JobOutcome::Failed(err)).await;
                 }
             }
@@ -167,42 +190,126 @@ impl State {
             .then_some(id)
     }
 
-    pub(super) fn on_chunk(&mut self, node: NodeId, chunk: v1::TokenChunk) {
+    /// Folds a node's token chunk into its job. What a node may send is bounded by the job
+    /// (never more than `max_tokens`, alternatives only as many as asked for, each text
+    /// short); where the coordinator holds the model's token table, the text every client
+    /// sees is released here from the token ids, and a node whose texts differ is reported
+    /// as forging output.
+    pub(super) async fn on_chunk(&mut self, node: NodeId, chunk: v1::TokenChunk) {
         let n = chunk.token_ids.len();
         self.metrics.tokens_generated.inc_by(n as u64);
         let Some(id) = self.running_on(&chunk.job_id, node) else {
             return;
         };
+        let node_name = self.nodes[&node].name.clone();
         let job = self.jobs.get_mut(&id).expect("running job exists");
-        if chunk.texts.len() != n || chunk.logprobs.len() != n {
-            tracing::warn!(node = %self.nodes[&node].name, job = id, "malformed chunk ignored");
+        let top_wanted = if job.request.logprobs {
+            job.request.top_logprobs as usize
+        } else {
+            0
+        };
+        let malformed = if chunk.texts.len() != n || chunk.logprobs.len() != n {
+            Some("texts or logprobs do not match the token ids".to_string())
+        } else if !(chunk.top_logprobs.is_empty() || chunk.top_logprobs.len() == n) {
+            Some("top_logprobs do not match the token ids".to_string())
+        } else if chunk.top_logprobs.iter().any(|t| t.top.len() > top_wanted) {
+            Some(format!("more than the {top_wanted} alternatives asked for"))
+        } else if chunk
+            .texts
+            .iter()
+            .chain(
+                chunk
+                    .top_logprobs
+                    .iter()
+                    .flat_map(|t| t.top.iter().map(|a| &a.text)),
+            )
+            .any(|t| t.len() > MAX_TOKEN_TEXT_BYTES)
+        {
+            Some(format!(
+                "a token text longer than {MAX_TOKEN_TEXT_BYTES} bytes"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = malformed {
+            tracing::warn!(node = %node_name, job = id, %why, "malformed chunk ignored");
             return;
         }
         let have = job.generated();
         let start = chunk.start_index as usize;
         if start > have {
-            tracing::warn!(node = %self.nodes[&node].name, job = id, start, have, "chunk leaves a gap; ignored");
+            tracing::warn!(node = %node_name, job = id, start, have, "chunk leaves a gap; ignored");
             return;
         }
         let skip = have - start;
         if skip >= n {
             return; // all already known (a resend)
         }
-        if job.producers.last().map(|p| p.0) != Some(node) {
+        // Never more tokens than the request allows (a node could otherwise grow a job, its
+        // stored output and every client's stream without bound).
+        let room = (job.request.max_tokens as usize).saturating_sub(have);
+        let mut take = (n - skip).min(room);
+        let mut forged = (n - skip > room).then(|| {
+            format!(
+                "sent tokens past max_tokens {} (had {have}, sent {})",
+                job.request.max_tokens,
+                n - skip
+            )
+        });
+        // The coordinator's own text for each new token.
+        let mut texts = Vec::with_capacity(take);
+        let mut tops = Vec::with_capacity(take);
+        for i in skip..skip + take {
+            let tid = chunk.token_ids[i];
+            let top: Vec<(String, f32)> = chunk
+                .top_logprobs
+                .get(i)
+                .map(|t| {
+                    t.top
+                        .iter()
+                        .map(|a| {
+                            let text = job.text.as_ref().map_or_else(
+                                || Some(a.text.clone()),
+                                |jt| jt.token_text(a.token_id),
+                            );
+                            (text.unwrap_or_default(), a.logprob)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let text = match job.text.as_mut() {
+                None => chunk.texts[i].clone(),
+                Some(jt) => match jt.push(tid) {
+                    Ok(text) => {
+                        if text != chunk.texts[i] && forged.is_none() {
+                            forged = Some(format!(
+                                "the text sent for token {} is not the detokenization of its id {tid}",
+                                start + i
+                            ));
+                        }
+                        text
+                    }
+                    Err(why) => {
+                        forged.get_or_insert(why);
+                        take = i - skip;
+                        break;
+                    }
+                },
+            };
+            texts.push(text);
+            tops.push(top);
+        }
+        if take > 0 && job.producers.last().map(|p| p.0) != Some(node) {
             job.producers.push((node, have));
         }
         let mut delivered = 0;
         job.view.send_modify(|v| {
             v.prompt_tokens = chunk.prompt_tokens;
-            for i in skip..n {
-                let top = chunk
-                    .top_logprobs
-                    .get(i)
-                    .map(|t| t.top.iter().map(|a| (a.text.clone(), a.logprob)).collect())
-                    .unwrap_or_default();
+            for ((k, text), top) in texts.into_iter().enumerate().zip(tops) {
+                let i = skip + k;
                 v.tokens.push(StoredToken {
                     id: chunk.token_ids[i],
-                    text: chunk.texts[i].clone(),
+                    text,
                     logprob: chunk.logprobs[i],
                     top,
                 });
@@ -210,11 +317,14 @@ impl State {
             }
         });
         self.metrics.tokens_delivered.inc_by(delivered);
-        if !job.first_token_seen {
+        if delivered > 0 && !job.first_token_seen {
             job.first_token_seen = true;
             self.metrics
                 .ttft
                 .observe(job.accepted.elapsed().as_secs_f64());
+        }
+        if let Some(why) = forged {
+            self.forged_output(node, id, why).await;
         }
     }
 
@@ -222,12 +332,62 @@ impl State {
         let Some(id) = self.running_on(&done.job_id, node) else {
             return;
         };
-        let have = self.jobs[&id].generated() as u32;
+        let job = &self.jobs[&id];
+        let have = job.generated() as u32;
         if done.next_index != have {
             // Some chunks were lost (a reconnect); the tokens we lack are regenerated.
             tracing::warn!(node = %self.nodes[&node].name, job = id, have, reported = done.next_index, "JobDone before all chunks arrived; resuming elsewhere");
             self.requeue(id, node).await;
             return;
+        }
+        let claimed =
+            v1::FinishReason::try_from(done.finish_reason).unwrap_or(v1::FinishReason::Stop);
+        let max_tokens = job.request.max_tokens;
+        let stopped_by_string = job.text.as_ref().is_some_and(JobText::stopped);
+        let our_tail = job.text.as_ref().map(JobText::tail);
+        // Is the claimed end consistent with the tokens? `length`: exactly max_tokens and no
+        // stop string; `stop`: a stop string completed in the coordinator's own release, or
+        // the node claims the model ended (an end-of-generation token; the verifier checks
+        // that), which cannot come after max_tokens.
+        let inconsistent = match claimed {
+            v1::FinishReason::Length if have < max_tokens || stopped_by_string => Some(format!(
+                "claimed finish_reason length after {have} of max_tokens {max_tokens}{}",
+                if stopped_by_string {
+                    " and a stop string"
+                } else {
+                    ""
+                }
+            )),
+            v1::FinishReason::Length => None,
+            _ if have >= max_tokens && !stopped_by_string => Some(format!(
+                "claimed the model ended after max_tokens {max_tokens} were generated"
+            )),
+            _ => None,
+        }
+        .or_else(|| {
+            our_tail
+                .as_ref()
+                .is_some_and(|t| *t != done.text_tail)
+                .then(|| "the text tail sent is not the held-back text of its tokens".into())
+        });
+        if let Some(why) = inconsistent {
+            // The job is not finished (or its end is forged): it continues elsewhere from the
+            // tokens the coordinator holds, and the node is reported.
+            self.detach(id, node);
+            self.forged_output(node, id, why).await;
+            self.requeue_if_live(id, node).await;
+            return;
+        }
+        let finish_reason = match claimed {
+            v1::FinishReason::Length => "length",
+            _ => "stop",
+        };
+        let text_tail = our_tail.unwrap_or(done.text_tail);
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        // The node that ends a job claims its end, even with no token of its own (a job that
+        // produced nothing is verified too).
+        if job.producers.last().map(|p| p.0) != Some(node) {
+            job.producers.push((node, have as usize));
         }
         self.detach(id, node);
         self.metrics.record_job_energy(
@@ -237,16 +397,12 @@ impl State {
             done.battery_wear_usd,
         );
         tracing::debug!(node = %self.nodes[&node].name, job = id, energy_j = done.energy_j, measured = done.energy_measured, wear_usd = done.battery_wear_usd, "job done");
-        let finish_reason = match v1::FinishReason::try_from(done.finish_reason) {
-            Ok(v1::FinishReason::Length) => "length",
-            _ => "stop",
-        };
         let prompt_tokens = done.prompt_tokens;
         self.end(
             id,
             JobOutcome::Done {
                 finish_reason: finish_reason.into(),
-                text_tail: done.text_tail,
+                text_tail,
                 prompt_tokens,
             },
         )

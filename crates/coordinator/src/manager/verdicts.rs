@@ -1,5 +1,11 @@
 //! The manager's side of result verification: offering finished jobs for spot checks,
-//! applying the verifier's reports to node reputations, and quarantining a node that fails.
+//! applying the verifier's verdicts to node reputations, and taking a node out of the fleet
+//! when its output is proven wrong - within the circuit breaker's limit.
+//!
+//! Evidence comes from two places: the verifier's confirmed verdicts (statistical, see
+//! `verify::check`), and the manager itself when a node's output is inconsistent on its face
+//! (texts that are not the detokenization of their ids, tokens past `max_tokens` or past a
+//! stop string, a finish reason the tokens contradict: `forged_output`).
 //!
 //! Quarantine cuts the node off (a `Drain` with eviction, then its session is closed and any
 //! reconnect is refused), and nothing it produced is trusted any more: every live job holding
@@ -7,36 +13,54 @@
 //! some of them gets an error instead, since streamed text cannot be taken back), and its
 //! recent finished jobs that were not verified good are re-run so the store holds honest
 //! outputs (idempotent retries and batch results read them from there).
+//!
+//! The circuit breaker: within `breaker_window_s` the verifier quarantines at most
+//! `breaker_max_share` of the live fleet (at least one node). A failure beyond that is *held*:
+//! the node keeps serving with every job checked, an ERROR names it, and an operator decides
+//! (`tokenfleet fleet quarantine confirm|release`). A verifier that is wrong about everyone
+//! (a miscalibrated threshold, a bad trusted copy) thus costs one node, not the fleet.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokenfleet_engine::SamplingParams;
+use tokenfleet_engine::TokenTable;
 use tokenfleet_protocol::v1;
 use tokenfleet_protocol::CoordinatorMsg;
+use tokenfleet_scheduler::NodeId;
 use tonic::Status;
 
 use super::{unix_ms, Manager, State};
 use crate::error::ApiError;
-use crate::jobs::{Job, JobOutcome, Placement};
+use crate::jobs::{engine_sampling, Job, JobOutcome, Placement};
 use crate::metrics::Metrics;
 use crate::reputation::{
-    queue_discard_tokens, reopen_for_rerun, RatePolicy, Reputation, Verification as Mark,
+    queue_discard_tokens, reopen_for_rerun, OperatorState, RatePolicy, Reputation,
+    Verification as Mark,
 };
 use crate::store::Store;
-use crate::verify::check::{self, Finding, Segment, Thresholds};
-use crate::verify::{self, SegmentResult, Setup, VerifyJob, VerifyMetrics, VerifyQueue};
+use crate::verify::check::Segment;
+use crate::verify::{self, Setup, Verdict, VerifyJob, VerifyMetrics, VerifyQueue};
+
+/// How often the manager reads operator decisions (quarantine release / confirm) from the
+/// store, as revocations are polled.
+const OPERATOR_POLL: Duration = Duration::from_secs(2);
 
 /// Verification state the manager owns.
 pub(super) struct Verification {
     queue: VerifyQueue,
     reputation: Reputation,
     rates: RatePolicy,
-    thresholds: Thresholds,
     rerun_window: Duration,
     metrics: Arc<VerifyMetrics>,
     store: Store,
+    /// Model name -> token table of the trusted copy (the coordinator's own text release).
+    pub(super) token_tables: HashMap<String, Arc<TokenTable>>,
+    breaker_max_share: f64,
+    breaker_window: Duration,
+    /// When the verifier quarantined nodes within the breaker's window (unix ms).
+    recent_quarantines: VecDeque<u64>,
+    last_operator_poll: Instant,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,11 +70,13 @@ impl Verification {
         metrics
             .quarantined
             .set(setup.reputation.quarantined_count() as i64);
-        let thresholds = setup.config.thresholds();
+        metrics.held.set(setup.reputation.held_count() as i64);
+        let token_tables = setup.models.token_tables();
         let (queue, task) = verify::spawn(
             setup.models,
             setup.config.queue_capacity,
-            thresholds,
+            setup.thresholds,
+            setup.config.confirm,
             manager,
             Arc::clone(&metrics),
         );
@@ -58,10 +84,14 @@ impl Verification {
             queue,
             reputation: setup.reputation,
             rates: setup.config.rates(),
-            thresholds,
             rerun_window: Duration::from_secs(setup.config.rerun_window_s),
             metrics,
             store,
+            token_tables,
+            breaker_max_share: setup.config.breaker_max_share,
+            breaker_window: Duration::from_secs(setup.config.breaker_window_s),
+            recent_quarantines: VecDeque::new(),
+            last_operator_poll: Instant::now(),
             _task: task,
         }
     }
@@ -72,21 +102,29 @@ impl State {
     pub(super) fn refuse_quarantined(&self, node: &str) -> Result<(), Status> {
         match &self.verify {
             Some(v) if v.reputation.is_quarantined(node) => Err(Status::permission_denied(
-                "this node is quarantined: its outputs failed result verification",
+                "this node is quarantined: its outputs failed result verification; an operator \
+                 must release it (tokenfleet fleet quarantine release)",
             )),
             _ => Ok(()),
         }
     }
 
-    /// Records who produced a finished job and, when the spot-check draw says so, queues it
-    /// for the verifier.
+    /// Records who produced a finished job and, when the spot-check draw says so (always for
+    /// a job that ended without a token: cheap to check, and the cheapest lie), queues it for
+    /// the verifier.
     pub(super) async fn offer_verification(&mut self, job: &Job, finish_reason: &str) {
         let Some(v) = self.verify.as_mut() else {
             return;
         };
-        let tokens: Vec<i32> = job.view.borrow().tokens.iter().map(|t| t.id).collect();
-        if tokens.is_empty() || job.producers.is_empty() {
-            return;
+        let (tokens, logprobs): (Vec<i32>, Vec<f32>) = job
+            .view
+            .borrow()
+            .tokens
+            .iter()
+            .map(|t| (t.id, t.logprob))
+            .unzip();
+        if job.producers.is_empty() {
+            return; // recovered after a restart with no new producer: nobody to judge
         }
         let mut segments = Vec::with_capacity(job.producers.len());
         for (i, &(node, start)) in job.producers.iter().enumerate() {
@@ -109,10 +147,14 @@ impl State {
         v.reputation
             .record_producers(job.id, names.clone(), unix_ms())
             .await;
-        let rate = names
-            .iter()
-            .map(|n| v.rates.rate(v.reputation.get(n)))
-            .fold(0.0, f64::max);
+        let rate = if tokens.is_empty() {
+            1.0
+        } else {
+            names
+                .iter()
+                .map(|n| v.rates.rate(v.reputation.get(n)))
+                .fold(0.0, f64::max)
+        };
         if rand::random::<f64>() >= rate {
             v.metrics.skipped.with_label_values(&["not_sampled"]).inc();
             return;
@@ -132,7 +174,7 @@ impl State {
             })
             .collect();
         let sha = match shas.into_iter().collect::<Vec<_>>().as_slice() {
-            [Some(sha)] => sha.to_string(),
+            [Some(sha)] => sha.to_ascii_lowercase(),
             _ => {
                 v.metrics
                     .skipped
@@ -142,20 +184,21 @@ impl State {
             }
         };
         let r = &job.request;
+        // Ended on an end-of-generation token: a `stop` that no stop string explains.
+        let stopped_by_string = match &job.text {
+            Some(text) => text.stopped(),
+            // Without the coordinator's own release it cannot tell; a stop string may have
+            // ended it, so the end is not judged.
+            None => !r.stop.is_empty(),
+        };
         v.queue.offer(VerifyJob {
             job: job.id,
             model_sha256: sha,
             prompt: r.prompt.clone(),
-            sampling: SamplingParams {
-                temperature: r.sampling.temperature,
-                top_p: r.sampling.top_p,
-                top_k: 0,
-                seed: r.sampling.seed,
-            },
-            ended_on_eog: finish_reason == "stop"
-                && r.stop.is_empty()
-                && (tokens.len() as u32) < r.max_tokens,
+            sampling: engine_sampling(r),
+            ended_on_eog: finish_reason == "stop" && !stopped_by_string,
             tokens,
+            logprobs,
             segments,
         });
     }
@@ -175,67 +218,185 @@ impl State {
         };
         let now = unix_ms();
         let mut failed = Vec::new();
-        for (segment, result) in results {
+        for (segment, verdict) in results {
             let node = segment.node.as_str();
-            let finding = match result {
-                SegmentResult::Greedy(f) => f,
-                SegmentResult::Sampled(Err(why)) => Finding::Fail(why),
-                SegmentResult::Sampled(Ok(delta)) => {
-                    let th = v.thresholds;
-                    let mut finding = Finding::Pass;
-                    v.reputation
-                        .update(node, now, |r| {
-                            r.sampled.add(&delta);
-                            finding = check::test_sampled(&mut r.sampled, &th);
-                        })
-                        .await;
-                    finding
-                }
-            };
-            let (label, mark) = match &finding {
-                Finding::Pass => ("pass", Mark::Passed),
-                Finding::Inconclusive(_) => ("inconclusive", Mark::Inconclusive),
-                Finding::Fail(_) => ("fail", Mark::Failed),
+            let (label, mark) = match &verdict {
+                Verdict::Pass | Verdict::FalseAlarm(_) => ("pass", Mark::Passed),
+                Verdict::Inconclusive(_) => ("inconclusive", Mark::Inconclusive),
+                Verdict::Fail(_) => ("fail", Mark::Failed),
             };
             v.metrics.checks.with_label_values(&[label]).inc();
             v.reputation.mark(report.job, node, mark).await;
-            match finding {
-                Finding::Pass => {
+            match verdict {
+                Verdict::Pass => {
                     v.reputation.update(node, now, |r| r.passed += 1).await;
                     tracing::debug!(node, job = report.job, "spot check passed");
                 }
-                Finding::Inconclusive(why) => {
+                Verdict::FalseAlarm(why) => {
+                    v.metrics.false_alarms.with_label_values(&["cleared"]).inc();
+                    v.reputation.update(node, now, |r| r.passed += 1).await;
+                    tracing::warn!(node, job = report.job, %why,
+                        "a spot check failed on the fast re-score but the token-by-token re-score cleared it: \
+                         the verifier was wrong, not the node (node kept; if this repeats, recalibrate with \
+                         `tokenfleet verify calibrate`)");
+                }
+                Verdict::Inconclusive(why) => {
                     v.reputation
                         .update(node, now, |r| r.inconclusive += 1)
                         .await;
                     tracing::debug!(node, job = report.job, %why, "spot check inconclusive");
                 }
-                Finding::Fail(why) => failed.push((segment.node, why)),
+                Verdict::Fail(why) => failed.push((segment.node, why)),
             }
         }
         for (node, why) in failed {
-            self.quarantine(&node, why, report.job).await;
+            self.quarantine_or_hold(&node, why, report.job).await;
+        }
+    }
+
+    /// A node's output is inconsistent on its face (see the module doc): no statistics
+    /// needed, but it goes through the same circuit breaker as a failed spot check.
+    pub(super) async fn forged_output(&mut self, node: NodeId, job: u64, why: String) {
+        self.metrics.forged_outputs.inc();
+        let Some(name) = self.nodes.get(&node).map(|n| n.name.clone()) else {
+            return;
+        };
+        tracing::error!(node = %name, job, %why, "node sent output inconsistent with its own tokens");
+        if self.verify.is_some() {
+            self.quarantine_or_hold(&name, format!("forged output: {why}"), job)
+                .await;
+        }
+    }
+
+    /// Requeues a job a node was detached from, unless quarantining that node already moved
+    /// or ended it.
+    pub(super) async fn requeue_if_live(&mut self, id: u64, from: NodeId) {
+        if self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| !matches!(j.placement, Placement::Queued { .. } | Placement::Ended))
+        {
+            self.requeue(id, from).await;
+        }
+    }
+
+    /// Quarantines a node proven wrong, unless the circuit breaker says the verifier has
+    /// already taken out as many nodes as it may without an operator.
+    async fn quarantine_or_hold(&mut self, name: &str, reason: String, failed_job: u64) {
+        let live = self.nodes.values().filter(|n| n.sender.is_some()).count();
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        if v.reputation.is_quarantined(name) || v.reputation.is_held(name) {
+            return;
+        }
+        let now = unix_ms();
+        let window_ms = v.breaker_window.as_millis() as u64;
+        while v
+            .recent_quarantines
+            .front()
+            .is_some_and(|&t| t + window_ms < now)
+        {
+            v.recent_quarantines.pop_front();
+        }
+        let allowed = ((v.breaker_max_share * live as f64).floor() as usize).max(1);
+        if v.recent_quarantines.len() >= allowed {
+            let why = reason.clone();
+            v.reputation
+                .update(name, now, |r| r.held = Some((now, why)))
+                .await;
+            v.metrics.held.set(v.reputation.held_count() as i64);
+            tracing::error!(
+                node = name,
+                job = failed_job,
+                %reason,
+                quarantined_recently = v.recent_quarantines.len(),
+                live,
+                "node failed result verification, but the circuit breaker holds it for an operator \
+                 (the verifier already quarantined its share of the live fleet in this window); it keeps \
+                 serving with every job checked: `tokenfleet fleet quarantine confirm --node-id {name}` \
+                 or `release`"
+            );
+            return;
+        }
+        v.recent_quarantines.push_back(now);
+        self.quarantine(name, reason, Some(failed_job)).await;
+    }
+
+    /// Reads operator decisions from the store (at most every [`OPERATOR_POLL`]): a held node
+    /// confirmed is quarantined; a released node may reconnect and is judged afresh.
+    pub(super) async fn poll_operator(&mut self) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        if v.last_operator_poll.elapsed() < OPERATOR_POLL {
+            return;
+        }
+        v.last_operator_poll = Instant::now();
+        let states = match v.reputation.operator_states().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot read quarantine decisions from the store");
+                return;
+            }
+        };
+        let mut confirmed = Vec::new();
+        for OperatorState {
+            node,
+            quarantined,
+            held,
+        } in states
+        {
+            let was_quarantined = v.reputation.is_quarantined(&node);
+            if was_quarantined && quarantined.is_none() {
+                tracing::info!(node = %node, "released from quarantine by an operator");
+            }
+            if quarantined.is_some() && !was_quarantined {
+                confirmed.push((node.clone(), quarantined.clone()));
+            }
+            v.reputation.set_operator_state(&node, quarantined, held);
+        }
+        v.metrics
+            .quarantined
+            .set(v.reputation.quarantined_count() as i64);
+        v.metrics.held.set(v.reputation.held_count() as i64);
+        for (node, q) in confirmed {
+            let reason = q.map(|q| q.1).unwrap_or_default();
+            tracing::error!(node = %node, %reason, "quarantined by an operator");
+            self.cut_off(&node, &reason).await;
         }
     }
 
     /// Takes a node out of the fleet for good and re-runs what it produced.
-    async fn quarantine(&mut self, name: &str, reason: String, failed_job: u64) {
+    async fn quarantine(&mut self, name: &str, reason: String, failed_job: Option<u64>) {
         let Some(v) = self.verify.as_mut() else {
             return;
         };
-        if v.reputation.is_quarantined(name) {
-            return;
-        }
         let now = unix_ms();
-        tracing::error!(node = name, job = failed_job, %reason, "node failed result verification; quarantined");
+        tracing::error!(node = name, job = ?failed_job, %reason, "node failed result verification; quarantined");
         let why = reason.clone();
         v.reputation
-            .update(name, now, |r| r.quarantined = Some((now, why)))
+            .update(name, now, |r| {
+                r.quarantined = Some((now, why));
+                r.held = None;
+            })
             .await;
         v.metrics
             .quarantined
             .set(v.reputation.quarantined_count() as i64);
-        let since = now.saturating_sub(v.rerun_window.as_millis() as u64);
+        v.metrics.held.set(v.reputation.held_count() as i64);
+        self.cut_off(name, &reason).await;
+        if let Some(job) = failed_job {
+            self.rerun_finished(name, &[job]).await;
+        }
+    }
+
+    /// Evicts a quarantined node's work, closes its session and re-runs what it produced.
+    async fn cut_off(&mut self, name: &str, reason: &str) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let since = unix_ms().saturating_sub(v.rerun_window.as_millis() as u64);
         let suspect = v.reputation.suspect_jobs(name, since).await;
         let store = v.store.clone();
         let reruns = v.metrics.reruns.clone();
@@ -259,6 +420,7 @@ impl State {
                 .values()
                 .filter(|j| {
                     j.placement == (Placement::Running { node: id })
+                        || j.is_handing_back_from(id)
                         || j.producers.iter().any(|p| p.0 == id)
                 })
                 .map(|j| j.id)
@@ -269,17 +431,26 @@ impl State {
         }
 
         // 3. Its recent finished work that was not verified good runs again.
-        let mut finished = match suspect {
+        let finished = match suspect {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(node = name, cause = %e, "cannot list a quarantined node's recent jobs");
                 Vec::new()
             }
         };
-        finished.push(failed_job);
-        finished.sort_unstable();
-        finished.dedup();
-        for job in finished {
+        self.rerun_finished(name, &finished).await;
+    }
+
+    async fn rerun_finished(&mut self, name: &str, jobs: &[u64]) {
+        let Some(v) = self.verify.as_ref() else {
+            return;
+        };
+        let store = v.store.clone();
+        let reruns = v.metrics.reruns.clone();
+        let mut jobs = jobs.to_vec();
+        jobs.sort_unstable();
+        jobs.dedup();
+        for job in jobs {
             if self.jobs.contains_key(&job) {
                 continue;
             }
@@ -313,7 +484,7 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if let Placement::Running { node } = job.placement {
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: id.to_string(),
@@ -324,7 +495,9 @@ impl State {
             }
             self.detach(id, node);
         }
-        let job = self.jobs.get_mut(&id).expect("checked above");
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         if job.request.stream && job.generated() > 0 {
             reruns.with_label_values(&["failed_stream"]).inc();
             let err = ApiError::unavailable(
@@ -340,6 +513,9 @@ impl State {
         });
         job.persisted = 0;
         job.producers.clear();
+        if let Some(text) = job.text.as_mut() {
+            text.reset();
+        }
         job.first_token_seen = false;
         job.placement = Placement::Queued {
             since: Instant::now(),

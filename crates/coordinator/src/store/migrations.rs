@@ -50,6 +50,8 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     Migration::Sql(crate::security::registry::MIGRATION),
     // 5: node reputation and who produced each finished job (result verification).
     Migration::Sql(crate::reputation::MIGRATION),
+    // 6: a verification failure held by the circuit breaker for an operator.
+    Migration::Sql(crate::reputation::MIGRATION_HELD),
 ];
 
 /// Migration 2: seals every plaintext request, text tail and token written by version 1.

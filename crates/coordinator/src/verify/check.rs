@@ -1,25 +1,44 @@
 //! Judging a teacher-forced job: did each node's tokens come from the claimed model?
 //!
 //! Pure functions over the trusted engine's [`ScoreResult`]. A job's output may come from
-//! several nodes (it moved on evictions), so every test runs per [`Segment`] and the verdict
-//! names the node it is about.
+//! several nodes (it moved on evictions), so everything runs per [`Segment`] and names the node
+//! it is about. Re-scoring is not bit-exact: a batched prefill rounds differently from a node's
+//! token-by-token decoding (and a node's batch of 1-8 sequences, its thread count and its
+//! backend differ again), so an honest greedy token can come out a little below the re-scored
+//! argmax, and near-ties (top two logits within noise) are common in small models. No rule
+//! here compares values for equality; every limit is a [`Thresholds`] field derived from
+//! honest work by `tokenfleet verify calibrate` (see VERIFICATION.md), with a stated
+//! false-positive rate per job, split evenly over the four tests that can fail a job.
 //!
-//! - **Greedy** (temperature 0): every claimed token must be the model's argmax within
-//!   `greedy_tolerance_nats` (a batched prefill rounds differently from decoding, so an honest
-//!   near-tie can come out second by a hair). A job that ended on end-of-generation must end
-//!   where the model ends too. One violation fails the node.
-//! - **Sampled**: a token top-k / top-p could never have drawn fails the node at once. Then a
-//!   likelihood test: under honest sampling from q_t, L_t = ln q_t(x_t) has mean -H(q_t) and
-//!   variance Var_t = E[(ln q)²] - H², so Z = Σ(L_t + H_t) / sqrt(Σ Var_t) is close to N(0, 1).
-//!   Tokens from another model (lower likelihood under this one), random tokens, or argmax
-//!   tokens passed off as samples (too likely) push |Z| up. The sums accumulate per node across
-//!   every verified job ([`SampledEvidence`]); the k-th look at a node tests at
-//!   α / (k (k + 1)), so the chance an honest node is ever failed over its whole life stays
-//!   below α however often it is looked at (alpha spending).
+//! Per segment the verifier extracts [`Evidence`] (sufficient statistics), then:
+//! - **greedy**, two tests: (1) one token further below the argmax than `greedy_gap_limit_nats`
+//!   (far beyond any honest rounding: a substituted token, another model) fails; (2) the count
+//!   of tokens more than `greedy_mismatch_gap_nats` below the argmax (past near-tie noise) is
+//!   binomial under honesty with the calibrated rate; a count the honest rate makes less
+//!   likely than the test's share of α fails (a near miss: a lower-bit quantization, a
+//!   temperature above 0). A claimed end of generation is judged like a claimed token.
+//! - **sampled**: a token top-k / top-p could never have drawn fails. Then a likelihood test:
+//!   under honest sampling from q_t, L_t = ln q_t(x_t) has mean -H(q_t) and variance
+//!   Var_t = E[(ln q)^2] - H^2, so Z = Σ(L_t + H_t) / sqrt(Σ Var_t) is close to N(0, 1) (its
+//!   honest spread is calibrated: `sampled_z_scale`). Another model's samples, random tokens,
+//!   or argmax tokens passed off as samples push |Z| up.
+//! - **logprobs** (both): a reported log-probability further than `logprob_tolerance_nats`
+//!   from the re-scored one is forged.
+//! - **window** (both, [`NodeWindow`]): the same count and likelihood tests over a node's last
+//!   `window_segments` checked segments, so a liar that cheats a little on every job is caught
+//!   by accumulation, while a long honest past cannot dilute new lies (the window forgets it).
+//!
+//! A failure is not yet a verdict: the verifier confirms it on an independent path first
+//! (`verify::confirm`).
 
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
 use tokenfleet_engine::{SamplingParams, ScoreResult, TokenScore};
 
-/// Tokens `start..end` of a job's output, produced by `node`.
+/// Tokens `start..end` of a job's output, produced by `node` (`start == end`: the node
+/// produced no token, only the job's end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
     pub node: String,
@@ -27,32 +46,106 @@ pub struct Segment {
     pub end: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Calibrated limits. The defaults are the figures `tokenfleet verify calibrate` derived for
+/// SmolLM2-135M-Instruct Q4_1 on this project's CPU configurations (VERIFICATION.md has the
+/// report and how to recalibrate for another model or backend).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Thresholds {
-    pub greedy_tolerance_nats: f32,
-    /// Lifetime false-positive rate of the sampled test per node (α).
-    pub sampled_false_positive_rate: f64,
-    /// A node's sampled evidence is judged only once this many informative tokens are in.
+    /// Probability that an honest job fails any test (split evenly over four tests).
+    pub false_positive_rate: f64,
+    /// Greedy: one claimed token this far (nats) below the argmax fails the segment.
+    pub greedy_gap_limit_nats: f32,
+    /// Greedy: tokens further than this below the argmax count as mismatches...
+    pub greedy_mismatch_gap_nats: f32,
+    /// ...which honest nodes produce at most at this rate per token.
+    pub greedy_mismatch_rate: f64,
+    /// A reported log-probability may differ from the re-scored one by this much.
+    pub logprob_tolerance_nats: f32,
+    /// Honest spread of the sampled likelihood z (1 in theory; rounding widens it).
+    pub sampled_z_scale: f64,
+    /// Informative sampled tokens before a likelihood test is judged.
     pub min_sampled_tokens: u64,
     /// A token just past the top-p boundary is tolerated if the mass before it is below
     /// top_p + this (rounding can move the boundary by a token).
     pub top_p_slack: f64,
+    /// Checked segments per node in the sliding window.
+    pub window_segments: usize,
 }
 
-/// Running sums of the sampled test for one node (persisted with its reputation).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SampledEvidence {
+impl Default for Thresholds {
+    fn default() -> Self {
+        // From `tokenfleet verify calibrate --json` (crates/coordinator/calibration/
+        // smollm2-135m-q4_1.json): see VERIFICATION.md for the run and its distributions.
+        Self {
+            false_positive_rate: 1e-6,
+            greedy_gap_limit_nats: 4.0,
+            greedy_mismatch_gap_nats: 0.5,
+            greedy_mismatch_rate: 0.01,
+            logprob_tolerance_nats: 1.5,
+            sampled_z_scale: 1.2,
+            min_sampled_tokens: 32,
+            top_p_slack: 0.02,
+            window_segments: 32,
+        }
+    }
+}
+
+impl Thresholds {
+    pub fn validate(&self) -> Result<(), String> {
+        let fpr = self.false_positive_rate;
+        if !(fpr > 0.0 && fpr < 0.1) {
+            return Err("false_positive_rate must be in (0, 0.1)".into());
+        }
+        let positive = [
+            self.greedy_gap_limit_nats,
+            self.greedy_mismatch_gap_nats,
+            self.logprob_tolerance_nats,
+        ];
+        if positive.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err("nats limits must be positive".into());
+        }
+        if !(self.greedy_mismatch_rate > 0.0 && self.greedy_mismatch_rate < 1.0) {
+            return Err("greedy_mismatch_rate must be in (0, 1)".into());
+        }
+        if !(self.sampled_z_scale >= 1.0 && self.sampled_z_scale.is_finite()) {
+            return Err("sampled_z_scale must be >= 1".into());
+        }
+        if self.window_segments == 0 {
+            return Err("window_segments must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// α of each of the four tests that can fail a job.
+    fn alpha_per_test(&self) -> f64 {
+        self.false_positive_rate / 4.0
+    }
+}
+
+/// What the node claimed besides its token ids, for the checks that read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claims<'a> {
+    pub tokens: &'a [i32],
+    /// The log-probability the node reported per token (what the client was shown).
+    pub logprobs: &'a [f32],
+    /// The job ended on an end-of-generation token (not a stop string or its length).
+    pub ended_on_eog: bool,
+    pub sampling: &'a SamplingParams,
+}
+
+/// Sums of the sampled likelihood test.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SampledSums {
     /// Informative tokens (Var_t > 0) seen.
     pub tokens: u64,
     /// Σ (L_t + H_t).
     pub excess: f64,
     /// Σ Var_t.
     pub variance: f64,
-    /// Times the test was evaluated (for alpha spending).
-    pub looks: u64,
 }
 
-impl SampledEvidence {
+impl SampledSums {
     pub fn z(&self) -> f64 {
         if self.variance > 0.0 {
             self.excess / self.variance.sqrt()
@@ -60,47 +153,114 @@ impl SampledEvidence {
             0.0
         }
     }
+
+    pub fn add(&mut self, other: &SampledSums) {
+        self.tokens += other.tokens;
+        self.excess += other.excess;
+        self.variance += other.variance;
+    }
 }
 
-/// What one job says about one node.
+/// What re-scoring found in one node's segment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evidence {
+    pub greedy: bool,
+    /// Positions judged (claimed tokens, plus a claimed end of generation).
+    pub positions: u64,
+    /// Greedy: the largest gap below the argmax, and where.
+    pub max_gap: f32,
+    pub max_gap_at: usize,
+    /// Greedy: positions further than `greedy_mismatch_gap_nats` below the argmax.
+    pub mismatches: u64,
+    pub sampled: SampledSums,
+    /// The largest |reported - re-scored| log-probability, and where.
+    pub max_logprob_error: f32,
+    pub max_logprob_error_at: usize,
+    /// A token honest sampling could not draw (sampled jobs), with why.
+    pub impossible: Option<String>,
+}
+
+/// What one check says about one node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finding {
     Pass,
-    Fail(String),
-    /// Not enough evidence yet (a short sampled job); the evidence is kept.
+    /// Not enough evidence yet (a short sampled job); the evidence is kept in the window.
     Inconclusive(String),
+    Fail(String),
 }
 
-/// Greedy: the first token beyond tolerance, or a wrongly claimed end.
-pub fn judge_greedy(
+impl Finding {
+    pub fn is_fail(&self) -> bool {
+        matches!(self, Finding::Fail(_))
+    }
+}
+
+/// The statistics of one node's segment.
+pub fn evidence(
     scores: &ScoreResult,
     segment: &Segment,
-    ended_on_eog: bool,
+    claims: &Claims<'_>,
     th: &Thresholds,
-) -> Finding {
-    for i in segment.start..segment.end.min(scores.tokens.len()) {
+) -> Evidence {
+    let greedy = claims.sampling.is_greedy();
+    let mut e = Evidence {
+        greedy,
+        ..Default::default()
+    };
+    let end = segment.end.min(scores.tokens.len());
+    for i in segment.start..end {
         let t = &scores.tokens[i];
-        if t.gap() > th.greedy_tolerance_nats {
-            return Finding::Fail(format!(
-                "greedy token {i} is id {} ({:.2} nats below the model's choice {}, tolerance {})",
-                t.token,
-                t.gap(),
-                t.argmax,
-                th.greedy_tolerance_nats
-            ));
+        if let Some(&reported) = claims.logprobs.get(i) {
+            let err = (reported - t.logprob).abs();
+            // NaN is a forged value too.
+            if err.is_nan() || err > e.max_logprob_error {
+                e.max_logprob_error = if err.is_nan() { f32::INFINITY } else { err };
+                e.max_logprob_error_at = i;
+            }
+        }
+        e.positions += 1;
+        if greedy {
+            note_gap(&mut e, t.gap(), i, th);
+        } else {
+            if e.impossible.is_none() && !possible(t, claims.sampling, th) {
+                e.impossible = Some(format!(
+                    "sampled token {i} (id {}, rank {}) is outside what temperature {} top_p {} top_k {} can draw",
+                    t.token, t.rank, claims.sampling.temperature, claims.sampling.top_p, claims.sampling.top_k
+                ));
+            }
+            if let Some(s) = t.sampled {
+                let var = s.logprob_sq_mean - s.entropy * s.entropy;
+                if var > 1e-9 {
+                    e.sampled.tokens += 1;
+                    e.sampled.excess += s.logprob + s.entropy;
+                    e.sampled.variance += var;
+                }
+            }
         }
     }
-    if ended_on_eog && segment.end == scores.tokens.len() {
+    // The claimed end of generation is a claimed token too (a node that stops early to save
+    // work claims the model would have stopped).
+    if claims.ended_on_eog && segment.end == scores.tokens.len() && greedy {
         let n = &scores.next;
-        let gap = n.argmax_logprob - n.best_eog_logprob;
-        if gap > th.greedy_tolerance_nats {
-            return Finding::Fail(format!(
-                "claimed end of generation after token {} where the model continues ({gap:.2} nats)",
-                segment.end
-            ));
-        }
+        e.positions += 1;
+        note_gap(
+            &mut e,
+            (n.argmax_logprob - n.best_eog_logprob).max(0.0),
+            segment.end,
+            th,
+        );
     }
-    Finding::Pass
+    e
+}
+
+fn note_gap(e: &mut Evidence, gap: f32, at: usize, th: &Thresholds) {
+    if gap > e.max_gap || gap.is_nan() {
+        e.max_gap = if gap.is_nan() { f32::INFINITY } else { gap };
+        e.max_gap_at = at;
+    }
+    if gap > th.greedy_mismatch_gap_nats {
+        e.mismatches += 1;
+    }
 }
 
 /// Whether honest top-k / top-p sampling could have drawn this token (up to rounding at the
@@ -116,115 +276,132 @@ fn possible(t: &TokenScore, sampling: &SamplingParams, th: &Thresholds) -> bool 
     top_p_boundary || top_k_boundary
 }
 
-/// Sampled, first half (on the verifier): the segment's contribution to its node's
-/// evidence, or a failure when it holds a token honest sampling could not draw.
-pub fn sampled_evidence(
-    scores: &ScoreResult,
-    segment: &Segment,
-    sampling: &SamplingParams,
-    th: &Thresholds,
-) -> Result<SampledEvidence, String> {
-    let mut evidence = SampledEvidence::default();
-    for i in segment.start..segment.end.min(scores.tokens.len()) {
-        let t = &scores.tokens[i];
-        if !possible(t, sampling, th) {
-            return Err(format!(
-                "sampled token {i} (id {}, rank {}) is outside what temperature {} top_p {} top_k {} can draw",
-                t.token, t.rank, sampling.temperature, sampling.top_p, sampling.top_k
-            ));
-        }
-        let Some(s) = t.sampled else { continue };
-        let var = s.logprob_sq_mean - s.entropy * s.entropy;
-        if var > 1e-9 {
-            evidence.tokens += 1;
-            evidence.excess += s.logprob + s.entropy;
-            evidence.variance += var;
-        }
+/// Judges one segment on its own.
+pub fn judge(e: &Evidence, th: &Thresholds) -> Finding {
+    if let Some(why) = &e.impossible {
+        return Finding::Fail(why.clone());
     }
-    Ok(evidence)
-}
-
-impl SampledEvidence {
-    pub fn add(&mut self, other: &SampledEvidence) {
-        self.tokens += other.tokens;
-        self.excess += other.excess;
-        self.variance += other.variance;
-    }
-}
-
-/// Sampled, second half (with the node's record): tests the node's accumulated evidence.
-pub fn test_sampled(evidence: &mut SampledEvidence, th: &Thresholds) -> Finding {
-    if evidence.tokens < th.min_sampled_tokens {
-        return Finding::Inconclusive(format!(
-            "{} informative sampled tokens so far (judged from {})",
-            evidence.tokens, th.min_sampled_tokens
+    if e.max_logprob_error > th.logprob_tolerance_nats {
+        return Finding::Fail(format!(
+            "reported logprob of token {} is {:.2} nats from the model's (tolerance {})",
+            e.max_logprob_error_at, e.max_logprob_error, th.logprob_tolerance_nats
         ));
     }
-    evidence.looks += 1;
-    let k = evidence.looks as f64;
-    let critical = z_two_sided(th.sampled_false_positive_rate / (k * (k + 1.0)));
-    let z = evidence.z();
-    if z.abs() > critical {
+    if e.greedy {
+        if e.max_gap > th.greedy_gap_limit_nats {
+            return Finding::Fail(format!(
+                "greedy token {} is {:.2} nats below the model's choice (limit {})",
+                e.max_gap_at, e.max_gap, th.greedy_gap_limit_nats
+            ));
+        }
+        return mismatch_test(e.positions, e.mismatches, th, "this job");
+    }
+    likelihood_test(&e.sampled, th, "this job")
+}
+
+/// Greedy count test: fails when `mismatches` of `positions` is too many for an honest node.
+fn mismatch_test(positions: u64, mismatches: u64, th: &Thresholds, over: &str) -> Finding {
+    let p_value = binomial_at_least(positions, th.greedy_mismatch_rate, mismatches);
+    if p_value < th.alpha_per_test() {
         Finding::Fail(format!(
-            "sampled tokens do not fit the model: likelihood z = {z:.2} over {} tokens (|z| limit {critical:.2} at look {})",
-            evidence.tokens, evidence.looks
+            "{mismatches} of {positions} greedy tokens over {over} are more than {} nats below the model's choice (p = {p_value:.1e} at an honest rate of {})",
+            th.greedy_mismatch_gap_nats, th.greedy_mismatch_rate
         ))
     } else {
         Finding::Pass
     }
 }
 
-/// Both halves at once (one node's segment against its running evidence).
-pub fn judge_sampled(
-    scores: &ScoreResult,
-    segment: &Segment,
-    sampling: &SamplingParams,
-    evidence: &mut SampledEvidence,
-    th: &Thresholds,
-) -> Finding {
-    match sampled_evidence(scores, segment, sampling, th) {
-        Ok(delta) => {
-            evidence.add(&delta);
-            test_sampled(evidence, th)
-        }
-        Err(why) => Finding::Fail(why),
+/// Sampled likelihood test on `sums`.
+fn likelihood_test(sums: &SampledSums, th: &Thresholds, over: &str) -> Finding {
+    if sums.tokens < th.min_sampled_tokens {
+        return Finding::Inconclusive(format!(
+            "{} informative sampled tokens over {over} (judged from {})",
+            sums.tokens, th.min_sampled_tokens
+        ));
+    }
+    let limit = z_two_sided(th.alpha_per_test()) * th.sampled_z_scale;
+    let z = sums.z();
+    if z.abs() > limit {
+        Finding::Fail(format!(
+            "sampled tokens over {over} do not fit the model: likelihood z = {z:.2} over {} tokens (|z| limit {limit:.2})",
+            sums.tokens
+        ))
+    } else {
+        Finding::Pass
+    }
+}
+
+/// P(X >= k) for X ~ Binomial(n, p).
+pub fn binomial_at_least(n: u64, p: f64, k: u64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n {
+        return 0.0;
+    }
+    match Binomial::new(p, n) {
+        Ok(b) => b.sf(k - 1),
+        Err(_) => 0.0,
     }
 }
 
 /// The z with P(|N(0,1)| > z) = alpha.
 pub fn z_two_sided(alpha: f64) -> f64 {
     let alpha = alpha.clamp(1e-300, 1.0);
-    let (mut lo, mut hi) = (0.0f64, 40.0f64);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if erfc(mid / std::f64::consts::SQRT_2) > alpha {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    0.5 * (lo + hi)
+    Normal::standard().inverse_cdf(1.0 - alpha / 2.0).max(0.0)
 }
 
-/// Complementary error function (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7).
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
+/// One checked segment, as the window keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct WindowEntry {
+    greedy_positions: u64,
+    mismatches: u64,
+    sampled: SampledSums,
+}
+
+/// A node's last checked segments (the verifier keeps one per node, in memory: after a
+/// coordinator restart a node's window starts empty, its quarantine does not).
+#[derive(Debug, Clone, Default)]
+pub struct NodeWindow {
+    entries: VecDeque<WindowEntry>,
+}
+
+impl NodeWindow {
+    /// Judges the window as it would be with `e` added (nothing changes).
+    pub fn judge_with(&self, e: &Evidence, th: &Thresholds) -> Finding {
+        let mut w = self.clone();
+        w.push(e, th);
+        w.judge(th)
+    }
+
+    pub fn push(&mut self, e: &Evidence, th: &Thresholds) {
+        self.entries.push_back(WindowEntry {
+            greedy_positions: if e.greedy { e.positions } else { 0 },
+            mismatches: e.mismatches,
+            sampled: e.sampled,
+        });
+        while self.entries.len() > th.window_segments {
+            self.entries.pop_front();
+        }
+    }
+
+    fn judge(&self, th: &Thresholds) -> Finding {
+        let over = format!("the node's last {} checked jobs", self.entries.len());
+        let (positions, mismatches) = self.entries.iter().fold((0, 0), |(p, m), e| {
+            (p + e.greedy_positions, m + e.mismatches)
+        });
+        if let f @ Finding::Fail(_) = mismatch_test(positions, mismatches, th, &over) {
+            return f;
+        }
+        let mut sums = SampledSums::default();
+        for e in &self.entries {
+            sums.add(&e.sampled);
+        }
+        match likelihood_test(&sums, th, &over) {
+            f @ Finding::Fail(_) => f,
+            _ => Finding::Pass,
+        }
     }
 }
 

@@ -11,9 +11,15 @@
 //! finding per node segment ([`check`]). The manager applies it to the node's reputation and
 //! quarantines a node that fails (`manager::verdicts`).
 //!
+//! A failed check is confirmed before it counts: the trusted engine re-scores the job token by
+//! token (the path a generating node takes) and the failure stands only if it holds on both
+//! paths; otherwise it is a false alarm, counted and logged, and the node keeps its standing.
+//! The verifier task also keeps each node's sliding window of evidence ([`check::NodeWindow`]).
+//!
 //! Layout: this file (config, trusted models, the verifier task, metrics); [`check`] (the
-//! statistical rules, pure).
+//! statistical rules, pure); [`calibrate`] (thresholds from honest measurements, pure).
 
+pub mod calibrate;
 pub mod check;
 
 use std::collections::HashMap;
@@ -23,14 +29,17 @@ use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
-use tokenfleet_engine::{ChatMessage, Engine, EngineConfig, SamplingParams, ScoreRequest};
+use tokenfleet_engine::{
+    ChatMessage, Engine, EngineConfig, SamplingParams, ScoreMode, ScoreRequest, ScoreResult,
+    TokenTable,
+};
 use tokio::sync::mpsc;
 
 use crate::manager::Manager;
 use crate::metrics::Metrics;
 use crate::reputation::{RatePolicy, Reputation};
 use crate::validation::Prompt;
-use check::{SampledEvidence, Segment, Thresholds};
+use check::{Claims, Evidence, Finding, NodeWindow, Segment, Thresholds};
 
 /// `[verification]` in the coordinator's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,19 +49,30 @@ pub struct VerificationConfig {
     /// GGUF files the verifier trusts. Each is identified by its sha256 (computed at start);
     /// a job is verified against the file whose sha256 its nodes claimed in Hello.
     pub models: Vec<PathBuf>,
-    /// Spot-check rate of a node with a long good record (the steady-state fraction).
-    pub min_rate: f64,
+    /// Spot-check rate of a node with a long good record (the steady-state fraction). When
+    /// unset it follows from the detection goal below.
+    pub min_rate: Option<f64>,
+    /// Detection goal the default `min_rate` is derived from: a node that lies on
+    /// `goal_lie_rate` of its jobs is caught within `goal_jobs` of its jobs on average.
+    pub goal_lie_rate: f64,
+    pub goal_jobs: u32,
     /// Spot-check rate of a node with no verified work.
     pub new_node_rate: f64,
     /// Jobs verified good over which a node's rate falls to half of `new_node_rate`.
     pub decay_jobs: u32,
-    /// Greedy jobs: how far (nats) a claimed token may be below the argmax.
-    pub greedy_tolerance_nats: f32,
-    /// Sampled jobs: probability that an honest node is ever failed by the likelihood test
-    /// over its whole life (alpha, spent over repeated looks).
-    pub sampled_false_positive_rate: f64,
-    /// Sampled jobs: informative tokens a node needs before its likelihood test is judged.
-    pub min_sampled_tokens: u64,
+    /// The statistical limits (calibrated; see VERIFICATION.md). A file written by
+    /// `tokenfleet verify calibrate --json` can be given instead with `calibration`.
+    pub thresholds: Thresholds,
+    /// A calibration report (`tokenfleet verify calibrate --json > FILE`); its thresholds
+    /// replace `thresholds`.
+    pub calibration: Option<PathBuf>,
+    /// Confirm a failed check on an independent path (the trusted engine re-scoring the job
+    /// token by token, as a generating node does) before it counts. Only tests turn it off.
+    pub confirm: bool,
+    /// Circuit breaker: the verifier quarantines at most this share of the live fleet (at
+    /// least one node) within `breaker_window_s`; further failures are held for an operator.
+    pub breaker_max_share: f64,
+    pub breaker_window_s: u64,
     /// Jobs waiting for the verifier beyond which spot checks are dropped (and counted).
     pub queue_capacity: usize,
     /// A quarantined node's finished jobs this recent that were not verified good are re-run.
@@ -68,12 +88,16 @@ impl Default for VerificationConfig {
         Self {
             enabled: false,
             models: Vec::new(),
-            min_rate: 0.05,
+            min_rate: None,
+            goal_lie_rate: 0.01,
+            goal_jobs: 500,
             new_node_rate: 1.0,
             decay_jobs: 10,
-            greedy_tolerance_nats: 0.25,
-            sampled_false_positive_rate: 1e-6,
-            min_sampled_tokens: 32,
+            thresholds: Thresholds::default(),
+            calibration: None,
+            confirm: true,
+            breaker_max_share: 0.1,
+            breaker_window_s: 3600,
             queue_capacity: 64,
             rerun_window_s: 3600,
             ctx_tokens: 4096,
@@ -91,17 +115,21 @@ impl VerificationConfig {
             return Err("verification.models must list at least one trusted GGUF".into());
         }
         let rate = |r: f64| (0.0..=1.0).contains(&r);
-        if !rate(self.min_rate) || !rate(self.new_node_rate) || self.min_rate > self.new_node_rate {
+        let min_rate = self.min_rate();
+        if !rate(min_rate) || !rate(self.new_node_rate) || min_rate > self.new_node_rate {
             return Err(
                 "verification rates must satisfy 0 <= min_rate <= new_node_rate <= 1".into(),
             );
         }
-        if !(self.sampled_false_positive_rate > 0.0 && self.sampled_false_positive_rate < 1.0) {
-            return Err("verification.sampled_false_positive_rate must be in (0, 1)".into());
+        if !(self.goal_lie_rate > 0.0 && self.goal_lie_rate <= 1.0) || self.goal_jobs == 0 {
+            return Err("verification.goal_lie_rate must be in (0, 1] and goal_jobs > 0".into());
         }
-        if self.greedy_tolerance_nats.is_nan() || self.greedy_tolerance_nats < 0.0 {
-            return Err("verification.greedy_tolerance_nats must be >= 0".into());
+        if !(self.breaker_max_share > 0.0 && self.breaker_max_share <= 1.0) {
+            return Err("verification.breaker_max_share must be in (0, 1]".into());
         }
+        self.thresholds
+            .validate()
+            .map_err(|e| format!("verification.thresholds: {e}"))?;
         if self.queue_capacity == 0 || self.threads == 0 || self.ctx_tokens < 16 {
             return Err(
                 "verification.queue_capacity, threads must be > 0 and ctx_tokens >= 16".into(),
@@ -110,18 +138,40 @@ impl VerificationConfig {
         Ok(())
     }
 
-    pub fn thresholds(&self) -> Thresholds {
-        Thresholds {
-            greedy_tolerance_nats: self.greedy_tolerance_nats,
-            sampled_false_positive_rate: self.sampled_false_positive_rate,
-            min_sampled_tokens: self.min_sampled_tokens,
-            top_p_slack: 0.02,
+    /// The spot-check floor: the configured one, or the one the detection goal needs. A liar
+    /// on a share `l` of its jobs, checked at rate `r`, meets its first checked lie after
+    /// 1 / (l r) jobs on average (geometric); every checked lie is caught (the verifier's
+    /// power against a substituted answer is ~1, `tokenfleet bench trust`), so r = 1 / (l J)
+    /// meets "caught within J jobs on average": 0.2 for 1 % within 500.
+    pub fn min_rate(&self) -> f64 {
+        self.min_rate.unwrap_or_else(|| {
+            (1.0 / (self.goal_lie_rate * self.goal_jobs as f64)).clamp(0.0, self.new_node_rate)
+        })
+    }
+
+    /// The thresholds in force: from the calibration file when one is configured.
+    pub fn load_thresholds(&self) -> Result<Thresholds, String> {
+        let Some(path) = &self.calibration else {
+            return Ok(self.thresholds);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("calibration {}: {e}", path.display()))?;
+        #[derive(Deserialize)]
+        struct Report {
+            thresholds: Thresholds,
         }
+        let report: Report = serde_json::from_str(&text)
+            .map_err(|e| format!("calibration {}: {e}", path.display()))?;
+        report
+            .thresholds
+            .validate()
+            .map_err(|e| format!("calibration {}: {e}", path.display()))?;
+        Ok(report.thresholds)
     }
 
     pub fn rates(&self) -> RatePolicy {
         RatePolicy {
-            min_rate: self.min_rate,
+            min_rate: self.min_rate(),
             new_node_rate: self.new_node_rate,
             decay_jobs: self.decay_jobs,
         }
@@ -170,11 +220,21 @@ impl TrustedModels {
     pub fn sha256s(&self) -> Vec<String> {
         self.engines.keys().cloned().collect()
     }
+
+    /// Model name (as agents announce it) -> the trusted copy's token table, from which the
+    /// coordinator releases the text clients see instead of trusting a node's.
+    pub fn token_tables(&self) -> HashMap<String, Arc<TokenTable>> {
+        self.engines
+            .values()
+            .map(|e| (e.info().name.clone(), e.token_table()))
+            .collect()
+    }
 }
 
 /// Everything the manager needs to run verification, prepared by `start`.
 pub struct Setup {
     pub config: VerificationConfig,
+    pub thresholds: Thresholds,
     pub models: TrustedModels,
     pub reputation: Reputation,
 }
@@ -187,17 +247,24 @@ pub struct VerifyJob {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub tokens: Vec<i32>,
+    /// The log-probability reported for each token (what the client was shown).
+    pub logprobs: Vec<f32>,
     pub segments: Vec<Segment>,
     /// The job ended on an end-of-generation token (not a stop string or its length).
     pub ended_on_eog: bool,
 }
 
-/// What re-scoring found for one node's segment.
+/// The verifier's verdict on one node's segment.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SegmentResult {
-    Greedy(check::Finding),
-    /// The segment's sampled evidence, or why it is impossible under honest sampling.
-    Sampled(Result<SampledEvidence, String>),
+pub enum Verdict {
+    Pass,
+    /// Too little evidence on its own (a short sampled job); it counts in the node's window.
+    Inconclusive(String),
+    /// Failed, and the failure held on the independent path too.
+    Fail(String),
+    /// Failed the fast check but not the independent one: the verifier was wrong, not the
+    /// node (counted and logged with the statistics, so thresholds can be recalibrated).
+    FalseAlarm(String),
 }
 
 /// The verifier's answer for one job.
@@ -205,7 +272,7 @@ pub enum SegmentResult {
 pub struct Report {
     pub job: u64,
     /// Per segment, or why the job could not be verified (reason label, detail).
-    pub results: Result<Vec<(Segment, SegmentResult)>, (&'static str, String)>,
+    pub results: Result<Vec<(Segment, Verdict)>, (&'static str, String)>,
 }
 
 /// Verification metrics (`tokenfleet_verification_*`, `tokenfleet_quarantined_nodes`).
@@ -220,6 +287,10 @@ pub struct VerifyMetrics {
     /// Jobs re-run because a quarantined node produced them, by kind (pending, finished,
     /// failed_stream).
     pub reruns: IntCounterVec,
+    /// Failed fast checks the independent path cleared.
+    pub false_alarms: IntCounterVec,
+    /// Nodes whose verification failed but the circuit breaker held for an operator.
+    pub held: IntGauge,
     pub seconds: Histogram,
 }
 
@@ -260,6 +331,19 @@ impl VerifyMetrics {
                 &["kind"],
             )
             .expect("valid metric"),
+            false_alarms: IntCounterVec::new(
+                Opts::new(
+                    "tokenfleet_verification_false_alarms_total",
+                    "Failed spot checks that the independent re-score cleared, by kind",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            held: IntGauge::new(
+                "tokenfleet_verification_held_nodes",
+                "Nodes that failed verification and wait for an operator (circuit breaker)",
+            )
+            .expect("valid metric"),
             seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "tokenfleet_verification_seconds",
@@ -275,6 +359,8 @@ impl VerifyMetrics {
             Box::new(m.queue_depth.clone()),
             Box::new(m.quarantined.clone()),
             Box::new(m.reruns.clone()),
+            Box::new(m.false_alarms.clone()),
+            Box::new(m.held.clone()),
             Box::new(m.seconds.clone()),
         ] {
             metrics.register(c);
@@ -308,11 +394,13 @@ impl VerifyQueue {
     }
 }
 
-/// Starts the verifier task; its reports go to `manager`.
+/// Starts the verifier task; its reports go to `manager`. The task owns each node's window
+/// of recent evidence (it sees every checked segment, in order).
 pub fn spawn(
     models: TrustedModels,
     capacity: usize,
     thresholds: Thresholds,
+    confirm: bool,
     manager: Manager,
     metrics: Arc<VerifyMetrics>,
 ) -> (VerifyQueue, tokio::task::JoinHandle<()>) {
@@ -322,10 +410,16 @@ pub fn spawn(
         metrics: Arc::clone(&metrics),
     };
     let task = tokio::spawn(async move {
+        let mut verifier = Verifier {
+            models,
+            thresholds,
+            confirm,
+            windows: HashMap::new(),
+        };
         while let Some(job) = rx.recv().await {
             metrics.queue_depth.dec();
             let started = Instant::now();
-            let report = verify(&models, job, &thresholds).await;
+            let report = verifier.verify(job).await;
             metrics.seconds.observe(started.elapsed().as_secs_f64());
             if !manager.verified(report).await {
                 break;
@@ -335,73 +429,232 @@ pub fn spawn(
     (queue, task)
 }
 
-/// Re-scores one job and judges each node's segment.
-pub async fn verify(models: &TrustedModels, job: VerifyJob, th: &Thresholds) -> Report {
-    let id = job.job;
-    let fail = |label: &'static str, detail: String| Report {
-        job: id,
-        results: Err((label, detail)),
+/// The verifier: trusted engines, thresholds and every node's window.
+pub struct Verifier {
+    pub models: TrustedModels,
+    pub thresholds: Thresholds,
+    pub confirm: bool,
+    pub windows: HashMap<String, NodeWindow>,
+}
+
+impl Verifier {
+    /// Re-scores one job, judges each node's segment on it and on the node's window, and
+    /// confirms any failure on the stepwise path before it becomes a verdict.
+    pub async fn verify(&mut self, job: VerifyJob) -> Report {
+        let id = job.job;
+        let fail = |label: &'static str, detail: String| Report {
+            job: id,
+            results: Err((label, detail)),
+        };
+        let Some(engine) = self.models.engines.get(&job.model_sha256).cloned() else {
+            return fail(
+                "unknown_model",
+                format!("no trusted model with sha256 {}", job.model_sha256),
+            );
+        };
+        // Rendering and tokenizing are CPU work: off the executor threads.
+        let prompt = {
+            let engine = engine.clone();
+            let prompt = job.prompt.clone();
+            match tokio::task::spawn_blocking(move || prompt_tokens(&engine, &prompt)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => return fail("error", e),
+                Err(e) => return fail("error", e.to_string()),
+            }
+        };
+        if prompt.len() + job.tokens.len() >= engine.info().ctx_per_slot as usize {
+            return fail(
+                "too_long",
+                format!(
+                    "{} prompt + {} output tokens exceed the verifier's context",
+                    prompt.len(),
+                    job.tokens.len()
+                ),
+            );
+        }
+        let score = |mode| {
+            engine.score(ScoreRequest {
+                prompt: prompt.clone(),
+                claimed: job.tokens.clone(),
+                sampling: job.sampling.clone(),
+                mode,
+            })
+        };
+        let fast = match score(ScoreMode::Prefill).await {
+            Ok(s) => s,
+            Err(e) => return fail("error", e.to_string()),
+        };
+        let th = self.thresholds;
+        let claims = Claims {
+            tokens: &job.tokens,
+            logprobs: &job.logprobs,
+            ended_on_eog: job.ended_on_eog,
+            sampling: &job.sampling,
+        };
+        let mut stepwise = None;
+        let mut results = Vec::with_capacity(job.segments.len());
+        for segment in job.segments {
+            let window = self.windows.entry(segment.node.clone()).or_default();
+            let e = check::evidence(&fast, &segment, &claims, &th);
+            let first = first_failure(&e, window, &th);
+            let (verdict, kept) = match first {
+                None => {
+                    let v = match check::judge(&e, &th) {
+                        Finding::Inconclusive(why) => Verdict::Inconclusive(why),
+                        _ => Verdict::Pass,
+                    };
+                    (v, e)
+                }
+                Some(why) if !self.confirm => (Verdict::Fail(why), e),
+                Some(why) => {
+                    // The independent path: the same job, one token per decode call.
+                    if stepwise.is_none() {
+                        match score(ScoreMode::Stepwise).await {
+                            Ok(s) => stepwise = Some(s),
+                            Err(e) => return fail("error", e.to_string()),
+                        }
+                    }
+                    let slow = stepwise.as_ref().expect("scored above");
+                    let confirmed =
+                        check::evidence(&merge_scores(&fast, slow), &segment, &claims, &th);
+                    match first_failure(&confirmed, window, &th) {
+                        Some(again) => (
+                            Verdict::Fail(format!("{why}; confirmed token by token: {again}")),
+                            confirmed,
+                        ),
+                        None => (Verdict::FalseAlarm(why), confirmed),
+                    }
+                }
+            };
+            window.push(&kept, &th);
+            results.push((segment, verdict));
+        }
+        Report {
+            job: id,
+            results: Ok(results),
+        }
+    }
+}
+
+/// The first failed test of a segment: on its own, then in the node's window.
+fn first_failure(e: &Evidence, window: &NodeWindow, th: &Thresholds) -> Option<String> {
+    match check::judge(e, th) {
+        Finding::Fail(why) => Some(why),
+        _ => match window.judge_with(e, th) {
+            Finding::Fail(why) => Some(why),
+            _ => None,
+        },
+    }
+}
+
+/// Per position, the score that is kinder to the node (the smaller gap below the argmax, and
+/// for sampled tokens the higher probability): a token fails the confirmed check only when
+/// both paths find it wrong.
+pub fn merge_scores(fast: &ScoreResult, slow: &ScoreResult) -> ScoreResult {
+    let tokens = fast
+        .tokens
+        .iter()
+        .zip(&slow.tokens)
+        .map(|(a, b)| {
+            let kinder = match (a.sampled, b.sampled) {
+                (Some(sa), Some(sb)) => {
+                    if sb.in_support && !sa.in_support {
+                        b
+                    } else if sa.in_support && !sb.in_support {
+                        a
+                    } else if (sb.logprob + sb.entropy).abs() < (sa.logprob + sa.entropy).abs() {
+                        b
+                    } else {
+                        a
+                    }
+                }
+                _ if b.gap() < a.gap() => b,
+                _ => a,
+            };
+            kinder.clone()
+        })
+        .collect();
+    let next = if slow.next.argmax_logprob - slow.next.best_eog_logprob
+        < fast.next.argmax_logprob - fast.next.best_eog_logprob
+    {
+        slow.next
+    } else {
+        fast.next
     };
-    let Some(engine) = models.engines.get(&job.model_sha256) else {
-        return fail(
-            "unknown_model",
-            format!("no trusted model with sha256 {}", job.model_sha256),
-        );
-    };
-    let prompt = match &job.prompt {
+    ScoreResult { tokens, next }
+}
+
+/// A job's prompt tokens, through the same engine functions an agent generates from.
+pub fn prompt_tokens(engine: &Engine, prompt: &Prompt) -> Result<Vec<i32>, String> {
+    match prompt {
         Prompt::Chat(messages) => {
             let messages: Vec<ChatMessage> = messages
                 .iter()
                 .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
                 .collect();
-            match engine.render_chat(&messages) {
-                Ok(text) => engine.tokenize(&text, true),
-                Err(e) => return fail("error", e.to_string()),
-            }
+            engine.chat_prompt(&messages).map_err(|e| e.to_string())
         }
-        Prompt::Text(t) => engine.tokenize(t, true),
-    };
-    if prompt.len() + job.tokens.len() > engine.info().ctx_per_slot as usize {
-        return fail(
-            "too_long",
-            format!(
-                "{} prompt + {} output tokens exceed the verifier's context",
-                prompt.len(),
-                job.tokens.len()
-            ),
-        );
+        Prompt::Text(t) => Ok(engine.text_prompt(t)),
     }
-    let scores = match engine
-        .score(ScoreRequest {
-            prompt,
-            claimed: job.tokens.clone(),
-            sampling: job.sampling.clone(),
-        })
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return fail("error", e.to_string()),
-    };
-    let greedy = job.sampling.is_greedy();
-    let results = job
-        .segments
-        .into_iter()
-        .map(|segment| {
-            let result = if greedy {
-                SegmentResult::Greedy(check::judge_greedy(&scores, &segment, job.ended_on_eog, th))
-            } else {
-                SegmentResult::Sampled(check::sampled_evidence(
-                    &scores,
-                    &segment,
-                    &job.sampling,
-                    th,
-                ))
-            };
-            (segment, result)
-        })
-        .collect();
-    Report {
-        job: id,
-        results: Ok(results),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenfleet_engine::{NextScore, TokenScore};
+
+    fn token(gap: f32) -> TokenScore {
+        TokenScore {
+            token: 1,
+            logprob: -1.0 - gap,
+            rank: u32::from(gap > 0.0),
+            argmax: if gap > 0.0 { 0 } else { 1 },
+            argmax_logprob: -1.0,
+            sampled: None,
+        }
+    }
+
+    fn scores(gaps: &[f32]) -> ScoreResult {
+        ScoreResult {
+            tokens: gaps.iter().map(|&g| token(g)).collect(),
+            next: NextScore {
+                argmax: 0,
+                argmax_logprob: 0.0,
+                best_eog_logprob: 0.0,
+            },
+        }
+    }
+
+    /// A failure of the fast path that the token-by-token path does not share is a false
+    /// alarm: the merged evidence passes. One both paths share stands.
+    #[test]
+    fn a_failure_stands_only_where_both_paths_find_it() {
+        let th = Thresholds::default();
+        let greedy = SamplingParams::default();
+        let tokens = vec![1; 4];
+        let logprobs = vec![-1.0f32; 4];
+        let claims = Claims {
+            tokens: &tokens,
+            logprobs: &logprobs,
+            ended_on_eog: false,
+            sampling: &greedy,
+        };
+        let segment = Segment {
+            node: "n".into(),
+            start: 0,
+            end: 4,
+        };
+        let window = NodeWindow::default();
+        // Fast path: token 2 far below the argmax; stepwise: it is the argmax.
+        let fast = scores(&[0.0, 0.0, 9.0, 0.0]);
+        let slow = scores(&[0.0, 0.0, 0.0, 0.0]);
+        let alone = check::evidence(&fast, &segment, &claims, &th);
+        assert!(first_failure(&alone, &window, &th).is_some());
+        let merged = check::evidence(&merge_scores(&fast, &slow), &segment, &claims, &th);
+        assert_eq!(first_failure(&merged, &window, &th), None);
+        // Both paths find token 2 wrong: the failure stands.
+        let slow_too = scores(&[0.0, 0.0, 8.5, 0.0]);
+        let merged = check::evidence(&merge_scores(&fast, &slow_too), &segment, &claims, &th);
+        assert!(first_failure(&merged, &window, &th).is_some_and(|w| w.contains("token 2")));
     }
 }

@@ -7,6 +7,7 @@ pub mod e2e;
 mod e2e_batch;
 pub mod engine;
 pub mod reference;
+pub mod trust;
 
 /// Median of a sample (0 when empty).
 pub fn median(values: &[f64]) -> f64 {

@@ -2,6 +2,10 @@
 //! claims to serve the real model (its true sha256), and answers every job with uniformly
 //! random token ids instead of running a model. It lives only here, on the test side.
 //!
+//! Given the model's token table it sends the honest texts of its random ids (only a spot
+//! check can tell); without one it sends made-up texts (the coordinator's own detokenization
+//! tells at once).
+//!
 //! Its first `hold_first` jobs get half their tokens and are then held (never finished);
 //! later ones are answered at once. So a test can have jobs still pending, with the liar's
 //! tokens, when the fleet catches it on a finished one.
@@ -68,13 +72,14 @@ impl RandomTokenLiar {
         sha256: &str,
         n_vocab: i32,
         hold_first: u32,
+        table: Option<Arc<tokenfleet_engine::TokenTable>>,
     ) -> RandomTokenLiar {
         let log = Arc::new(LiarLog::default());
         let url = format!("http://{grpc}");
         let hello = hello(name, model, sha256);
         let task_log = Arc::clone(&log);
         let task = tokio::spawn(async move {
-            serve(&url, hello.clone(), n_vocab, hold_first, &task_log).await;
+            serve(&url, hello.clone(), n_vocab, hold_first, table, &task_log).await;
             // The fleet closed the session: a real liar comes straight back, again and again
             // (bounded here: 40 attempts, 250 ms apart).
             for _ in 0..40 {
@@ -107,7 +112,14 @@ async fn dial(url: &str) -> tonic::transport::Channel {
         .expect("dial the coordinator")
 }
 
-async fn serve(url: &str, hello: v1::Hello, n_vocab: i32, hold_first: u32, log: &LiarLog) {
+async fn serve(
+    url: &str,
+    hello: v1::Hello,
+    n_vocab: i32,
+    hold_first: u32,
+    table: Option<Arc<tokenfleet_engine::TokenTable>>,
+    log: &LiarLog,
+) {
     let mut client = NodeSessionClient::new(dial(url).await);
     let (tx, rx) = mpsc::channel(256);
     tx.send(AgentMessage::new(AgentMsg::Hello(hello)))
@@ -150,10 +162,22 @@ async fn serve(url: &str, hello: v1::Hello, n_vocab: i32, hold_first: u32, log: 
                                 (tokenfleet_engine::sampling::uniform(0x11A2, draw) * n_vocab as f64) as i32
                             })
                             .collect();
+                        let texts: Vec<String> = match &table {
+                            Some(table) => {
+                                let mut r = tokenfleet_engine::token_text::TextReleaser::new(&a.stop);
+                                ids.iter()
+                                    .map(|&id| match r.push(table.piece(id).unwrap_or_default()) {
+                                        tokenfleet_engine::token_text::Release::Text(t)
+                                        | tokenfleet_engine::token_text::Release::Stopped(t) => t,
+                                    })
+                                    .collect()
+                            }
+                            None => ids.iter().map(|id| format!("<{id}>")).collect(),
+                        };
                         send(AgentMsg::Chunk(v1::TokenChunk {
                             job_id: a.job_id.clone(),
                             start_index: start,
-                            texts: ids.iter().map(|id| format!("<{id}>")).collect(),
+                            texts,
                             logprobs: vec![-0.01; ids.len()],
                             token_ids: ids,
                             top_logprobs: Vec::new(),

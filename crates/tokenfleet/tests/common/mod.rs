@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod liar;
-pub mod perturb;
 pub mod process;
 pub mod secure;
 
