@@ -2,7 +2,7 @@
 //! re-score, across the engine configurations a fleet runs, and derives the verifier's
 //! thresholds for a stated false-positive rate per job.
 //!
-//! Honest jobs (greedy and sampled, short and long prompts, 8 to 96 new tokens, some resumed
+//! Honest jobs (greedy and sampled, short and long prompts, 8 to 64 new tokens, some resumed
 //! after a hand-off from another configuration) run on engines of 1, 4 and 8 slots, 1 and 2
 //! threads, three context sizes and 1 to 8 concurrent sequences; then the verifier's own
 //! configuration (one slot, `--verifier-threads`, `--verifier-ctx`) re-scores every job as it
@@ -417,7 +417,7 @@ async fn honest_job(
                     seed: seed ^ k as u64,
                 }
             };
-            let max = [8, 24, 48, 96][(k / 2) % 4];
+            let max = [8, 16, 32, 64][(k / 2) % 4];
             (prompt, sampling, Vec::new(), Vec::new(), max)
         }
     };
@@ -455,7 +455,7 @@ async fn honest_job(
     })
 }
 
-/// Varied prompts: questions, instructions, and long passages to summarize (300-600 tokens).
+/// Varied prompts: questions, instructions, and passages to summarize (150-400 tokens).
 fn prompt_text(k: usize) -> String {
     const TOPICS: [&str; 24] = [
         "photosynthesis",
@@ -496,7 +496,7 @@ fn prompt_text(k: usize) -> String {
     let topic = TOPICS[k % TOPICS.len()];
     if k % 10 == 9 {
         // A long passage: sentences about several topics, then an instruction.
-        let n = 12 + k % 20;
+        let n = 4 + k % 8;
         let mut text = String::new();
         for i in 0..n {
             let t = TOPICS[(k + 7 * i) % TOPICS.len()];

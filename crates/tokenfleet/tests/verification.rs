@@ -479,10 +479,15 @@ async fn issue13_the_circuit_breaker_holds_failures_beyond_its_share_for_an_oper
     let held = |m: &str| metric(m, "tokenfleet_verification_held_nodes", "");
     let mut round = 0;
     let m = loop {
-        // Jobs go to both liars; each is checked (new nodes, and held ones, always are).
+        // Jobs go to both liars; each is checked (new nodes, and held ones, always are): wait
+        // for each job's check before the next (a hang guard, not a timing assertion).
         let _ = chat(&fleet, &format!("Say something ({round})."), None).await;
         round += 1;
-        let m = fleet.metrics().await;
+        let m = wait_for(&fleet, "the spot check", |m| {
+            metric(m, "tokenfleet_verification_seconds_count", "") >= round as f64
+                || quarantined(m) >= 1.0 && held(m) >= 1.0
+        })
+        .await;
         if quarantined(&m) >= 1.0 && held(&m) >= 1.0 {
             break m;
         }

@@ -56,6 +56,9 @@ pub(super) struct Verification {
     store: Store,
     /// Model name -> token table of the trusted copy (the coordinator's own text release).
     pub(super) token_tables: HashMap<String, Arc<TokenTable>>,
+    /// Model name -> sha256 of the trusted copy: a job of that model is judged against it,
+    /// whatever hash its nodes claim (a claim cannot opt a job out of verification).
+    trusted_names: HashMap<String, String>,
     breaker_max_share: f64,
     breaker_window: Duration,
     /// When the verifier quarantined nodes within the breaker's window (unix ms).
@@ -72,6 +75,10 @@ impl Verification {
             .set(setup.reputation.quarantined_count() as i64);
         metrics.held.set(setup.reputation.held_count() as i64);
         let token_tables = setup.models.token_tables();
+        let trusted_names = token_tables
+            .keys()
+            .filter_map(|name| Some((name.clone(), setup.models.sha256_of(name)?.to_string())))
+            .collect();
         let (queue, task) = verify::spawn(
             setup.models,
             setup.config.queue_capacity,
@@ -88,6 +95,7 @@ impl Verification {
             metrics,
             store,
             token_tables,
+            trusted_names,
             breaker_max_share: setup.config.breaker_max_share,
             breaker_window: Duration::from_secs(setup.config.breaker_window_s),
             recent_quarantines: VecDeque::new(),
@@ -159,7 +167,9 @@ impl State {
             v.metrics.skipped.with_label_values(&["not_sampled"]).inc();
             return;
         }
-        // Every producer must claim the same model file; its sha256 picks the trusted engine.
+        // The trusted copy of the job's model, when the coordinator has one by that name;
+        // otherwise every producer must claim the same model file, and its sha256 picks it.
+        let trusted = v.trusted_names.get(&job.request.model).cloned();
         let shas: HashSet<Option<&str>> = job
             .producers
             .iter()
@@ -173,8 +183,9 @@ impl State {
                 })
             })
             .collect();
-        let sha = match shas.into_iter().collect::<Vec<_>>().as_slice() {
-            [Some(sha)] => sha.to_ascii_lowercase(),
+        let sha = match (trusted, shas.into_iter().collect::<Vec<_>>().as_slice()) {
+            (Some(sha), _) => sha,
+            (None, [Some(sha)]) => sha.to_ascii_lowercase(),
             _ => {
                 v.metrics
                     .skipped

@@ -192,12 +192,15 @@ pub enum VerifyError {
 /// The trusted engines, by the sha256 of their GGUF.
 pub struct TrustedModels {
     engines: HashMap<String, Engine>,
+    /// Model name (the file stem, as agents announce their models) -> sha256.
+    names: HashMap<String, String>,
 }
 
 impl TrustedModels {
     /// Hashes and loads every configured model (blocking: call from `spawn_blocking`).
     pub fn load(config: &VerificationConfig) -> Result<Self, VerifyError> {
         let mut engines = HashMap::new();
+        let mut names = HashMap::new();
         for path in &config.models {
             let err = |source| VerifyError::Model {
                 path: path.clone(),
@@ -212,9 +215,14 @@ impl TrustedModels {
             ec.max_waiting = 4;
             let engine = Engine::load(ec).map_err(err)?;
             tracing::info!(path = %path.display(), sha256 = %sha, "verifier trusts model");
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            names.insert(name, sha.clone());
             engines.insert(sha, engine);
         }
-        Ok(Self { engines })
+        Ok(Self { engines, names })
     }
 
     pub fn sha256s(&self) -> Vec<String> {
@@ -224,10 +232,15 @@ impl TrustedModels {
     /// Model name (as agents announce it) -> the trusted copy's token table, from which the
     /// coordinator releases the text clients see instead of trusting a node's.
     pub fn token_tables(&self) -> HashMap<String, Arc<TokenTable>> {
-        self.engines
-            .values()
-            .map(|e| (e.info().name.clone(), e.token_table()))
+        self.names
+            .iter()
+            .filter_map(|(name, sha)| Some((name.clone(), self.engines.get(sha)?.token_table())))
             .collect()
+    }
+
+    /// The sha256 of the trusted copy of the model agents announce as `name`.
+    pub fn sha256_of(&self, name: &str) -> Option<&str> {
+        self.names.get(name).map(String::as_str)
     }
 }
 
