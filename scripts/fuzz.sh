@@ -3,10 +3,15 @@
 # (default 60). Installs cargo-fuzz when it is missing. Not run in CI.
 #
 # The toolchain is stable (rust-toolchain.toml); cargo fuzz passes nightly -Z flags, which
-# RUSTC_BOOTSTRAP=1 allows. AddressSanitizer is off (--sanitizer none): the targets are safe
-# Rust, so libFuzzer's coverage guidance and Rust's own panics and overflow checks (debug
-# assertions stay on) find what there is to find, and the build and runs are about twice as
-# fast. FUZZ_SANITIZER=address turns it back on.
+# RUSTC_BOOTSTRAP=1 allows. AddressSanitizer is off (--sanitizer none): the code under test is
+# safe Rust, where libFuzzer's coverage guidance and the targets' panics and assertions find
+# what there is to find, and the build is faster without it. FUZZ_SANITIZER=address turns it
+# back on. cargo fuzz builds release without debug assertions (no integer overflow checks).
+#
+# FUZZ_SKIP_TOKEN_CAP=1 lets node_messages fuzz past the known hole 5 of issue 13 (a node's
+# chunk is not capped at max_tokens: the ignored test
+# issue_13_a_node_cannot_send_more_tokens_than_max_tokens in coordinator's manager/harness.rs)
+# until its fix lands.
 #
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, read only) plus what
 # earlier runs found (fuzz/target/corpus/<target>/, git-ignored). A crash stops that target,
