@@ -26,6 +26,8 @@ use crate::writer::{StoreWriter, WriteOp};
 
 mod dispatch;
 mod handback;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
 mod leases;
 mod node_events;
 mod verdicts;

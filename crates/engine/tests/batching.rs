@@ -94,7 +94,16 @@ fn start_greedy(engine: &Engine, questions: &[&str], max_tokens: u32) -> Vec<Gen
 #[tokio::test]
 async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
     let engine = engine(8, 256);
-    let mut streams = start_greedy(&engine, &QUESTIONS, 200);
+    // 200 tokens each, whatever the model would say: no sequence ends (and frees its slot) on
+    // its own for 200 steps, so only the cancelled one's slot can take the extra request below.
+    let mut streams: Vec<_> = QUESTIONS
+        .iter()
+        .map(|q| {
+            let mut r = GenerationRequest::greedy(chat_prompt(&engine, q), LONG);
+            r.ignore_eos = true;
+            engine.generate(r).unwrap()
+        })
+        .collect();
     // Wait until all eight are decoding.
     for s in streams.iter_mut() {
         match s.next().await {
@@ -127,7 +136,10 @@ async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
             break;
         }
     }
-    // A new request takes the freed slot while the others keep running.
+    // A new request takes the freed slot while the other seven keep running: it gets a token
+    // with eight slots busy and nothing queued, fewer than LONG steps after the engine started.
+    // Each of the seven takes one token per step, so none has ended yet; had the cancelled
+    // sequence kept its slot, the request would have waited in the queue for one of them.
     let mut extra = engine
         .generate(GenerationRequest::greedy(chat_prompt(&engine, "Hi"), 4))
         .unwrap();
@@ -135,8 +147,20 @@ async fn cancelling_one_of_eight_frees_its_slot_before_the_next_step() {
         extra.next().await,
         Some(GenerationEvent::Token(_))
     ));
-    assert!(engine.stats().slots_busy <= 8);
+    let s = tokio::time::timeout(
+        Duration::from_secs(60),
+        stats.wait_for(|s| s.slots_busy == 8 && s.queued == 0),
+    )
+    .await
+    .expect("the extra request holds a slot")
+    .unwrap()
+    .clone();
+    println!("the extra request ran {} steps into the run", s.steps);
+    assert!(s.steps < u64::from(LONG), "{s:?}");
 }
+
+/// Tokens of the sequences that must outlast the cancellation test.
+const LONG: u32 = 200;
 
 fn interactive(prompt: Vec<i32>, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::process::{wait_models, KillableFleet};
-use common::{greedy_chat, metric, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
+use common::{greedy_chat, metric, metrics_text, start_agent, Fleet, KEY, MODEL, OTHER_KEY};
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
 
@@ -27,14 +27,20 @@ const TOPICS: [&str; 10] = [
     "rivers",
 ];
 
+/// The greedy chat request of line `i`: one sentence about `TOPICS[i % 10]`.
+fn line_body(i: usize, max_tokens: u32) -> Value {
+    json!({"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+           "messages": [{"role": "user", "content": format!("Write one sentence about {}.", TOPICS[i % TOPICS.len()])}]})
+}
+
 /// A JSONL input of `n` chat requests `req-0 … req-{n-1}`.
 fn input(n: usize, max_tokens: u32) -> String {
     (0..n)
         .map(|i| {
             json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-                            "messages": [{"role": "user", "content": format!("Write one sentence about {}.", TOPICS[i % TOPICS.len()])}]}})
-            .to_string() + "\n"
+                   "body": line_body(i, max_tokens)})
+            .to_string()
+                + "\n"
         })
         .collect()
 }
@@ -233,8 +239,7 @@ async fn a_batch_runs_through_two_agents_across_departures_and_interactive_preem
     // Greedy answers equal the same request answered interactively.
     let line = &output["req-3"];
     let direct: Value = fleet
-        .post("/v1/chat/completions", json!({"model": MODEL, "max_tokens": 12, "temperature": 0,
-            "messages": [{"role": "user", "content": format!("Write one sentence about {}.", TOPICS[3])}]}))
+        .post("/v1/chat/completions", line_body(3, 12))
         .send()
         .await
         .unwrap()
@@ -292,19 +297,54 @@ async fn coordinator_sigkill_mid_batch_then_restart_answers_each_custom_id_once(
     }
     fleet.kill_coordinator();
     let at_kill = batch_job_states(&db);
-    println!(
-        "at SIGKILL: {} of {N} done",
-        at_kill.iter().filter(|s| *s == "done").count()
-    );
+    // Lines without a job yet count as unfinished too.
+    let unfinished = N - at_kill.iter().filter(|s| *s == "done").count();
+    println!("at SIGKILL: {} of {N} done", N - unfinished);
     fleet.restart_coordinator().await;
     let b = wait_batch(&client, &base, &id, ended).await;
     assert_eq!(b["status"], "completed", "{b}");
     let (output, _) = results(&client, &base, &b, N).await;
     assert_eq!(output.len(), N);
-    // One job per line, none started twice from scratch: every job is done once.
+    // One job per line, every job done once.
     let states = batch_job_states(&db);
     assert_eq!(states.len(), N);
     assert!(states.iter().all(|s| s == "done"), "{states:?}");
+    // None started twice: the restarted coordinator sent at most one Assign per line the store
+    // did not hold as done (each Assign observes the dispatch latency).
+    let metrics = metrics_text(&client, &base).await;
+    let assigns = metric(&metrics, "tokenfleet_dispatch_latency_seconds_count");
+    println!("{assigns} Assigns after the restart for {unfinished} unfinished lines");
+    assert!(
+        assigns <= unfinished as f64,
+        "{assigns} Assigns for {unfinished} unfinished lines"
+    );
+    // And every line's answer is the fault-free greedy one, token count included: nothing
+    // duplicated or lost across the kill (the store keeps one row per token index, so only the
+    // answers can show it).
+    for topic in 0..TOPICS.len() {
+        let direct: Value = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&line_body(topic, 24))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for i in (topic..N).step_by(TOPICS.len()) {
+            let body = &output[&format!("req-{i}")]["response"]["body"];
+            let (got, want) = (
+                &body["choices"][0]["message"],
+                &direct["choices"][0]["message"],
+            );
+            assert_eq!(got["content"], want["content"], "req-{i}");
+            assert_eq!(
+                body["usage"]["completion_tokens"], direct["usage"]["completion_tokens"],
+                "req-{i}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

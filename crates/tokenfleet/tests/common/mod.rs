@@ -177,14 +177,7 @@ impl Fleet {
 
     /// The coordinator's Prometheus text.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics_text(&self.client, &self.http).await
     }
 
     pub async fn models(&self) -> Vec<String> {
@@ -225,6 +218,18 @@ impl Drop for Fleet {
 
 /// The value of the sample `name` (with its labels, e.g. `tokenfleet_x{reason="y"}`) in a
 /// Prometheus text, 0 when absent.
+/// The Prometheus text of the coordinator at `base`.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())

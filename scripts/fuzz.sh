@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs every libFuzzer target in fuzz/ for a bounded time: scripts/fuzz.sh [seconds-per-target]
+# (default 60). Installs cargo-fuzz when it is missing. Not run in CI.
+#
+# The toolchain is stable (rust-toolchain.toml); cargo fuzz passes nightly -Z flags, which
+# RUSTC_BOOTSTRAP=1 allows. AddressSanitizer is off (--sanitizer none): the code under test is
+# safe Rust, where libFuzzer's coverage guidance and the targets' panics and assertions find
+# what there is to find, and the build is faster without it. FUZZ_SANITIZER=address turns it
+# back on. cargo fuzz builds release without debug assertions (no integer overflow checks).
+#
+# FUZZ_SKIP_TOKEN_CAP=1 lets node_messages fuzz past the known hole 5 of issue 13 (a node's
+# chunk is not capped at max_tokens: the ignored test
+# issue_13_a_node_cannot_send_more_tokens_than_max_tokens in coordinator's manager/harness.rs)
+# until its fix lands.
+#
+# Each target starts from its committed seeds (fuzz/corpus/<target>/, read only) plus what
+# earlier runs found (fuzz/target/corpus/<target>/, git-ignored). A crash stops that target,
+# is saved under fuzz/artifacts/<target>/, and makes the script exit non-zero after the other
+# targets ran; reproduce it with
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none <target> fuzz/artifacts/<target>/<file>
+# Set FUZZ_TARGETS="openai_request vss_value" to run only some.
+set -euo pipefail
+
+SECONDS_PER_TARGET="${1:-60}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT/fuzz"
+export RUSTC_BOOTSTRAP=1
+# The fuzz build uses its own flags, so it gets its own target dir (fuzz/target), never a
+# shared one that a developer's environment points at.
+unset CARGO_TARGET_DIR
+SANITIZER="${FUZZ_SANITIZER:-none}"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz ..." >&2
+  cargo install cargo-fuzz --locked
+fi
+
+TARGETS="${FUZZ_TARGETS:-$(cargo fuzz list)}"
+cargo fuzz build --sanitizer "$SANITIZER" >&2
+
+failed=()
+for t in $TARGETS; do
+  mkdir -p "target/corpus/$t" "artifacts/$t"
+  log="target/fuzz-$t.log"
+  echo "== $t: ${SECONDS_PER_TARGET}s" >&2
+  if cargo fuzz run --sanitizer "$SANITIZER" "$t" "target/corpus/$t" "corpus/$t" -- \
+      -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
+      -print_final_stats=1 >"$log" 2>&1; then
+    status=ok
+  else
+    status=CRASH
+    failed+=("$t")
+  fi
+  execs=$(grep -m1 '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+  echo "$t: $status, ${SECONDS_PER_TARGET}s, ${execs:-?} execs, corpus $(ls "target/corpus/$t" | wc -l) inputs (log: fuzz/$log)"
+  if [ "$status" = CRASH ]; then
+    grep -m1 -A3 'panicked at\|ERROR: libFuzzer\|SUMMARY' "$log" >&2 || true
+    ls -t "artifacts/$t" | head -1 | sed "s|^|  input: fuzz/artifacts/$t/|" >&2
+  fi
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "crashes in: ${failed[*]}" >&2
+  exit 1
+fi
