@@ -8,10 +8,9 @@
 # what there is to find, and the build is faster without it. FUZZ_SANITIZER=address turns it
 # back on. cargo fuzz builds release without debug assertions (no integer overflow checks).
 #
-# FUZZ_SKIP_TOKEN_CAP=1 lets node_messages fuzz past the known hole 5 of issue 13 (a node's
-# chunk is not capped at max_tokens: the ignored test
-# issue_13_a_node_cannot_send_more_tokens_than_max_tokens in coordinator's manager/harness.rs)
-# until its fix lands.
+# FUZZ_SKIP_TOKEN_CAP=1 turns off node_messages' max_tokens invariant (it found hole 5 of
+# issue 13 before on_chunk capped chunks; the regression test is
+# issue_13_a_node_cannot_send_more_tokens_than_max_tokens in coordinator's manager/harness.rs).
 #
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, read only) plus what
 # earlier runs found (fuzz/target/corpus/<target>/, git-ignored). A crash stops that target,

@@ -309,9 +309,8 @@ mod tests {
 
     /// Found by the `node_messages` fuzz target within 20 s (6,603 runs): a `Chunk` of 10
     /// tokens from `start_index` 0 for the job with `max_tokens` 4 is taken whole (hole 5 of
-    /// issue 13; `State::on_chunk` has no cap).
+    /// issue 13, fixed: `State::on_chunk` caps every chunk at max_tokens).
     #[tokio::test]
-    #[ignore = "issue 13: fuzz crash, fix pending in manager/node_events.rs (on_chunk has no cap at max_tokens)"]
     async fn issue_13_a_node_cannot_send_more_tokens_than_max_tokens() {
         let mut h = Harness::start(1, &[4]).await;
         let id = h.job_id(0);
