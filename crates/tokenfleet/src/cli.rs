@@ -83,6 +83,9 @@ pub enum BenchCommand {
     E2e(crate::bench::e2e::E2eArgs),
     /// Coordinator dispatch at fleet scale: N simulated agents (null engine) over gRPC/TLS.
     Dispatch(crate::bench::dispatch::DispatchArgs),
+    /// A fleet of 3 agents behind fault proxies (latency, loss, partitions, address changes):
+    /// lost, duplicated or changed answers against fault-free ones.
+    Chaos(crate::bench::chaos::ChaosArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -118,6 +121,7 @@ pub fn main() -> ExitCode {
             Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args).await,
             Command::Bench(BenchCommand::E2e(args)) => crate::bench::e2e::run(args).await,
             Command::Bench(BenchCommand::Dispatch(args)) => crate::bench::dispatch::run(args).await,
+            Command::Bench(BenchCommand::Chaos(args)) => crate::bench::chaos::run(args).await,
         }
     });
     match result {
