@@ -45,7 +45,7 @@ use crate::serve::model_name_of;
 use client::{chat_body, Answer, Outcome};
 use proxy::{FaultCounters, FaultCounts, FaultProfile, FaultProxy};
 
-mod client;
+pub(super) mod client;
 pub mod proxy;
 
 const KEY: &str = "bench-chaos-key-0123456789";

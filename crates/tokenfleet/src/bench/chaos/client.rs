@@ -267,7 +267,7 @@ pub struct BatchResult {
     pub status: String,
 }
 
-/// Uploads `lines` ((custom id, body)) as a batch and returns its id.
+/// Uploads `lines` ((custom id, chat completion body)) as a batch and returns its id.
 pub async fn submit_batch(
     client: &reqwest::Client,
     base: &str,
@@ -286,7 +286,7 @@ pub async fn submit_batch(
         .text("purpose", "batch")
         .part(
             "file",
-            reqwest::multipart::Part::bytes(content.into_bytes()).file_name("chaos.jsonl"),
+            reqwest::multipart::Part::bytes(content.into_bytes()).file_name("bench.jsonl"),
         );
     let file: Value = client
         .post(format!("{base}/v1/files"))
