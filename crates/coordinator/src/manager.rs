@@ -45,6 +45,8 @@ pub struct NewJob {
 pub struct Registered {
     pub node: NodeId,
     pub conn: u64,
+    /// Jobs leased to the node that its Hello does not hold (requeued by the manager).
+    pub stranded: Vec<u64>,
 }
 
 enum Cmd {
@@ -341,7 +343,14 @@ impl State {
                 let _ = reply.send(self.queue.len());
             }
             Cmd::NodeUp(hello, attested, sender, last_seen, reply) => {
-                let _ = reply.send(self.node_up(*hello, attested, sender, last_seen));
+                let registered = self.node_up(*hello, attested, sender, last_seen);
+                if let Ok(r) = &registered {
+                    for &job in &r.stranded {
+                        tracing::warn!(node = %self.nodes[&r.node].name, job, "job not held by the reconnected node; requeued");
+                        self.requeue(job, r.node).await;
+                    }
+                }
+                let _ = reply.send(registered);
             }
             Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
             Cmd::Verified(report) => self.on_verified(report).await,

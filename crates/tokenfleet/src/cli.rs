@@ -88,6 +88,9 @@ pub enum BenchCommand {
     Dispatch(crate::bench::dispatch::DispatchArgs),
     /// Result verification: false quarantines of an honest fleet, and how long liars last.
     Trust(crate::bench::trust::TrustArgs),
+    /// A fleet of 3 agents behind fault proxies (latency, loss, partitions, address changes):
+    /// lost, duplicated or changed answers against fault-free ones.
+    Chaos(crate::bench::chaos::ChaosArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -125,6 +128,7 @@ pub fn main() -> ExitCode {
             Command::Bench(BenchCommand::E2e(args)) => crate::bench::e2e::run(args).await,
             Command::Bench(BenchCommand::Dispatch(args)) => crate::bench::dispatch::run(args).await,
             Command::Bench(BenchCommand::Trust(args)) => crate::bench::trust::run(args).await,
+            Command::Bench(BenchCommand::Chaos(args)) => crate::bench::chaos::run(args).await,
         }
     });
     match result {

@@ -65,6 +65,16 @@ impl State {
         let conn = self.next_conn;
         self.next_conn += 1;
         let held = hello.held_jobs.clone();
+        // Jobs leased to this node that its Hello does not hold: their Assign died with the
+        // old connection, or they finished and their JobDone did too. The node is alive again
+        // (its lease is refreshed), so nothing else would ever take them back.
+        let stranded: Vec<u64> = self.nodes.get(&id).map_or_else(Vec::new, |n| {
+            n.jobs
+                .iter()
+                .copied()
+                .filter(|j| !held.iter().any(|h| h.job_id == j.to_string()))
+                .collect()
+        });
         let node = self
             .nodes
             .entry(id)
@@ -105,7 +115,11 @@ impl State {
         self.dirty_nodes.insert(id);
         self.wants_dispatch = true;
         self.node_gauges_dirty = true;
-        Ok(Registered { node: id, conn })
+        Ok(Registered {
+            node: id,
+            conn,
+            stranded,
+        })
     }
 
     pub(super) async fn node_msg(&mut self, id: NodeId, conn: u64, msg: AgentMsg) {

@@ -49,44 +49,17 @@ async fn start_batch(
     n: usize,
     n_gen: u32,
 ) -> anyhow::Result<String> {
-    let content: String = (0..n)
+    let lines: Vec<(String, Value)> = (0..n)
         .map(|i| {
-            json!({"custom_id": format!("bench-{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": model, "max_tokens": n_gen, "temperature": 0,
-                            "tokenfleet": {"ignore_eos": true},
-                            "messages": [{"role": "user", "content": PROMPT}]}})
-            .to_string()
-                + "\n"
+            (
+                format!("bench-{i}"),
+                json!({"model": model, "max_tokens": n_gen, "temperature": 0,
+                       "tokenfleet": {"ignore_eos": true},
+                       "messages": [{"role": "user", "content": PROMPT}]}),
+            )
         })
         .collect();
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(content.into_bytes()).file_name("bench.jsonl"),
-        );
-    let file: Value = client
-        .post(format!("{}/v1/files", fleet.base))
-        .bearer_auth(fleet.key)
-        .multipart(form)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let batch: Value = client
-        .post(format!("{}/v1/batches", fleet.base))
-        .bearer_auth(fleet.key)
-        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = batch["id"]
-        .as_str()
-        .context("batch without id")?
-        .to_string();
+    let id = super::chaos::client::submit_batch(client, &fleet.base, fleet.key, &lines).await?;
     // Wait until the batch has filled the vehicle (in progress, nothing finished yet is fine).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

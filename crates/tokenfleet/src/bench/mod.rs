@@ -1,7 +1,11 @@
 //! Benchmarks. Each prints our figure next to a reference measured in the same run, on the
 //! same machine, model and thread count, and their ratio (`dispatch` has no reference
 //! implementation and prints the targets instead); none of them is a pass/fail test.
+//! `chaos` is the exception that proves correctness rather than speed: it has no reference
+//! implementation, compares every answer under network faults with the fault-free one, and
+//! exits non-zero when an answer was lost, duplicated or changed.
 
+pub mod chaos;
 pub mod dispatch;
 pub mod e2e;
 mod e2e_batch;

@@ -86,6 +86,7 @@ impl Drop for Liar {
 }
 
 impl Liar {
+    #[allow(clippy::too_many_arguments)] // one call site per phase; a struct would only rename them
     pub fn start(
         grpc_url: String,
         name: String,
@@ -181,10 +182,11 @@ async fn serve(
                         let (engine, tx, stats) = (engine.clone(), tx.clone(), Arc::clone(stats));
                         tokio::spawn(async move { run_job(engine, a, lie, seed, &tx, &stats).await });
                     }
-                    CoordinatorMsg::Drain(d) if d.reason.starts_with("quarantined") => {
-                        if !stats.detected.swap(true, Ordering::SeqCst) {
-                            stats.finished_at_detection.store(stats.finished.load(Ordering::SeqCst), Ordering::SeqCst);
-                        }
+                    CoordinatorMsg::Drain(d)
+                        if d.reason.starts_with("quarantined")
+                            && !stats.detected.swap(true, Ordering::SeqCst) =>
+                    {
+                        stats.finished_at_detection.store(stats.finished.load(Ordering::SeqCst), Ordering::SeqCst);
                     }
                     _ => {}
                 }
@@ -219,7 +221,7 @@ async fn run_job(
         Some(v1::assign::Prompt::Tokens(t)) => t.ids.clone(),
         None => return,
     };
-    let s = a.sampling.clone().unwrap_or_default();
+    let s = a.sampling.unwrap_or_default();
     let mut sampling = SamplingParams {
         temperature: s.temperature,
         top_p: if s.top_p > 0.0 { s.top_p } else { 1.0 },
