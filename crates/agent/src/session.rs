@@ -109,6 +109,23 @@ pub(crate) async fn run(
     }
 }
 
+/// A refusal's message with its chain of causes: a TLS refusal surfaces as "transport error"
+/// and only its sources say why (the alert: certificate required, unknown CA, revoked, ...),
+/// which is what an operator looking at the agent's log needs.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 async fn one_session(
     config: &AgentConfig,
     core: &mpsc::Sender<CoreMsg>,
@@ -131,7 +148,7 @@ async fn one_session(
     let response = client
         .open(ReceiverStream::new(out_rx))
         .await
-        .map_err(|s| AgentError::Refused(s.message().to_string()))?;
+        .map_err(|s| AgentError::Refused(with_causes(&s)))?;
     let mut inbound = response.into_inner();
     // An attestation challenge may come before Welcome: the coordinator registers the node
     // only once its quote verifies.

@@ -21,6 +21,7 @@ use super::{unix_ms, Manager, State};
 use crate::error::ApiError;
 use crate::jobs::{Job, JobOutcome, Placement};
 use crate::metrics::Metrics;
+use crate::model_binding::Sha256Hex;
 use crate::reputation::{
     queue_discard_tokens, reopen_for_rerun, RatePolicy, Reputation, Verification as Mark,
 };
@@ -118,7 +119,7 @@ impl State {
             return;
         }
         // Every producer must claim the same model file; its sha256 picks the trusted engine.
-        let shas: HashSet<Option<&str>> = job
+        let shas: HashSet<Option<Sha256Hex>> = job
             .producers
             .iter()
             .map(|(node, _)| {
@@ -127,12 +128,12 @@ impl State {
                         .models
                         .iter()
                         .find(|m| m.name == job.request.model)
-                        .map(|m| m.sha256.as_str())
+                        .and_then(|m| Sha256Hex::parse(&m.sha256).ok())
                 })
             })
             .collect();
         let sha = match shas.into_iter().collect::<Vec<_>>().as_slice() {
-            [Some(sha)] => sha.to_string(),
+            [Some(sha)] => sha.clone(),
             _ => {
                 v.metrics
                     .skipped

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::manager::Manager;
 use crate::metrics::Metrics;
+use crate::model_binding::Sha256Hex;
 use crate::reputation::{RatePolicy, Reputation};
 use crate::validation::Prompt;
 use check::{SampledEvidence, Segment, Thresholds};
@@ -141,7 +142,7 @@ pub enum VerifyError {
 
 /// The trusted engines, by the sha256 of their GGUF.
 pub struct TrustedModels {
-    engines: HashMap<String, Engine>,
+    engines: HashMap<Sha256Hex, Engine>,
 }
 
 impl TrustedModels {
@@ -154,6 +155,7 @@ impl TrustedModels {
                 source,
             };
             let sha = tokenfleet_engine::gguf::sha256_file(path).map_err(err)?;
+            let sha = Sha256Hex::parse(&sha).map_err(|e| VerifyError::Start(e.to_string()))?;
             let mut ec = EngineConfig::new(path);
             ec.slots = 1;
             ec.ctx_per_slot = config.ctx_tokens;
@@ -168,7 +170,7 @@ impl TrustedModels {
     }
 
     pub fn sha256s(&self) -> Vec<String> {
-        self.engines.keys().cloned().collect()
+        self.engines.keys().map(Sha256Hex::to_string).collect()
     }
 }
 
@@ -183,7 +185,7 @@ pub struct Setup {
 #[derive(Debug, Clone)]
 pub struct VerifyJob {
     pub job: u64,
-    pub model_sha256: String,
+    pub model_sha256: Sha256Hex,
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub tokens: Vec<i32>,
