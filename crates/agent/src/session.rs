@@ -85,7 +85,7 @@ fn refusal(status: tonic::Status) -> AgentError {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
             AgentError::Denied(status.message().to_string())
         }
-        _ => AgentError::Refused(status.message().to_string()),
+        _ => AgentError::Refused(with_causes(&status)),
     }
 }
 
@@ -131,6 +131,23 @@ pub(crate) async fn run(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// A refusal's message with its chain of causes: a TLS refusal surfaces as "transport error"
+/// and only its sources say why (the alert: certificate required, unknown CA, revoked, ...),
+/// which is what an operator looking at the agent's log needs.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 async fn one_session(

@@ -54,6 +54,11 @@ pub struct CoordinatorConfig {
     /// `[security]` (mutual TLS from the fleet CA); with neither, the port serves plaintext
     /// gRPC, which is allowed on a loopback address only (development and tests).
     pub grpc_tls: Option<TlsFiles>,
+    /// Lets `grpc_tls` (server-only TLS: encrypted, but any client may connect and receive
+    /// `Assign`s with tenants' prompts) serve a non-loopback address without `[security]`.
+    /// Off by default: such a port hands work to anyone who can reach it. Loud by name on
+    /// purpose; set only behind a network that admits vehicles alone.
+    pub allow_unauthenticated_agents: bool,
     /// HTTPS for the client API (PEM files); plain HTTP without it.
     pub http_tls: Option<TlsFiles>,
     /// Enrollment, mutual TLS on the agent port and attestation (see `security::config`).
@@ -110,6 +115,16 @@ pub struct CoordinatorConfig {
     pub decision_log: Option<PathBuf>,
     /// Result verification (`[verification]`; off unless enabled).
     pub verification: crate::verify::VerificationConfig,
+    /// The models this fleet serves, each bound to one file (`[[models]] name = "...",
+    /// sha256 = "..."`): a node announcing a bound name with another file, or an unbound name,
+    /// is refused at its Hello. Empty: any name (development only; with `[security]` the
+    /// attestation allow-list still limits the files, not which name each one serves).
+    pub models: Vec<crate::model_binding::ModelBinding>,
+    /// Progress deadline of running jobs and node standing (`[progress]`).
+    pub progress: ProgressConfig,
+    /// Node `State` messages a session accepts per second, sustained, and in a burst; excess
+    /// messages are dropped and counted, and a session that keeps flooding is closed.
+    pub node_state_rate: StateRate,
 }
 
 impl Default for CoordinatorConfig {
@@ -118,6 +133,7 @@ impl Default for CoordinatorConfig {
             http_addr: "127.0.0.1:8080".parse().expect("literal address"),
             grpc_addr: "127.0.0.1:50051".parse().expect("literal address"),
             grpc_tls: None,
+            allow_unauthenticated_agents: false,
             http_tls: None,
             security: None,
             db_path: PathBuf::from("tokenfleet.db"),
@@ -143,7 +159,125 @@ impl Default for CoordinatorConfig {
             batch_completion_windows: vec!["24h".into()],
             decision_log: None,
             verification: Default::default(),
+            models: Vec::new(),
+            progress: Default::default(),
+            node_state_rate: Default::default(),
         }
+    }
+}
+
+/// `[progress]`: what the coordinator measures of each node itself, instead of trusting what
+/// the node reports (issue 13, hole 6: a node that heartbeats and never emits a token held its
+/// jobs until the clients gave up).
+///
+/// A running job that gets no new token for its deadline is taken from its node and continues
+/// elsewhere from its last token; the node is told to stop it and a stall is counted against
+/// it. `stalls_to_cooldown` stalls within `stall_window` give the node no new work for
+/// `cooldown`. Separately, each node's decode throughput is measured from its chunks; when it
+/// is below `overclaim_ratio` of the decode speed it claims, the scheduler sees the measured
+/// speed instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProgressConfig {
+    /// No new token for this long on a job a node is decoding. Measured speeds put an honest
+    /// gap between chunks far below it: on the 2-core test box one stream decodes at 153
+    /// tok/s and 8 streams at 244 tok/s aggregate (30 tok/s each, README "Engine vs
+    /// llama.cpp"); an Orin running Llama-3.1-8B at 8 streams does 112 tok/s aggregate (14
+    /// each, sim `data/`), one token per 71 ms. Agents send chunks as tokens come. 30 s is
+    /// 400x that gap: only a node that stopped working (or lost its network past what the
+    /// lease would catch) hits it.
+    #[serde(with = "millis")]
+    pub stall_timeout: Duration,
+    /// Prefill speed assumed for the first token a node owes (the prompt plus any resumed
+    /// tokens, estimated from the prompt's characters until the node reports its token
+    /// count): 487 tok/s was measured for a 512-token prefill on the 2-core box, idle; 50 is
+    /// ten times slower, for a prefill that shares its engine with 7 decoding streams on a
+    /// loaded vehicle. The first token's deadline is `stall_timeout` plus this prefill time.
+    pub prefill_floor_tps: f64,
+    pub stalls_to_cooldown: u32,
+    #[serde(with = "millis")]
+    pub stall_window: Duration,
+    #[serde(with = "millis")]
+    pub cooldown: Duration,
+    /// Measured decode throughput below this share of the claimed `decode_tps_single`
+    /// replaces the claim for scheduling. An honest node's aggregate throughput with any
+    /// number of streams is at least its single-stream speed (244 vs 153 tok/s measured), less
+    /// the time its engine spends in other jobs' prefills; 0.25 leaves a 4x margin for that.
+    pub overclaim_ratio: f32,
+    /// Busy time (at least one job decoding) over which a node's throughput is measured.
+    #[serde(with = "millis")]
+    pub measure_busy: Duration,
+}
+
+impl Default for ProgressConfig {
+    fn default() -> Self {
+        Self {
+            stall_timeout: Duration::from_secs(30),
+            prefill_floor_tps: 50.0,
+            stalls_to_cooldown: 3,
+            stall_window: Duration::from_secs(600),
+            cooldown: Duration::from_secs(300),
+            overclaim_ratio: 0.25,
+            measure_busy: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ProgressConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stall_timeout.is_zero()
+            || !(self.prefill_floor_tps.is_finite() && self.prefill_floor_tps > 0.0)
+            || self.stalls_to_cooldown == 0
+            || self.measure_busy.is_zero()
+            || !(0.0..=1.0).contains(&self.overclaim_ratio)
+        {
+            return Err("[progress]: stall_timeout, prefill_floor_tps, stalls_to_cooldown and measure_busy must be positive, overclaim_ratio within 0..=1".into());
+        }
+        Ok(())
+    }
+
+    /// How long a node may go without a new token on a job: `owed_prefill` is the number of
+    /// tokens it must prefill before its first one (0 once it has produced one).
+    pub fn deadline(&self, owed_prefill: u64) -> Duration {
+        self.stall_timeout + Duration::from_secs_f64(owed_prefill as f64 / self.prefill_floor_tps)
+    }
+}
+
+/// `node_state_rate` in the coordinator's TOML: how many `State` messages one session may send.
+///
+/// An honest agent sends a State when its governor's status changes and when a job starts or
+/// ends (`agent::core`): an 8-slot vehicle running 1 s jobs sends about 16 a second, so the
+/// default sustained rate (20/s, burst 50) does not drop an honest agent's updates, and when
+/// it does (a burst), nothing is lost that matters: the newest State waits for the next token
+/// and supersedes the dropped ones. A session still over the limit after
+/// `close_after_dropped` superseded messages within `window_s` floods on purpose and is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateRate {
+    pub per_s: f64,
+    pub burst: u32,
+    pub close_after_dropped: u32,
+    pub window_s: u64,
+}
+
+impl Default for StateRate {
+    fn default() -> Self {
+        Self {
+            per_s: 20.0,
+            burst: 50,
+            // 20/s of excess for 30 s.
+            close_after_dropped: 600,
+            window_s: 30,
+        }
+    }
+}
+
+impl StateRate {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.per_s.is_finite() && self.per_s > 0.0) || self.burst == 0 || self.window_s == 0 {
+            return Err("node_state_rate: per_s, burst and window_s must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -214,14 +348,40 @@ impl CoordinatorConfig {
                     "grpc_tls and [security] exclude each other: with [security] the agent port uses a certificate from the fleet CA".into(),
                 ));
             }
-            sec.policy().map_err(ConfigError::Invalid)?;
-        } else if self.grpc_tls.is_none() && !self.grpc_addr.ip().is_loopback() {
-            return Err(ConfigError::Invalid(format!(
-                "the agent port {} would serve plaintext: configure [security] (or grpc_tls), or bind a loopback address",
-                self.grpc_addr
-            )));
+            let policy = sec.policy().map_err(ConfigError::Invalid)?;
+            if let Some(b) = self
+                .models
+                .iter()
+                .find(|b| !policy.models.contains(&b.sha256.to_bytes()))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "[[models]] binds {:?} to {}, which [security].allowed_models does not allow (no node could attest it)",
+                    b.name, b.sha256
+                )));
+            }
+        } else if !self.grpc_addr.ip().is_loopback() {
+            if self.grpc_tls.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "the agent port {} would serve plaintext: configure [security], or bind a loopback address",
+                    self.grpc_addr
+                )));
+            }
+            // Server-only TLS authenticates the coordinator, not the agent: anyone reaching
+            // the port would be handed jobs (issue 13, hole 11).
+            if !self.allow_unauthenticated_agents {
+                return Err(ConfigError::Invalid(format!(
+                    "the agent port {} would accept any client (grpc_tls checks no client certificate): configure [security] for mutual TLS, bind a loopback address, or set allow_unauthenticated_agents = true to accept that risk",
+                    self.grpc_addr
+                )));
+            }
+            tracing::warn!(addr = %self.grpc_addr, "allow_unauthenticated_agents: any client reaching the agent port receives jobs");
         }
         self.verification.validate().map_err(ConfigError::Invalid)?;
+        crate::model_binding::binding_map(&self.models).map_err(ConfigError::Invalid)?;
+        self.progress.validate().map_err(ConfigError::Invalid)?;
+        self.node_state_rate
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.default_max_tokens > self.max_tokens_limit {
             return Err(ConfigError::Invalid(
                 "default_max_tokens exceeds max_tokens_limit".into(),
@@ -302,6 +462,30 @@ mod tests {
         let defaults = tokenfleet_scheduler::SchedulerConfig::default();
         assert_eq!(c.scheduler.sample_size, defaults.sample_size);
         assert_eq!(parse("").expect("empty config").scheduler, defaults);
+    }
+
+    /// Issue 13, hole 11: server-only TLS on a reachable address, without `[security]`, would
+    /// hand jobs to any client; it needs the loudly named opt-in.
+    #[test]
+    fn grpc_tls_off_loopback_needs_mutual_tls_or_an_explicit_opt_in() {
+        let base = "api_keys = [{ key = \"0123456789abcdef\", tenant = \"t\" }]\n\
+                    grpc_tls = { cert = \"c.pem\", key = \"k.pem\" }\n";
+        let public = parse(&format!("{base}grpc_addr = \"0.0.0.0:50051\"\n")).unwrap();
+        let err = public.validate().expect_err("any client would get jobs");
+        assert!(
+            err.to_string().contains("would accept any client")
+                && err.to_string().contains("allow_unauthenticated_agents"),
+            "{err}"
+        );
+        let opted_in = parse(&format!(
+            "{base}grpc_addr = \"0.0.0.0:50051\"\nallow_unauthenticated_agents = true\n"
+        ))
+        .unwrap();
+        opted_in.validate().expect("the operator accepted the risk");
+        let loopback = parse(&format!("{base}grpc_addr = \"127.0.0.1:50051\"\n")).unwrap();
+        loopback
+            .validate()
+            .expect("loopback stays allowed for the demo and tests");
     }
 
     #[test]

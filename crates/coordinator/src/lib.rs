@@ -21,6 +21,7 @@
 //! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
 //! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
+//! - [`model_binding`]: the canonical model hash and the operator's name→hash bindings.
 //! - [`security`]: fleet CA, enrollment, mutual TLS, revocation, TPM attestation.
 //! - [`verify`], [`reputation`]: result verification (a trusted engine re-scores finished
 //!   jobs) and per-node reputation, quarantine and adaptive spot-check rates.
@@ -40,6 +41,7 @@ pub mod jobs;
 mod listeners;
 pub mod manager;
 pub mod metrics;
+pub mod model_binding;
 pub mod nodes;
 pub mod openai;
 pub mod regions;
@@ -188,6 +190,7 @@ pub async fn start(
         manager.clone(),
         stop_rx.clone(),
     );
+    let session_metrics = Arc::clone(&metrics);
     let state = Arc::new(api::AppState {
         manager: manager.clone(),
         batches,
@@ -231,6 +234,7 @@ pub async fn start(
             manager,
             config: Arc::clone(&config),
             security: security.clone(),
+            metrics: session_metrics,
         },
         4 << 20,
     );

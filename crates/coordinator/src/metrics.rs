@@ -42,6 +42,18 @@ pub struct Metrics {
     /// Node outputs refused as forged before any spot check (texts that are not their ids'
     /// detokenization, tokens past max_tokens or a stop string, an inconsistent finish).
     pub forged_outputs: IntCounter,
+    /// Messages from nodes dropped by a per-session rate limit, by kind.
+    pub node_messages_dropped: IntCounterVec,
+    /// Node sessions closed, by reason (e.g. a State flood, a refused Hello).
+    pub node_sessions_closed: IntCounterVec,
+    /// Running jobs taken from a node that made no progress before their deadline.
+    pub node_stalls: IntCounter,
+    /// Nodes that stalled often enough to get no new work for a cool-down.
+    pub node_cooldowns: IntCounter,
+    /// Nodes whose claimed decode speed was replaced by their measured one for scheduling.
+    pub node_speed_overclaims: IntCounter,
+    /// Certificate requests refused, by reason.
+    pub certificates_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -142,10 +154,55 @@ impl Metrics {
             "Node outputs refused as forged (text, token count or finish inconsistent)",
         )
         .expect("valid metric");
+        let node_messages_dropped = IntCounterVec::new(
+            Opts::new(
+                "tokenfleet_node_messages_dropped_total",
+                "Node messages dropped by a per-session rate limit, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let node_sessions_closed = IntCounterVec::new(
+            Opts::new(
+                "tokenfleet_node_sessions_closed_total",
+                "Node sessions closed by the coordinator, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let node_stalls = IntCounter::new(
+            "tokenfleet_node_stalls_total",
+            "Running jobs taken from a node that made no progress before their deadline",
+        )
+        .expect("valid metric");
+        let node_cooldowns = IntCounter::new(
+            "tokenfleet_node_cooldowns_total",
+            "Nodes given no new work for a cool-down after repeated stalls",
+        )
+        .expect("valid metric");
+        let node_speed_overclaims = IntCounter::new(
+            "tokenfleet_node_speed_overclaims_total",
+            "Nodes scheduled at their measured decode speed, far below the one they claimed",
+        )
+        .expect("valid metric");
+        let certificates_refused = IntCounterVec::new(
+            Opts::new(
+                "tokenfleet_certificates_refused_total",
+                "Certificate requests refused, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(node_job_failures.clone()),
             Box::new(forged_outputs.clone()),
+            Box::new(node_messages_dropped.clone()),
+            Box::new(node_sessions_closed.clone()),
+            Box::new(node_stalls.clone()),
+            Box::new(node_cooldowns.clone()),
+            Box::new(node_speed_overclaims.clone()),
+            Box::new(certificates_refused.clone()),
             Box::new(energy_joules.clone()),
             Box::new(battery_wear_usd.clone()),
             Box::new(tokens_generated.clone()),
@@ -180,6 +237,12 @@ impl Metrics {
             battery_wear_usd,
             node_job_failures,
             forged_outputs,
+            node_messages_dropped,
+            node_sessions_closed,
+            node_stalls,
+            node_cooldowns,
+            node_speed_overclaims,
+            certificates_refused,
         }
     }
 

@@ -1,7 +1,13 @@
 //! The coordinator's view of one connected vehicle, and the count of sessions per model
 //! behind `/v1/models`.
+//!
+//! [`Standing`] is what the coordinator measures of a node itself rather than takes from its
+//! reports: progress of each running job (for the progress deadline), recent stalls and a
+//! cool-down, and decode throughput from its chunks. [`Node::view`] applies it: a node
+//! cooling down is not eligible, and a node measured far below its claimed speed is
+//! scheduled at the measured one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -50,6 +56,41 @@ pub struct Node {
     pub regions: Vec<String>,
     /// The current session verified a TPM quote (only such nodes get sensitive requests).
     pub attested: bool,
+    /// Measured by the coordinator; kept across the node's reconnects.
+    pub standing: Standing,
+}
+
+/// A running job's progress on its node, as the coordinator saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobProgress {
+    /// Tokens the job had when this node got it (it owes their prefill with the prompt's).
+    pub at_assign: usize,
+    /// Tokens the job has now, and when that count last grew.
+    pub tokens: usize,
+    pub since: Instant,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Standing {
+    pub progress: HashMap<u64, JobProgress>,
+    /// When this node's recent stalls happened (only those within the window are kept).
+    pub stalls: VecDeque<Instant>,
+    /// No new work until then.
+    pub cooldown_until: Option<Instant>,
+    /// When progress was last checked (the busy time accumulates between checks).
+    pub last_check: Option<Instant>,
+    /// Tokens produced over `busy`, the time at least one job was decoding here.
+    pub tokens: u64,
+    pub busy: Duration,
+    /// The measured decode throughput that replaces the claimed one, when far below it.
+    pub measured_tps: Option<f32>,
+}
+
+impl Standing {
+    pub fn cooling_down(&self, now: Instant) -> bool {
+        self.cooldown_until.is_some_and(|t| now < t)
+    }
 }
 
 impl Node {
@@ -65,6 +106,7 @@ impl Node {
             jobs: HashSet::new(),
             regions: Vec::new(),
             attested: false,
+            standing: Standing::default(),
         }
     }
 
@@ -111,15 +153,23 @@ impl Node {
         } else {
             DepartureForecast::unknown(now_ms)
         };
+        // Speeds are claims; a node measured far below its claim is scheduled at the
+        // measured speed (see `Standing`).
+        let cap = |claimed: f32| match self.standing.measured_tps {
+            Some(measured) => claimed.min(measured),
+            None => claimed,
+        };
+        let single = cap(hw.decode_tps_single).max(1.0);
+        let batched = cap(hw.decode_tps_batched.max(hw.decode_tps_single)).max(single);
         NodeView {
             id: self.id,
             models: self.hello.models.iter().map(|m| m.name.clone()).collect(),
             slots_total: self.hello.engine_slots,
             slots_busy: self.jobs.len() as u32,
-            decode_tps_single: hw.decode_tps_single.max(1.0),
-            decode_tps_batched: hw.decode_tps_batched.max(hw.decode_tps_single).max(1.0),
-            prefill_tps: 10.0 * hw.decode_tps_single.max(1.0),
-            eligible: self.connected() && s.eligible,
+            decode_tps_single: single,
+            decode_tps_batched: batched,
+            prefill_tps: 10.0 * single,
+            eligible: self.connected() && s.eligible && !self.standing.cooling_down(Instant::now()),
             soc_pct: s.soc_pct,
             soc_reserve_pct: s.soc_reserve_pct,
             plugged_in: s.plugged_in,

@@ -8,6 +8,12 @@
 //!
 //! With [`Security`] the session takes the node id from the client certificate and admits the
 //! node only after its attestation (see `security::session`).
+//!
+//! A Hello is refused when a model hash in it is not canonical or, with `[[models]]` bindings,
+//! when a model name is unbound or announced with another file than the bound one
+//! ([`crate::model_binding::check_hello`]). `State` messages are rate-limited per session
+//! ([`StateLimiter`]): excess is coalesced (only the newest waits, the rest are dropped and
+//! counted) and a session that keeps flooding is closed.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -24,8 +30,12 @@ use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-use crate::config::CoordinatorConfig;
+use tokio::time::Instant;
+
+use crate::config::{CoordinatorConfig, StateRate};
 use crate::manager::{unix_ms, Manager};
+use crate::metrics::Metrics;
+use crate::model_binding::{check_hello, HelloRefusal};
 use crate::nodes::{clock_ms, NodeSender};
 use crate::security::session::SessionSecurity;
 use crate::security::tls::NodeIdentity;
@@ -45,6 +55,89 @@ pub struct NodeService {
     pub config: Arc<CoordinatorConfig>,
     /// Mutual TLS and attestation; None on a plaintext loopback port (development).
     pub security: Option<Arc<Security>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What to do with a `State` message (see [`StateLimiter::offer`]).
+#[derive(Debug, PartialEq)]
+pub enum StateVerdict {
+    /// Within the rate: pass it on now.
+    Forward(v1::State),
+    /// Over the rate: it waits as the newest (see [`StateLimiter::release_at`]).
+    Held,
+    /// The session kept flooding past the limit: close it.
+    Close,
+}
+
+/// A token bucket over one session's `State` messages, holding back only the newest excess.
+#[derive(Debug)]
+pub struct StateLimiter {
+    rate: StateRate,
+    tokens: f64,
+    last: Instant,
+    pending: Option<v1::State>,
+    /// Messages superseded in the current window, and when the window started.
+    dropped: u32,
+    window_start: Instant,
+}
+
+impl StateLimiter {
+    pub fn new(rate: StateRate, now: Instant) -> Self {
+        Self {
+            rate,
+            tokens: rate.burst as f64,
+            last: now,
+            pending: None,
+            dropped: 0,
+            window_start: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate.per_s).min(self.rate.burst as f64);
+        self.last = now;
+        if now.saturating_duration_since(self.window_start)
+            >= Duration::from_secs(self.rate.window_s)
+        {
+            self.window_start = now;
+            self.dropped = 0;
+        }
+    }
+
+    /// Takes a State that arrived at `now`. Returns how many earlier messages it superseded
+    /// (0 or 1) with the verdict.
+    pub fn offer(&mut self, state: v1::State, now: Instant) -> (StateVerdict, u32) {
+        self.refill(now);
+        if self.pending.is_none() && self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return (StateVerdict::Forward(state), 0);
+        }
+        let superseded = u32::from(self.pending.replace(state).is_some());
+        self.dropped += superseded;
+        if self.dropped >= self.rate.close_after_dropped {
+            return (StateVerdict::Close, superseded);
+        }
+        (StateVerdict::Held, superseded)
+    }
+
+    /// When the held State may go (None when nothing is held).
+    pub fn release_at(&self) -> Option<Instant> {
+        self.pending.as_ref()?;
+        let missing = (1.0 - self.tokens).max(0.0);
+        Some(self.last + Duration::from_secs_f64(missing / self.rate.per_s))
+    }
+
+    /// The held State, if a token is available at `now`.
+    pub fn release(&mut self, now: Instant) -> Option<v1::State> {
+        self.refill(now);
+        if self.tokens < 1.0 {
+            return None;
+        }
+        let state = self.pending.take()?;
+        self.tokens -= 1.0;
+        Some(state)
+    }
 }
 
 /// The coordinator → agent half of a session, as the response stream. It ends when the
@@ -101,12 +194,26 @@ impl NodeService {
             }
             hello.node_id = id.node_id.clone();
         }
+        // Issue 13, hole 2: one spelling of a model hash, and a bound name served only by its
+        // bound file, before anything (attestation, verification) relies on the Hello.
+        if let Err(refusal) = check_hello(&hello.models, &self.config.models) {
+            tracing::warn!(node = %hello.node_id, cause = %refusal, "Hello refused: announced models");
+            self.metrics
+                .node_sessions_closed
+                .with_label_values(&["hello_models"])
+                .inc();
+            return Err(match refusal {
+                HelloRefusal::NotCanonical { .. } => Status::invalid_argument(refusal.to_string()),
+                _ => Status::permission_denied(refusal.to_string()),
+            });
+        }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let (kill_tx, kill_rx) = mpsc::channel(1);
         let session = Session {
             manager: self.manager.clone(),
             config: Arc::clone(&self.config),
             security: self.security.clone(),
+            metrics: Arc::clone(&self.metrics),
             kill: SessionKill::new(kill_tx),
         };
         tracing::debug!(node = %hello.node_id, ?peer, "session open");
@@ -123,6 +230,7 @@ struct Session {
     manager: Manager,
     config: Arc<CoordinatorConfig>,
     security: Option<Arc<Security>>,
+    metrics: Arc<Metrics>,
     kill: Arc<SessionKill>,
 }
 
@@ -184,7 +292,9 @@ impl Session {
                 .unwrap_or(Duration::from_secs(3600)),
         );
         reattest.reset();
+        let mut states = StateLimiter::new(self.config.node_state_rate, Instant::now());
         loop {
+            let state_due = states.release_at();
             let quote_due = sec_state.as_ref().and_then(|s| s.quote_due());
             let renew_at = sec_state.as_ref().and_then(|s| s.renew_at());
             let expires_at = sec_state.as_ref().map(|s| s.expires_at());
@@ -213,14 +323,46 @@ impl Session {
                                 }
                             }
                             AgentMsg::CertificateRequest(csr) => {
-                                let Some(s) = &sec_state else { continue };
+                                let Some(s) = &mut sec_state else { continue };
                                 match s.renew(&csr.csr_pem).await {
                                     Ok(issued) => {
                                         if !send(issued) {
                                             tracing::warn!(node = %name, "renewed certificate not sent: session closed or full");
                                         }
                                     }
-                                    Err(status) => tracing::warn!(node = %name, cause = %status.message(), "certificate renewal refused"),
+                                    Err(refused) => {
+                                        self.metrics
+                                            .certificates_refused
+                                            .with_label_values(&[refused.label()])
+                                            .inc();
+                                        tracing::warn!(node = %name, cause = %refused, "certificate renewal refused");
+                                    }
+                                }
+                            }
+                            AgentMsg::State(state) => {
+                                let (verdict, superseded) = states.offer(state, Instant::now());
+                                if superseded > 0 {
+                                    self.metrics
+                                        .node_messages_dropped
+                                        .with_label_values(&["state"])
+                                        .inc_by(superseded as u64);
+                                }
+                                match verdict {
+                                    StateVerdict::Forward(state) => {
+                                        if !self.manager.node_msg(registered.node, registered.conn, AgentMsg::State(state)).await {
+                                            break;
+                                        }
+                                    }
+                                    StateVerdict::Held => {}
+                                    StateVerdict::Close => {
+                                        tracing::warn!(node = %name, "node floods State messages past its rate limit; closing the session");
+                                        self.metrics
+                                            .node_sessions_closed
+                                            .with_label_values(&["state_flood"])
+                                            .inc();
+                                        self.kill.kill(Status::resource_exhausted("too many State messages"));
+                                        break;
+                                    }
                                 }
                             }
                             other => {
@@ -237,6 +379,13 @@ impl Session {
                         break;
                     }
                 },
+                _ = tokio::time::sleep_until(state_due.unwrap_or(far)), if state_due.is_some() => {
+                    if let Some(state) = states.release(Instant::now()) {
+                        if !self.manager.node_msg(registered.node, registered.conn, AgentMsg::State(state)).await {
+                            break;
+                        }
+                    }
+                }
                 _ = reattest.tick(), if sec_state.as_ref().is_some_and(|s| s.is_attested()) => {
                     if let Some(challenge) = sec_state.as_mut().and_then(|s| s.challenge()) {
                         send(challenge);
@@ -343,5 +492,68 @@ impl Codec for SessionCodec {
 
     fn decoder(&mut self) -> Self::Decoder {
         ProstDecoder::new(BufferSettings::new(CODEC_BUFFER, CODEC_YIELD))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(soc: f32) -> v1::State {
+        v1::State {
+            soc_pct: Some(soc),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 13, hole 9: a session's State messages are limited; the newest excess one is
+    /// delivered later, the others dropped and counted, and a persistent flood closes it.
+    #[test]
+    fn state_messages_past_the_rate_are_coalesced_then_the_session_is_closed() {
+        let rate = StateRate {
+            per_s: 1.0,
+            burst: 2,
+            close_after_dropped: 3,
+            window_s: 60,
+        };
+        let t0 = Instant::now();
+        let mut l = StateLimiter::new(rate, t0);
+        assert_eq!(
+            l.offer(state(1.0), t0),
+            (StateVerdict::Forward(state(1.0)), 0)
+        );
+        assert_eq!(
+            l.offer(state(2.0), t0),
+            (StateVerdict::Forward(state(2.0)), 0)
+        );
+        assert_eq!(l.release_at(), None);
+        assert_eq!(l.offer(state(3.0), t0), (StateVerdict::Held, 0));
+        assert_eq!(l.offer(state(4.0), t0), (StateVerdict::Held, 1));
+        assert_eq!(l.release_at(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(l.release(t0 + Duration::from_millis(500)), None);
+        assert_eq!(
+            l.release(t0 + Duration::from_secs(1)),
+            Some(state(4.0)),
+            "the newest held State goes once a token is back"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(l.offer(state(5.0), t1), (StateVerdict::Held, 0));
+        assert_eq!(l.offer(state(6.0), t1), (StateVerdict::Held, 1));
+        assert_eq!(l.offer(state(7.0), t1), (StateVerdict::Close, 1));
+    }
+
+    #[test]
+    fn an_honest_rate_is_never_held() {
+        let rate = StateRate::default();
+        let t0 = Instant::now();
+        let mut l = StateLimiter::new(rate, t0);
+        // 16 a second (an 8-slot vehicle with 1 s jobs) for a minute.
+        for i in 0..16 * 60 {
+            let at = t0 + Duration::from_millis(i * 1000 / 16);
+            assert!(matches!(
+                l.offer(state(i as f32), at),
+                (StateVerdict::Forward(_), 0)
+            ));
+        }
     }
 }

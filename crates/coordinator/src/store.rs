@@ -158,8 +158,9 @@ pub struct Outcome {
 /// transaction (each in its own savepoint, so one failing operation does not undo the others),
 /// commits once (one WAL sync with `synchronous=FULL`), and only then answers. Concurrent
 /// requests thus share a sync instead of queueing for one each, and nothing is acknowledged
-/// before it is durable. Reads run after the commit of the group they arrived in, so they see
-/// every write queued before them.
+/// before it is durable. A read or connection call ([`Store::with_conn`], [`Store::queue_exec`])
+/// runs in its place in the queue: the writes queued before it are committed first, those
+/// queued after it wait for it.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,

@@ -240,7 +240,7 @@ pub fn model_name_of(path: &std::path::Path) -> String {
 }
 
 /// Loads the engine and starts an agent with the chosen vehicle.
-pub(crate) async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
+pub async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     let mut ec = EngineConfig::new(&a.engine.model);
     ec.slots = a.slots;
     ec.ctx_per_slot = a.ctx;

@@ -87,13 +87,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             allow_unattested: !use_tpm,
             pcr_index: PCR,
             allowed_agent_builds: vec![agent_build],
-            allowed_models: vec![model_sha],
+            allowed_models: vec![model_sha.clone()],
             cert_ttl: Duration::from_secs(3600),
             ..Default::default()
         }),
         // The demo fleet verifies its own vehicles: a trusted copy of the model on the
         // coordinator re-scores their finished jobs (every job of a new vehicle, fewer as it
         // earns trust).
+        // The one name the demo's vehicles serve, bound to the one file they must load.
+        models: vec![tokenfleet_coordinator::model_binding::ModelBinding {
+            name: model_name_of(&args.engine.model),
+            sha256: tokenfleet_coordinator::model_binding::Sha256Hex::parse(&model_sha)?,
+        }],
         verification: tokenfleet_coordinator::verify::VerificationConfig {
             enabled: true,
             models: vec![args.engine.model.clone()],

@@ -34,6 +34,7 @@ use super::{unix_ms, Manager, State};
 use crate::error::ApiError;
 use crate::jobs::{engine_sampling, Job, JobOutcome, Placement};
 use crate::metrics::Metrics;
+use crate::model_binding::Sha256Hex;
 use crate::reputation::{
     queue_discard_tokens, reopen_for_rerun, OperatorState, RatePolicy, Reputation,
     Verification as Mark,
@@ -58,7 +59,7 @@ pub(super) struct Verification {
     pub(super) token_tables: HashMap<String, Arc<TokenTable>>,
     /// Model name -> sha256 of the trusted copy: a job of that model is judged against it,
     /// whatever hash its nodes claim (a claim cannot opt a job out of verification).
-    trusted_names: HashMap<String, String>,
+    trusted_names: HashMap<String, Sha256Hex>,
     breaker_max_share: f64,
     breaker_window: Duration,
     /// When the verifier quarantined nodes within the breaker's window (unix ms).
@@ -77,7 +78,7 @@ impl Verification {
         let token_tables = setup.models.token_tables();
         let trusted_names = token_tables
             .keys()
-            .filter_map(|name| Some((name.clone(), setup.models.sha256_of(name)?.to_string())))
+            .filter_map(|name| Some((name.clone(), setup.models.sha256_of(name)?.clone())))
             .collect();
         let (queue, task) = verify::spawn(
             setup.models,
@@ -170,7 +171,7 @@ impl State {
         // The trusted copy of the job's model, when the coordinator has one by that name;
         // otherwise every producer must claim the same model file, and its sha256 picks it.
         let trusted = v.trusted_names.get(&job.request.model).cloned();
-        let shas: HashSet<Option<&str>> = job
+        let shas: HashSet<Option<Sha256Hex>> = job
             .producers
             .iter()
             .map(|(node, _)| {
@@ -179,13 +180,13 @@ impl State {
                         .models
                         .iter()
                         .find(|m| m.name == job.request.model)
-                        .map(|m| m.sha256.as_str())
+                        .and_then(|m| Sha256Hex::parse(&m.sha256).ok())
                 })
             })
             .collect();
         let sha = match (trusted, shas.into_iter().collect::<Vec<_>>().as_slice()) {
             (Some(sha), _) => sha,
-            (None, [Some(sha)]) => sha.to_ascii_lowercase(),
+            (None, [Some(sha)]) => sha.clone(),
             _ => {
                 v.metrics
                     .skipped

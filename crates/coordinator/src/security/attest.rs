@@ -15,6 +15,8 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 use tokenfleet_protocol::v1;
 
+use crate::model_binding::Sha256Hex;
+
 const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
 const TPM_ALG_SHA256: u16 = 0x000b;
@@ -55,8 +57,9 @@ pub struct AttestationPolicy {
     pub models: HashSet<[u8; 32]>,
 }
 
+/// A policy hash in canonical form (see [`Sha256Hex`]); anything else is None.
 pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
-    hex::decode(s.trim()).ok()?.try_into().ok()
+    Sha256Hex::parse(s).ok().map(|h| h.to_bytes())
 }
 
 /// A reader over TPM wire structures (big-endian, sized buffers).
@@ -255,10 +258,14 @@ fn check_log(
                 sha256: hex::encode(&m.sha256),
             });
         }
-        measured_models.insert(hex::encode(&m.sha256));
+        measured_models.insert(m.sha256.as_slice());
     }
+    // The offered hash must be the canonical spelling the verifier and the bindings use: a
+    // node that attests "ABC…" and announces it must not be looked up as another model.
     for offered in offered_models {
-        if !measured_models.contains(&offered.sha256.to_ascii_lowercase()) {
+        let measured = Sha256Hex::parse(&offered.sha256)
+            .is_ok_and(|h| measured_models.contains(h.to_bytes().as_slice()));
+        if !measured {
             return Err(AttestFailure::ModelNotMeasured(offered.name.clone()));
         }
     }
@@ -336,5 +343,34 @@ mod tests {
             check_log(&[], &[], &p),
             Err(AttestFailure::NoAgentMeasurement)
         );
+    }
+
+    /// Issue 13, hole 2: attestation no longer folds the case of an offered hash (the verifier
+    /// looked it up as sent and skipped the job as an unknown model).
+    #[test]
+    fn an_upper_case_offered_hash_is_not_measured() {
+        let agent = m(v1::MeasurementKind::AgentBinary, 1);
+        let model = m(v1::MeasurementKind::Model, 0xab);
+        let p = AttestationPolicy {
+            models: [[0xab; 32]].into(),
+            ..policy()
+        };
+        let lower = offered(0xab);
+        assert!(check_log(
+            &[agent.clone(), model.clone()],
+            std::slice::from_ref(&lower),
+            &p
+        )
+        .is_ok());
+        let upper = v1::ModelInfo {
+            sha256: lower.sha256.to_uppercase(),
+            ..lower
+        };
+        assert_eq!(
+            check_log(&[agent, model], &[upper], &p),
+            Err(AttestFailure::ModelNotMeasured("model".into()))
+        );
+        assert_eq!(parse_sha256_hex(&"AB".repeat(32)), None);
+        assert_eq!(parse_sha256_hex(&format!(" {}", "ab".repeat(32))), None);
     }
 }

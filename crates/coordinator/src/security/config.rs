@@ -36,10 +36,14 @@ pub struct SecurityConfig {
     /// A node that does not answer a challenge within this time is disconnected.
     #[serde(with = "crate::config::millis")]
     pub attest_timeout: Duration,
-    /// sha256 (hex) of agent builds allowed to serve.
+    /// sha256 (64 lower-case hex digits) of agent builds allowed to serve.
     pub allowed_agent_builds: Vec<String>,
-    /// sha256 (hex) of model files allowed to be served.
+    /// sha256 (64 lower-case hex digits) of model files allowed to be served. Which name each
+    /// file serves is bound by the coordinator's `[[models]]` (every bound file must be here).
     pub allowed_models: Vec<String>,
+    /// Certificates one node may be issued per hour (enrollment included); a renewal past it
+    /// is refused. Must leave room for the renewals `cert_ttl` needs (one per half-life).
+    pub max_certificates_per_hour: u32,
     /// How often the store is read for revocations made by other processes.
     #[serde(with = "crate::config::millis")]
     pub revocation_poll: Duration,
@@ -60,11 +64,20 @@ impl Default for SecurityConfig {
             allowed_agent_builds: Vec::new(),
             allowed_models: Vec::new(),
             revocation_poll: Duration::from_millis(500),
+            // A 1 h TTL (`tokenfleet up`) renews twice an hour, plus the enrollment.
+            max_certificates_per_hour: 4,
         }
     }
 }
 
 impl SecurityConfig {
+    /// Certificates an honest node is issued in its busiest hour: one renewal per half of
+    /// `cert_ttl`, plus the enrollment.
+    pub fn renewals_per_hour_needed(&self) -> u32 {
+        let half_s = (self.cert_ttl.as_secs_f64() / 2.0).max(1.0);
+        (3600.0 / half_s).ceil() as u32 + 1
+    }
+
     /// The attestation policy, with every hash checked.
     pub fn policy(&self) -> Result<AttestationPolicy, String> {
         if ![16, 23].contains(&self.pcr_index) {
@@ -76,10 +89,20 @@ impl SecurityConfig {
         if self.cert_ttl < Duration::from_secs(2) {
             return Err("cert_ttl must be at least 2 s".into());
         }
+        let needed = self.renewals_per_hour_needed();
+        if self.max_certificates_per_hour < needed {
+            return Err(format!(
+                "max_certificates_per_hour {} is below what cert_ttl {} s needs ({needed}: a renewal per half-life, plus enrollment)",
+                self.max_certificates_per_hour,
+                self.cert_ttl.as_secs()
+            ));
+        }
         let parse = |list: &[String], what: &str| {
             list.iter()
                 .map(|h| {
-                    parse_sha256_hex(h).ok_or_else(|| format!("{what}: {h:?} is not a sha256 hex"))
+                    parse_sha256_hex(h).ok_or_else(|| {
+                        format!("{what}: {h:?} is not a sha256 in canonical form (64 lower-case hex digits)")
+                    })
                 })
                 .collect::<Result<_, _>>()
         };

@@ -165,6 +165,27 @@ impl Registry {
         Ok(())
     }
 
+    /// How many certificates were issued to `node_id` at or after `since_ms` (unix ms),
+    /// enrollment included: the renewal rate limit counts these.
+    pub async fn certificates_issued_since(
+        &self,
+        node_id: &str,
+        since_ms: u64,
+    ) -> Result<u64, RegistryError> {
+        let node = node_id.to_string();
+        let n = self
+            .store
+            .with_conn(move |conn, _| {
+                Ok(conn.query_row(
+                    "SELECT COUNT(*) FROM node_certificates WHERE node_id = ?1 AND issued_ms >= ?2",
+                    params![node, since_ms as i64],
+                    |r| r.get(0),
+                )?)
+            })
+            .await?;
+        Ok(n)
+    }
+
     /// Binds (or, at re-enrollment, replaces) a node's TPM attestation key; `None` removes
     /// it (the vehicle enrolled without a TPM).
     pub async fn set_attestation_key(

@@ -1,6 +1,7 @@
 //! The security side of one node session: admission (certificate identity, then a TPM quote
 //! over a fresh nonce before the node is registered with the manager), periodic re-attestation,
-//! certificate renewal at half-life, and the end of the session when its certificate expires.
+//! certificate renewal at half-life (signed only when asked, in the renewal window and under a
+//! per-node hourly limit), and the end of the session when its certificate expires.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,6 +25,8 @@ pub struct SessionSecurity {
     /// The nonce of the challenge in flight and when its answer is due.
     pending: Option<(Vec<u8>, Instant)>,
     renewal_requested: bool,
+    /// The renewal this session asked for was signed (one per session).
+    renewal_answered: bool,
 }
 
 fn instant_of(t: SystemTime) -> Instant {
@@ -65,6 +68,7 @@ impl SessionSecurity {
             ak: None,
             pending: None,
             renewal_requested: false,
+            renewal_answered: false,
         };
         let Some(ak) = ak else {
             if !security.config.allow_unattested {
@@ -157,13 +161,17 @@ impl SessionSecurity {
         if self.renewal_requested {
             return None;
         }
+        Some(instant_of(self.renewal_opens()))
+    }
+
+    /// When the certificate's renewal window opens: half the configured lifetime before its
+    /// expiry.
+    fn renewal_opens(&self) -> SystemTime {
         let half = self.security.config.cert_ttl / 2;
-        let at = self
-            .identity
+        self.identity
             .not_after
             .checked_sub(half)
-            .unwrap_or(self.identity.not_before);
-        Some(instant_of(at))
+            .unwrap_or(self.identity.not_before)
     }
 
     pub fn renewal_request(&mut self) -> CoordinatorMessage {
@@ -176,18 +184,182 @@ impl SessionSecurity {
         instant_of(self.identity.not_after)
     }
 
-    /// Signs the node's renewal CSR for the node this session's certificate names.
-    pub async fn renew(&self, csr_pem: &str) -> Result<CoordinatorMessage, Status> {
+    /// Signs the node's renewal CSR for the node this session's certificate names, only as
+    /// the answer to this session's own renewal request (once), only while the session's
+    /// certificate is in its renewal window (its last half, when [`Self::renew_at`] asks), and
+    /// only under `max_certificates_per_hour` for the node (issue 13, hole 12: any request was
+    /// signed, so a node could mint certificates at will).
+    pub async fn renew(&mut self, csr_pem: &str) -> Result<CoordinatorMessage, RenewRefused> {
+        if !self.renewal_requested {
+            return Err(RenewRefused::NotRequested);
+        }
+        if self.renewal_answered {
+            return Err(RenewRefused::AlreadyRenewed);
+        }
+        if SystemTime::now() < self.renewal_opens() {
+            return Err(RenewRefused::NotInWindow);
+        }
+        let node = &self.identity.node_id;
+        let limit = self.security.config.max_certificates_per_hour;
+        let hour_ago = unix_ms_of(SystemTime::now()).saturating_sub(3_600_000);
         let issued = self
             .security
-            .issue(&self.identity.node_id, csr_pem)
+            .registry
+            .certificates_issued_since(node, hour_ago)
             .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| RenewRefused::Failed(e.to_string()))?;
+        if issued >= u64::from(limit) {
+            return Err(RenewRefused::RateLimited { issued, limit });
+        }
+        let issued = self
+            .security
+            .issue(node, csr_pem)
+            .await
+            .map_err(|e| RenewRefused::Failed(e.to_string()))?;
+        self.renewal_answered = true;
         Ok(CoordinatorMessage::new(CoordinatorMsg::Certificate(
             v1::CertificateIssued {
                 cert_pem: issued.cert_pem,
                 not_after_unix_ms: unix_ms_of(issued.not_after),
             },
         )))
+    }
+}
+
+/// Why a certificate request was not signed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewRefused {
+    #[error("the coordinator did not ask this session for a renewal")]
+    NotRequested,
+    #[error("this session's renewal was already signed")]
+    AlreadyRenewed,
+    #[error("the current certificate is not in its renewal window yet")]
+    NotInWindow,
+    #[error("{issued} certificates issued to this node in the last hour (limit {limit})")]
+    RateLimited { issued: u64, limit: u32 },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl RenewRefused {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RenewRefused::NotRequested => "not_requested",
+            RenewRefused::AlreadyRenewed => "already_renewed",
+            RenewRefused::NotInWindow => "not_in_window",
+            RenewRefused::RateLimited { .. } => "rate_limited",
+            RenewRefused::Failed(_) => "failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sealing::Sealer;
+    use crate::security::SecurityConfig;
+    use crate::store::Store;
+
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    /// A session of `vehicle-1` whose certificate has `left` of its `ttl` left.
+    async fn session(
+        dir: &std::path::Path,
+        ttl: Duration,
+        left: Duration,
+        per_hour: u32,
+    ) -> SessionSecurity {
+        let config = SecurityConfig {
+            ca_dir: dir.join("ca"),
+            cert_ttl: ttl,
+            max_certificates_per_hour: per_hour,
+            ..Default::default()
+        };
+        let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
+        let security = Security::open(config, store).await.unwrap();
+        let now = SystemTime::now();
+        SessionSecurity {
+            security,
+            identity: NodeIdentity {
+                node_id: "vehicle-1".into(),
+                serial: "01".into(),
+                not_before: now + left - ttl,
+                not_after: now + left,
+            },
+            ak: None,
+            pending: None,
+            renewal_requested: false,
+            renewal_answered: false,
+        }
+    }
+
+    /// Issue 13, hole 12: a CSR is signed only as the answer to the coordinator's own renewal
+    /// request, once per session, in the certificate's renewal window.
+    #[tokio::test]
+    async fn a_certificate_is_signed_only_when_renewal_was_asked_for_in_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let mut s = session(dir.path(), hour, Duration::from_secs(1200), 4).await;
+        assert_eq!(
+            s.renew(&csr()).await.unwrap_err(),
+            RenewRefused::NotRequested
+        );
+        s.renewal_request();
+        assert!(s.renew(&csr()).await.is_ok(), "asked for, in its last half");
+        assert_eq!(
+            s.renew(&csr()).await.unwrap_err(),
+            RenewRefused::AlreadyRenewed
+        );
+        // Young certificate: asked or not, it is not in its renewal window.
+        let mut young = session(dir.path(), hour, Duration::from_secs(3000), 4).await;
+        young.renewal_request();
+        assert_eq!(
+            young.renew(&csr()).await.unwrap_err(),
+            RenewRefused::NotInWindow
+        );
+    }
+
+    /// Issue 13, hole 12: at most `max_certificates_per_hour` per node, however many
+    /// sessions ask.
+    #[tokio::test]
+    async fn certificates_per_node_and_hour_are_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        // A day's certificate needs 2 an hour (a renewal and the enrollment).
+        let day = Duration::from_secs(86_400);
+        let first = session(dir.path(), day, Duration::from_secs(600), 2).await;
+        let security = Arc::clone(&first.security);
+        let mut signed = 0;
+        let mut refused = None;
+        for _ in 0..4 {
+            let mut s = SessionSecurity {
+                security: Arc::clone(&security),
+                identity: first.identity.clone(),
+                ak: None,
+                pending: None,
+                renewal_requested: false,
+                renewal_answered: false,
+            };
+            s.renewal_request();
+            match s.renew(&csr()).await {
+                Ok(_) => signed += 1,
+                Err(e) => refused = Some(e),
+            }
+        }
+        assert_eq!(signed, 2);
+        assert_eq!(
+            refused,
+            Some(RenewRefused::RateLimited {
+                issued: 2,
+                limit: 2
+            })
+        );
     }
 }

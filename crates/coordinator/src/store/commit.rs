@@ -1,6 +1,6 @@
 //! The store thread's group commit: operations queued by [`super::Store`] handles, applied in
-//! queue order inside one transaction (each in its own savepoint), committed once, then
-//! answered.
+//! queue order; consecutive writes share one transaction (each in its own savepoint), committed
+//! once, then answered. A connection call splits the group so that it runs in its place.
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -36,8 +36,9 @@ pub(super) enum Op {
         outcome: Outcome,
         reply: Option<Reply<()>>,
     },
-    /// Runs on the store thread after the current group's commit, outside any transaction
-    /// (reads, and rare writes that commit on their own).
+    /// Runs on the store thread outside any transaction, after the writes queued before it
+    /// are committed and before those queued after it (reads, and rare writes that commit on
+    /// their own).
     WithConn(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
@@ -65,26 +66,40 @@ pub(super) fn serve(mut conn: Connection, mut rx: mpsc::Receiver<Op>, sealer: &S
     }
 }
 
+/// Applies a batch in queue order: consecutive writes share one transaction (one sync); a
+/// [`Op::WithConn`] first commits the writes queued before it, then runs alone, and the writes
+/// queued after it open the next transaction. So every operation sees exactly the operations
+/// queued before it, which is the ordering [`super::Store::queue_exec`] promises (a discard of
+/// a job's tokens cannot overtake the re-run's tokens queued after it).
 fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
-    let mut applied = Vec::with_capacity(batch.len());
-    let mut after_commit = Vec::new();
+    let mut writes = Vec::with_capacity(batch.len());
+    for op in batch.drain(..) {
+        match op {
+            Op::WithConn(f) => {
+                commit_writes(conn, &mut writes, sealer);
+                f(conn);
+            }
+            write => writes.push(write),
+        }
+    }
+    commit_writes(conn, &mut writes, sealer);
+}
+
+/// Applies `writes` in one transaction (each in its own savepoint), commits, then answers.
+fn commit_writes(conn: &mut Connection, writes: &mut Vec<Op>, sealer: &Sealer) {
+    if writes.is_empty() {
+        return;
+    }
+    let mut applied = Vec::with_capacity(writes.len());
     let committed = match conn.transaction() {
         Ok(mut tx) => {
-            for op in batch.drain(..) {
-                match op {
-                    Op::WithConn(f) => after_commit.push(f),
-                    write => applied.push(apply_in_savepoint(&mut tx, write, sealer)),
-                }
+            for write in writes.drain(..) {
+                applied.push(apply_in_savepoint(&mut tx, write, sealer));
             }
             tx.commit().map_err(|e| e.to_string())
         }
         Err(e) => {
-            for op in batch.drain(..) {
-                match op {
-                    Op::WithConn(f) => after_commit.push(f),
-                    write => applied.push(not_applied(write)),
-                }
-            }
+            applied.extend(writes.drain(..).map(not_applied));
             Err(e.to_string())
         }
     };
@@ -116,9 +131,6 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Op>, sealer: &Sealer) {
             }
         }
     }
-    for f in after_commit {
-        f(conn);
-    }
 }
 
 fn not_applied(op: Op) -> Applied {
@@ -126,7 +138,7 @@ fn not_applied(op: Op) -> Applied {
     match op {
         Op::Insert { reply, .. } => Applied::Insert(reply, Err(err())),
         Op::Tokens { reply, .. } | Op::Finish { reply, .. } => Applied::Unit(reply, Err(err())),
-        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
+        Op::WithConn(_) => unreachable!("connection calls run between commits, not in one"),
     }
 }
 
@@ -174,7 +186,7 @@ fn apply_in_savepoint(tx: &mut rusqlite::Transaction<'_>, op: Op, sealer: &Seale
             outcome,
             reply,
         } => Applied::Unit(reply, finish(&sp, sealer, job, &outcome)),
-        Op::WithConn(_) => unreachable!("connection calls run after the commit, not in it"),
+        Op::WithConn(_) => unreachable!("connection calls run between commits, not in one"),
     };
     let ok = match &applied {
         Applied::Insert(_, r) => r.is_ok(),

@@ -50,7 +50,25 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     Migration::Sql(crate::security::registry::MIGRATION),
     // 5: node reputation and who produced each finished job (result verification).
     Migration::Sql(crate::reputation::MIGRATION),
-    // 6: a verification failure held by the circuit breaker for an operator.
+    // 6: a job's producers go with the job (issue 13, hole 10): version 5's `job_producers`
+    // referenced `jobs` without a delete action, so with foreign keys on, the retention purge
+    // failed for every job verification had recorded and kept its sealed prompt and output
+    // for good. SQLite cannot alter a foreign key, so the table is rebuilt.
+    Migration::Sql(
+        "CREATE TABLE job_producers_v6 (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        finished_ms INTEGER NOT NULL,
+        verification TEXT NOT NULL,
+        PRIMARY KEY (job_id, node)
+    ) WITHOUT ROWID;
+    INSERT INTO job_producers_v6 (job_id, node, finished_ms, verification)
+        SELECT job_id, node, finished_ms, verification FROM job_producers;
+    DROP TABLE job_producers;
+    ALTER TABLE job_producers_v6 RENAME TO job_producers;
+    CREATE INDEX job_producers_node ON job_producers(node, verification, finished_ms);",
+    ),
+    // 7: a verification failure held by the circuit breaker for an operator.
     Migration::Sql(crate::reputation::MIGRATION_HELD),
 ];
 

@@ -303,3 +303,76 @@ async fn finished_jobs_are_not_reloaded() {
     assert_eq!(job.state, JobState::Done);
     assert_eq!(job.prompt_tokens, 3);
 }
+
+/// A job without idempotency key, durable.
+async fn new_job(store: &Store) -> u64 {
+    store
+        .insert_job("a".into(), "t".into(), None, &request(), 1)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A `done` outcome at `finished_ms`.
+fn done_at(finished_ms: u64) -> Outcome {
+    Outcome {
+        state: JobState::Done,
+        finished_ms,
+        finish_reason: Some("stop".into()),
+        text_tail: String::new(),
+        prompt_tokens: 1,
+        error: None,
+    }
+}
+
+/// Issue 13, hole 14: a connection call queued between two writes runs between them. The
+/// store thread is held busy so that all three land in one group; before the fix the group's
+/// writes ran first and the discard then deleted the re-run's fresh token too.
+#[tokio::test]
+async fn a_queued_discard_runs_between_the_writes_around_it() {
+    let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
+    let id = new_job(&store).await;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    store
+        .queue_exec(move |_| {
+            // Bounded: the test releases it at once below; 10 s is only a safety net.
+            let _ = held.recv_timeout(std::time::Duration::from_secs(10));
+            Ok(())
+        })
+        .await;
+    store.queue_tokens(id, 0, vec![token(1)]).await;
+    crate::reputation::queue_discard_tokens(&store, id).await;
+    store.queue_tokens(id, 0, vec![token(2)]).await;
+    release.send(()).unwrap();
+    let job = store.load_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        job.tokens,
+        vec![token(2)],
+        "the re-run's token, queued after the discard, survives it"
+    );
+}
+
+/// Issue 13, hole 10: once verification recorded who produced a job, the purge still deletes
+/// it (and its producer rows) instead of failing on the foreign key.
+#[tokio::test]
+async fn purge_deletes_a_job_whose_producers_were_recorded() {
+    let store = Store::open_in_memory(Sealer::ephemeral()).unwrap();
+    let id = new_job(&store).await;
+    store.append_tokens(id, 0, vec![token(1)]).await.unwrap();
+    store.finish_job(id, done_at(100)).await.unwrap();
+    let reputation = crate::reputation::Reputation::load(store.clone())
+        .await
+        .unwrap();
+    reputation
+        .record_producers(id, vec!["vehicle-1".into(), "vehicle-2".into()], 100)
+        .await;
+    assert_eq!(store.purge_finished_before(200).await.unwrap(), 1);
+    assert!(store.load_job(id).await.unwrap().is_none());
+    let producers: u64 = store
+        .with_conn(|conn, _| {
+            Ok(conn.query_row("SELECT COUNT(*) FROM job_producers", [], |r| r.get(0))?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(producers, 0, "the producer rows went with the job");
+}

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::manager::Manager;
 use crate::metrics::Metrics;
+use crate::model_binding::Sha256Hex;
 use crate::reputation::{RatePolicy, Reputation};
 use crate::validation::Prompt;
 use check::{Claims, Evidence, Finding, NodeWindow, Segment, Thresholds};
@@ -191,9 +192,9 @@ pub enum VerifyError {
 
 /// The trusted engines, by the sha256 of their GGUF.
 pub struct TrustedModels {
-    engines: HashMap<String, Engine>,
+    engines: HashMap<Sha256Hex, Engine>,
     /// Model name (the file stem, as agents announce their models) -> sha256.
-    names: HashMap<String, String>,
+    names: HashMap<String, Sha256Hex>,
 }
 
 impl TrustedModels {
@@ -207,6 +208,7 @@ impl TrustedModels {
                 source,
             };
             let sha = tokenfleet_engine::gguf::sha256_file(path).map_err(err)?;
+            let sha = Sha256Hex::parse(&sha).map_err(|e| VerifyError::Start(e.to_string()))?;
             let mut ec = EngineConfig::new(path);
             ec.slots = 1;
             ec.ctx_per_slot = config.ctx_tokens;
@@ -226,7 +228,7 @@ impl TrustedModels {
     }
 
     pub fn sha256s(&self) -> Vec<String> {
-        self.engines.keys().cloned().collect()
+        self.engines.keys().map(Sha256Hex::to_string).collect()
     }
 
     /// Model name (as agents announce it) -> the trusted copy's token table, from which the
@@ -239,8 +241,8 @@ impl TrustedModels {
     }
 
     /// The sha256 of the trusted copy of the model agents announce as `name`.
-    pub fn sha256_of(&self, name: &str) -> Option<&str> {
-        self.names.get(name).map(String::as_str)
+    pub fn sha256_of(&self, name: &str) -> Option<&Sha256Hex> {
+        self.names.get(name)
     }
 }
 
@@ -256,7 +258,7 @@ pub struct Setup {
 #[derive(Debug, Clone)]
 pub struct VerifyJob {
     pub job: u64,
-    pub model_sha256: String,
+    pub model_sha256: Sha256Hex,
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub tokens: Vec<i32>,

@@ -74,7 +74,7 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
 }
 
 pub async fn start_agent(grpc: &str, name: &str, slots: u32) -> TestAgent {
-    start_agent_with(grpc, name, slots, model_path(), "test-sha").await
+    start_agent_with(grpc, name, slots, model_path(), secure::UNMEASURED_SHA).await
 }
 
 /// An agent running the GGUF at `model` and claiming `sha256` for it in its Hello.

@@ -14,6 +14,10 @@ use tokenfleet_engine::{Engine, EngineConfig};
 
 use super::{test_config, KEY, MODEL};
 
+/// A model hash in canonical form for agents whose model is never measured (mutual TLS tests,
+/// unattested nodes): the coordinator refuses a Hello with anything else.
+pub const UNMEASURED_SHA: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
 pub struct SecureFleet {
     pub http: String,
     pub grpc: SocketAddr,
@@ -157,6 +161,15 @@ pub fn agent(
     )
 }
 
+/// An agent with `identity` (or none), no TPM and an unmeasured model.
+pub fn unattested_agent(
+    fleet: &SecureFleet,
+    engine: &Engine,
+    identity: Option<IdentityDir>,
+) -> Agent {
+    agent(fleet, engine, UNMEASURED_SHA, identity, None, |_| {})
+}
+
 /// Waits (bounded) until the agent's session status satisfies `pred`; returns it.
 pub async fn wait_status(
     agent: &Agent,
@@ -180,6 +193,19 @@ pub async fn wait_status(
         Ok(status) => status,
         Err(_) => panic!("agent never reached: {what} (now {:?})", rx.borrow()),
     }
+}
+
+/// Asserts that the agent was refused for the cause named by any of `causes` (matched without
+/// case in its failure text: a TLS alert name, the coordinator's status message).
+pub fn assert_refused_for(status: &SessionStatus, causes: &[&str]) {
+    let SessionStatus::Failed(why) = status else {
+        panic!("not refused: {status:?}");
+    };
+    let text = why.to_lowercase();
+    assert!(
+        causes.iter().any(|c| text.contains(&c.to_lowercase())),
+        "refused, but not for {causes:?}: {why}"
+    );
 }
 
 pub fn is_failed(s: &SessionStatus) -> bool {
