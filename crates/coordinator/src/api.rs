@@ -27,9 +27,9 @@ pub struct AppState {
     /// API key → tenant.
     pub keys: HashMap<String, String>,
     /// Per-tenant residency and rate limits.
-    pub tenants: crate::tenants::Tenants,
+    pub tenants: Arc<crate::tenants::Tenants>,
     /// Residency regions, to refuse requests naming a region that does not exist.
-    pub regions: crate::regions::RegionMap,
+    pub regions: Arc<crate::regions::RegionMap>,
 }
 
 pub type Shared = Arc<AppState>;

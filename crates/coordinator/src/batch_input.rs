@@ -10,6 +10,8 @@ use tokenfleet_scheduler::JobClass;
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
+use crate::regions::RegionMap;
+use crate::tenants::Tenants;
 use crate::validation::{validate_chat, validate_completion, ValidRequest};
 
 /// Endpoints a batch may target.
@@ -108,15 +110,37 @@ pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>
     Ok(lines)
 }
 
+/// The regions a batch's metadata asks for (`"residency": "EU,CH"`), if any.
+pub fn metadata_residency(
+    metadata: Option<&serde_json::Map<String, Value>>,
+) -> Option<Vec<String>> {
+    metadata?
+        .get("residency")?
+        .as_str()
+        .map(|r| {
+            r.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| !r.is_empty())
+}
+
 /// What every request of one batch shares.
 pub struct BatchContext<'a> {
     pub endpoint: &'a str,
     /// Unix ms: the end of the completion window.
     pub deadline_ms: u64,
-    /// From the batch's metadata (`"residency": "EU,CH"`).
+    /// From the batch's metadata ([`metadata_residency`]).
     pub residency: Option<Vec<String>>,
     pub config: &'a CoordinatorConfig,
     pub has_model: &'a (dyn Fn(&str) -> bool + Sync),
+    /// The batch's tenant: every line is bound to its residency and counts against its quota.
+    pub tenant: &'a str,
+    pub tenants: &'a Tenants,
+    pub regions: &'a RegionMap,
+    /// Now (UTC seconds), for the daily quota.
+    pub unix_s: u64,
 }
 
 /// A line's request as the job to run, or the error-file entry (`{"code", "message"}`).
@@ -177,6 +201,19 @@ pub fn validate_line(line: &InputLine, ctx: &BatchContext<'_>) -> Result<ValidRe
     if ctx.residency.is_some() {
         request.residency = ctx.residency.clone();
     }
+    let refused = |e: ApiError| {
+        err(
+            e.code.unwrap_or("invalid_request"),
+            format!("line {}: {}", line.line, e.message),
+        )
+    };
+    ctx.tenants
+        .bind(ctx.tenant, &mut request, ctx.regions)
+        .map_err(refused)?;
+    // Last: a line refused for any other reason uses none of the quota.
+    ctx.tenants
+        .charge_quota(ctx.tenant, &request, ctx.unix_s)
+        .map_err(refused)?;
     Ok(request)
 }
 
@@ -229,16 +266,81 @@ mod tests {
         );
     }
 
+    fn eu_and_us() -> RegionMap {
+        let square = |x: f64| vec![[x, 0.0], [x + 1.0, 0.0], [x + 1.0, 1.0], [x, 1.0], [x, 0.0]];
+        let region = |name: &str, x: f64| crate::regions::RegionConfig {
+            name: name.into(),
+            countries: vec![],
+            geojson: None,
+            polygon: square(x),
+        };
+        RegionMap::new(&[region("EU", 0.0), region("US", 10.0)], None).unwrap()
+    }
+
+    /// Issue 13, hole 4: a batch line is bound by its tenant like an HTTP request: inside the
+    /// tenant's residency, in regions that exist, and within the daily quota.
+    #[test]
+    fn lines_are_bound_to_the_tenants_residency_and_quota() {
+        let config = CoordinatorConfig::default();
+        let serves_m = |m: &str| m == "m";
+        let regions = eu_and_us();
+        let tenants = Tenants::new(&[crate::tenants::TenantConfig {
+            name: "eu-bank".into(),
+            residency: vec!["EU".into()],
+            // Each line below budgets 1 prompt token + 4.
+            tokens_per_day: 12,
+            ..Default::default()
+        }]);
+        let ctx = |residency: Option<Vec<String>>| BatchContext {
+            endpoint: "/v1/chat/completions",
+            deadline_ms: 5_000,
+            residency,
+            config: &config,
+            has_model: &serves_m,
+            tenant: "eu-bank",
+            tenants: &tenants,
+            regions: &regions,
+            unix_s: 86_400 * 20_000,
+        };
+        let lines = parse_input(line("a", "/v1/chat/completions").as_bytes(), 10).unwrap();
+        // No residency asked: the tenant's applies.
+        let bound = validate_line(&lines[0], &ctx(None)).unwrap();
+        assert_eq!(bound.residency, Some(vec!["EU".to_string()]));
+        // Outside the tenant's regions: an error entry, not a job that runs anywhere.
+        let wider = validate_line(&lines[0], &ctx(Some(vec!["US".into()]))).unwrap_err();
+        assert_eq!(wider["code"], "invalid_request", "{wider}");
+        assert!(wider["message"].as_str().unwrap().contains("outside"));
+        // A line's own unknown region is refused too.
+        let mut own = lines[0].clone();
+        own.body["tokenfleet"] = json!({"residency": ["Atlantis"]});
+        let free = Tenants::default();
+        let unbound = BatchContext {
+            tenants: &free,
+            ..ctx(None)
+        };
+        let unknown = validate_line(&own, &unbound).unwrap_err();
+        assert!(unknown["message"].as_str().unwrap().contains("Atlantis"));
+        // The daily quota: 5 + 5 fit in 12 (the first line above used 5), the third does not.
+        validate_line(&lines[0], &ctx(None)).unwrap();
+        let over = validate_line(&lines[0], &ctx(None)).unwrap_err();
+        assert_eq!(over["code"], "insufficient_quota", "{over}");
+    }
+
     #[test]
     fn lines_are_validated_against_the_batch() {
         let config = CoordinatorConfig::default();
         let serves_m = |m: &str| m == "m";
+        let (tenants, regions) = (Tenants::default(), eu_and_us());
         let ctx = BatchContext {
             endpoint: "/v1/chat/completions",
             deadline_ms: 5_000,
             residency: Some(vec!["EU".into()]),
             config: &config,
             has_model: &serves_m,
+            tenant: "t",
+            tenants: &tenants,
+            regions: &regions,
+            unix_s: 0,
         };
         let lines = parse_input(
             format!(

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::{authenticate, Shared};
-use crate::batch_input::ENDPOINTS;
+use crate::batch_input::{metadata_residency, ENDPOINTS};
 use crate::batch_runner::no_such_batch;
 use crate::batch_types::{unix_s, Batch, BatchStatus, ListPage, RequestCounts, PURPOSE_BATCH};
 use crate::config::parse_window;
@@ -85,6 +85,11 @@ async fn create_inner(
                 Some("metadata"),
             ));
         }
+    }
+    if let Some(asked) = metadata_residency(req.metadata.as_ref()) {
+        state
+            .tenants
+            .check_residency(&tenant, &asked, &state.regions, "metadata.residency")?;
     }
     let file = state
         .store

@@ -104,18 +104,7 @@ async fn accept(
         Endpoint::ChatCompletions => validate_chat(parse(body)?, &state.config)?,
         Endpoint::Completions => validate_completion(parse(body)?, &state.config)?,
     };
-    state.tenants.bind_residency(&tenant, &mut request)?;
-    if let Some(unknown) = request
-        .residency
-        .iter()
-        .flatten()
-        .find(|r| !state.regions.knows(r))
-    {
-        return Err(ApiError::invalid(
-            format!("tokenfleet.residency names {unknown:?}, which is not a region of this fleet"),
-            Some("tokenfleet.residency"),
-        ));
-    }
+    state.tenants.bind(&tenant, &mut request, &state.regions)?;
     state
         .tenants
         .admit(&tenant, &request, std::time::Instant::now())?;

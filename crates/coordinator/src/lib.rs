@@ -177,10 +177,16 @@ pub async fn start(
         verification,
     );
     let flush_store = store.clone();
+    let tenants = Arc::new(tenants::Tenants::new(&config.tenants));
+    let regions = Arc::new(config.region_map()?);
     let (batches, batch_task) = batch_runner::BatchRunner::spawn(
-        Arc::clone(&config),
-        store.clone(),
-        manager.clone(),
+        batch_runner::Deps {
+            config: Arc::clone(&config),
+            store: store.clone(),
+            manager: manager.clone(),
+            tenants: Arc::clone(&tenants),
+            regions: Arc::clone(&regions),
+        },
         stop_rx.clone(),
     );
     let state = Arc::new(api::AppState {
@@ -194,8 +200,8 @@ pub async fn start(
             .iter()
             .map(|k| (k.key.clone(), k.tenant.clone()))
             .collect(),
-        tenants: tenants::Tenants::new(&config.tenants),
-        regions: config.region_map()?,
+        tenants,
+        regions,
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;
