@@ -6,6 +6,7 @@
 //! Layout:
 //! - [`config`]: [`CoordinatorConfig`] (TOML).
 //! - [`api`], [`generate`], [`responses`], [`openai`]: the HTTP API and its wire types.
+//! - [`http_server`]: the API's connections: connection cap, header-read timeout.
 //! - [`validation`]: raw requests → [`validation::ValidRequest`] or a 400.
 //! - [`files`], [`batches`], [`batch_types`]: the Batch API (`/v1/files`, `/v1/batches`).
 //! - [`batch_input`]: a batch's JSONL input, checked on upload and validated line by line.
@@ -36,6 +37,7 @@ pub mod decision_log;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod http_server;
 pub mod jobs;
 mod listeners;
 pub mod manager;
@@ -239,7 +241,13 @@ pub async fn start(
     tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
     let revocations = security.as_ref().map(|s| s.watch_revocations());
     let task = tokio::spawn(async move {
-        let servers = listeners.serve(builder, service, api::router(state), stop_rx.clone());
+        let servers = listeners.serve(
+            builder,
+            service,
+            api::router(Arc::clone(&state)),
+            &state.metrics,
+            stop_rx.clone(),
+        );
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

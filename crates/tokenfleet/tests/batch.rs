@@ -634,3 +634,78 @@ async fn a_batch_that_cannot_be_processed_fails_alone_and_later_batches_still_ru
     assert!(f["failed_at"].as_u64().is_some(), "{f}");
     assert_eq!(f["errors"]["data"][0]["code"], "batch_failed", "{f}");
 }
+
+/// Issue 13, hole 13: a tenant's files (count and bytes) and batches not yet ended are
+/// limited, with OpenAI-shaped errors; other tenants are not affected, and room comes back
+/// when files are deleted or batches end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_files_and_active_batches_are_limited() {
+    let fleet = Fleet::start_with(1, 1, |c, _| {
+        c.max_files_per_tenant = 2;
+        c.max_active_batches_per_tenant = 1;
+        // A region no vehicle is in keeps a batch's lines queued: the batch stays active.
+        c.regions = vec![tokenfleet_coordinator::regions::RegionConfig {
+            name: "EU".into(),
+            polygon: vec![[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]],
+            ..Default::default()
+        }];
+    })
+    .await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let mut files = Vec::new();
+    for _ in 0..2 {
+        let (s, f) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+        assert_eq!(s, 200, "{f}");
+        files.push(f["id"].as_str().unwrap().to_string());
+    }
+    let (s, v) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+    assert_error(s, &v, 400, Some("file_limit_exceeded"));
+    let (s, _) = status_json(upload(&client, &base, OTHER_KEY, &input(1, 4)).await).await;
+    assert_eq!(s, 200, "another tenant's limit is its own");
+
+    let create = |file: String| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            status_json(
+                client
+                    .post(format!("{base}/v1/batches"))
+                    .bearer_auth(KEY)
+                    .json(
+                        &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                                  "completion_window": "24h", "metadata": {"residency": "EU"}}),
+                    )
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let (s, first) = create(files[0].clone()).await;
+    assert_eq!(s, 200, "{first}");
+    let first = first["id"].as_str().unwrap().to_string();
+    wait_batch(&client, &base, &first, |b| b["status"] == "in_progress").await;
+    let (s, v) = create(files[1].clone()).await;
+    assert_error(s, &v, 429, Some("rate_limit_exceeded"));
+    // Room comes back: a deleted file, an ended batch.
+    let resp = client
+        .delete(format!("{base}/v1/files/{}", files[1]))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (s, third) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+    assert_eq!(s, 200, "{third}");
+    let resp = client
+        .post(format!("{base}/v1/batches/{first}/cancel"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_batch(&client, &base, &first, ended).await;
+    let (s, v) = create(third["id"].as_str().unwrap().to_string()).await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -19,6 +19,8 @@ use tokenfleet_engine::{Engine, EngineConfig};
 pub const KEY: &str = "test-key-0123456789abcdef";
 /// A key of a second tenant ("other"), for isolation tests.
 pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+/// The operator key: `/metrics` and `/healthz` details.
+pub const OPERATOR_KEY: &str = "operator-key-0123456789abcdef";
 pub const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 pub fn model_path() -> PathBuf {
@@ -70,6 +72,7 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
         heartbeat_interval: Duration::from_millis(250),
         lease_timeout: Duration::from_millis(1500),
         max_body_bytes: 64 * 1024,
+        operator_key: Some(OPERATOR_KEY.into()),
         ..Default::default()
     }
 }
@@ -180,6 +183,7 @@ impl Fleet {
     pub async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.http))
+            .bearer_auth(OPERATOR_KEY)
             .send()
             .await
             .unwrap()
