@@ -218,6 +218,10 @@ impl CoordinatorConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // A file holding API or operator keys is a secret like a private key.
+        if !config.api_keys.is_empty() || config.operator_key.is_some() {
+            crate::sealing::check_private(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -364,6 +368,30 @@ mod tests {
         let defaults = tokenfleet_scheduler::SchedulerConfig::default();
         assert_eq!(c.scheduler.sample_size, defaults.sample_size);
         assert_eq!(parse("").expect("empty config").scheduler, defaults);
+    }
+
+    /// Issue 13, hole 15: a config file holding keys that others may read is refused, as ssh
+    /// refuses such a private key; made private, it loads.
+    #[cfg(unix)]
+    #[test]
+    fn a_config_file_with_keys_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &path,
+            "[[api_keys]]\nkey = \"0123456789abcdef-key\"\ntenant = \"t\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CoordinatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("too open") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = CoordinatorConfig::from_file(&path).unwrap();
+        assert_eq!(config.api_keys.len(), 1);
     }
 
     #[test]

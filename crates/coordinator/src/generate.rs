@@ -96,14 +96,14 @@ async fn generate(
     endpoint: Endpoint,
 ) -> Response {
     match accept(&state, &headers, body, endpoint).await {
-        Ok(Accepted::Live(handle)) => respond(state.manager.clone(), handle).await,
+        Ok(Accepted::Live(handle)) => respond(state.manager.clone(), *handle).await,
         Ok(Accepted::Finished(job)) => respond_stored(job),
         Err(e) => e.into_response(),
     }
 }
 
 enum Accepted {
-    Live(JobHandle),
+    Live(Box<JobHandle>),
     Finished(Box<StoredJob>),
 }
 
@@ -215,7 +215,7 @@ async fn accept(
             )
             .await;
     }
-    Ok(Accepted::Live(handle?))
+    Ok(Accepted::Live(Box::new(handle?)))
 }
 
 /// A retry of a request we already accepted: follow the same job, or answer from the store.
@@ -234,7 +234,7 @@ async fn follow_existing(
     };
     if let Some(handle) = state.manager.attach(existing).await {
         same_body(&handle.request)?;
-        return Ok(Accepted::Live(handle));
+        return Ok(Accepted::Live(Box::new(handle)));
     }
     let job = state
         .store
@@ -250,7 +250,7 @@ async fn follow_existing(
         // restart): the same request again runs it again, from the tokens it has.
         if let Some(reopened) = state.store.reopen_cancelled(existing).await? {
             if let Some(handle) = state.manager.resume(reopened).await {
-                return Ok(Accepted::Live(handle));
+                return Ok(Accepted::Live(Box::new(handle)));
             }
         }
     }

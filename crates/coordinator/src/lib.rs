@@ -222,6 +222,7 @@ pub async fn start(
     if let Some(tls) = &config.grpc_tls {
         let cert = std::fs::read(&tls.cert)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.cert.display())))?;
+        sealing::check_private(&tls.key).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
         let key = std::fs::read(&tls.key)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.key.display())))?;
         builder = builder.tls_config(

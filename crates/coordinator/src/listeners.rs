@@ -62,6 +62,12 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, CoordinatorError> {
     std::fs::read(path).map_err(|e| CoordinatorError::Tls(format!("{}: {e}", path.display())))
 }
 
+/// A private key file, refused when its group or others may read it.
+fn read_key(path: &std::path::Path) -> Result<Vec<u8>, CoordinatorError> {
+    crate::sealing::check_private(path).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+    read(path)
+}
+
 fn tls_err(e: tls::TlsError) -> CoordinatorError {
     CoordinatorError::Security(SecurityError::Tls(e))
 }
@@ -78,7 +84,7 @@ impl Listeners {
             Some(files) => Some(
                 tls::server_config(
                     &read(&files.cert)?,
-                    &read(&files.key)?,
+                    &read_key(&files.key)?,
                     &[b"h2", b"http/1.1"],
                 )
                 .map_err(tls_err)?,
