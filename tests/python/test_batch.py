@@ -45,13 +45,21 @@ def test_batch_answers_each_custom_id_exactly_once(fleet):
     assert batch.metadata == {"purpose": "pytest"}
 
     deadline = time.time() + 600  # a hang guard, not a timing assertion
-    seen_statuses = set()
+    lifecycle = ["validating", "in_progress", "finalizing", "completed"]
+    seen_statuses = [batch.status]
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
         assert time.time() < deadline, f"batch stuck: {batch}"
         time.sleep(0.5)
         batch = client.batches.retrieve(batch.id)
-        seen_statuses.add(batch.status)
+        seen_statuses.append(batch.status)
     assert batch.status == "completed", batch
+    # Every status polled is a step of the lifecycle, in order, never back; the steps a poll
+    # may have missed left their timestamps.
+    assert all(s in lifecycle for s in seen_statuses), seen_statuses
+    steps = [lifecycle.index(s) for s in seen_statuses]
+    assert steps == sorted(steps), seen_statuses
+    assert batch.in_progress_at is not None and batch.finalizing_at is not None, batch
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
     assert batch.request_counts.total == N
     assert batch.request_counts.completed == N
     assert batch.request_counts.failed == 0

@@ -69,6 +69,17 @@ def test_extension_fields_pass_through_the_official_client(client):
         extra_body={"tokenfleet": {"class": "batch"}},
     )
     assert r.usage.completion_tokens == 4
+    # The server reads what the client passes: a region the fleet does not have, and a class
+    # it does not know, are refused naming the extension's field (a server ignoring
+    # `tokenfleet` would answer both).
+    for ext, param in [({"residency": ["Atlantis"]}, "tokenfleet.residency"),
+                       ({"class": "urgent"}, "tokenfleet.class")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL, messages=PROMPT, max_tokens=4, extra_body={"tokenfleet": ext},
+            )
+        assert err.value.status_code == 400
+        assert err.value.body["param"] == param, err.value.body
 
 
 def test_invalid_key_gets_401_in_openai_shape(fleet):

@@ -1,10 +1,22 @@
-//! The HTTP API: routes, authentication, and the small endpoints.
+//! The HTTP API: routes, authentication, the edge's bounds on requests, and the small
+//! endpoints.
+//!
+//! Every request's body is read whole within `http_body_read_timeout` and within its
+//! route's size limit (`max_file_bytes` for uploads, `max_body_bytes` elsewhere), before any
+//! handler runs ([`read_body`]): a slow or oversized body costs a connection for a bounded
+//! time only. Handlers other than generation answer within `http_request_timeout`; a
+//! generation's answer takes as long as its job and a stream is never cut.
+//!
+//! Operator endpoints take `Authorization: Bearer <operator_key>`: `/metrics` (whose queue
+//! depths and verification counters would tell a liar when to lie) and `/healthz` with
+//! details. `/livez`, and `/healthz` without the key, answer only that the process serves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -27,12 +39,16 @@ pub struct AppState {
     /// API key → tenant.
     pub keys: HashMap<String, String>,
     /// Per-tenant residency and rate limits.
-    pub tenants: crate::tenants::Tenants,
+    pub tenants: Arc<crate::tenants::Tenants>,
     /// Residency regions, to refuse requests naming a region that does not exist.
-    pub regions: crate::regions::RegionMap,
+    pub regions: Arc<crate::regions::RegionMap>,
 }
 
 pub type Shared = Arc<AppState>;
+
+/// Routes whose handler follows a job: their answer takes as long as the job, so only the
+/// request's body read is timed, not the handler.
+const GENERATION: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 pub fn router(state: Shared) -> Router {
     let limit = state.config.max_body_bytes;
@@ -47,10 +63,7 @@ pub fn router(state: Shared) -> Router {
             "/v1/files",
             post(crate::files::upload)
                 .get(crate::files::list)
-                // The file limit, plus room for the multipart framing around the file.
-                .layer(DefaultBodyLimit::max(
-                    state.config.max_file_bytes.saturating_add(64 << 10),
-                )),
+                .layer(DefaultBodyLimit::max(upload_limit(&state.config))),
         )
         .route(
             "/v1/files/{id}",
@@ -63,11 +76,99 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/batches/{id}", get(crate::batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(crate::batches::cancel))
+        .route("/livez", get(livez))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            read_body,
+        ))
         .with_state(state)
+}
+
+/// The largest body `POST /v1/files` takes: the file limit plus room for the multipart
+/// framing around the file.
+fn upload_limit(config: &CoordinatorConfig) -> usize {
+    config.max_file_bytes.saturating_add(64 << 10)
+}
+
+/// Reads the whole request body within `http_body_read_timeout` and the route's size limit,
+/// then runs the handler (within `http_request_timeout`, except generation).
+async fn read_body(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let config = &state.config;
+    let path = request.uri().path().to_string();
+    let limit = if path == "/v1/files" {
+        upload_limit(config)
+    } else {
+        config.max_body_bytes
+    };
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(
+        config.http_body_read_timeout,
+        axum::body::to_bytes(body, limit),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            let too_large = e.is::<http_body_util::LengthLimitError>();
+            let mut err = if too_large {
+                ApiError::invalid("The request body is too large for this fleet.", None)
+                    .with_code("request_too_large")
+            } else {
+                ApiError::invalid(format!("could not read the request body: {e}"), None)
+            };
+            if too_large {
+                err.status = StatusCode::PAYLOAD_TOO_LARGE;
+            }
+            return err.into_response();
+        }
+        Err(_) => {
+            let mut err = ApiError::invalid(
+                format!(
+                    "The request body was not received within {} s.",
+                    config.http_body_read_timeout.as_secs()
+                ),
+                None,
+            )
+            .with_code("request_timeout");
+            err.status = StatusCode::REQUEST_TIMEOUT;
+            return err.into_response();
+        }
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    if GENERATION.contains(&path.as_str()) {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(config.http_request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable(format!(
+            "the request was not answered within {} s",
+            config.http_request_timeout.as_secs()
+        ))
+        .into_response(),
+    }
+}
+
+/// Whether the request carries the operator key (never true without one configured).
+fn is_operator(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(op) = state.config.operator_key.as_deref() else {
+        return false;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), op.as_bytes()))
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guessed
+/// key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// The tenant behind the request's bearer key.
@@ -118,12 +219,30 @@ async fn models(State(state): State<Shared>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn healthz(State(state): State<Shared>) -> Response {
+/// Liveness, public: the process serves HTTP. Nothing else.
+async fn livez() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Public, the same as `/livez`; with the operator key, also the queue.
+async fn healthz(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if !is_operator(&state, &headers) {
+        return livez().await;
+    }
     let queued = state.manager.queue_len().await;
     Json(serde_json::json!({"status": "ok", "queued_jobs": queued})).into_response()
 }
 
-async fn metrics(State(state): State<Shared>) -> Response {
+/// Prometheus text, for the operator key only.
+async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if !is_operator(&state, &headers) {
+        let message = if state.config.operator_key.is_some() {
+            "/metrics takes the operator key: 'Authorization: Bearer OPERATOR_KEY'."
+        } else {
+            "/metrics is off: no operator_key is configured."
+        };
+        return ApiError::unauthorized(message).into_response();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -5,11 +5,15 @@
 
 use std::collections::HashSet;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokenfleet_scheduler::JobClass;
 
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
+use crate::openai::{ChatCompletionRequest, CompletionRequest};
+use crate::regions::RegionMap;
+use crate::tenants::Tenants;
 use crate::validation::{validate_chat, validate_completion, ValidRequest};
 
 /// Endpoints a batch may target.
@@ -32,11 +36,32 @@ fn bad_line(line: usize, message: impl std::fmt::Display, code: &'static str) ->
 /// Checks the JSONL shape of a batch input file and returns its requests; a 400 names the
 /// first offending line.
 pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>, ApiError> {
+    let mut lines = Vec::new();
+    each_line(content, max_requests, |l| lines.push(l))?;
+    Ok(lines)
+}
+
+/// [`parse_input`]'s checks without keeping the requests (an upload): each line's parsed JSON
+/// is dropped before the next is read, so checking holds one line's tree at a time.
+pub fn check_input(content: &[u8], max_requests: usize) -> Result<usize, ApiError> {
+    let mut n = 0;
+    each_line(content, max_requests, |_| n += 1)?;
+    Ok(n)
+}
+
+/// Parses and checks each request line in turn, handing it to `take`. A line's `body` is
+/// moved out of its parsed object, never copied: a copy doubled the memory of a large line
+/// (issue 13: a 64 MiB line peaked near 2 GiB).
+fn each_line(
+    content: &[u8],
+    max_requests: usize,
+    mut take: impl FnMut(InputLine),
+) -> Result<(), ApiError> {
     let text = std::str::from_utf8(content).map_err(|e| {
         ApiError::invalid(format!("the file is not UTF-8 text: {e}"), Some("file"))
             .with_code("invalid_file_format")
     })?;
-    let mut lines = Vec::new();
+    let mut count = 0usize;
     let mut seen = HashSet::new();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
@@ -45,11 +70,11 @@ pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>
         }
         let v: Value = serde_json::from_str(raw)
             .map_err(|e| bad_line(n, format!("not valid JSON: {e}"), "invalid_json_line"))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| bad_line(n, "expected a JSON object", "invalid_json_line"))?;
-        let custom_id = match obj.get("custom_id") {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+        let Value::Object(mut obj) = v else {
+            return Err(bad_line(n, "expected a JSON object", "invalid_json_line"));
+        };
+        let custom_id = match obj.remove("custom_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s,
             _ => {
                 return Err(bad_line(
                     n,
@@ -61,13 +86,18 @@ pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>
         if obj.get("method").and_then(Value::as_str) != Some("POST") {
             return Err(bad_line(n, "method must be \"POST\"", "invalid_method"));
         }
-        let url = obj
-            .get("url")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_line(n, "url must be a string", "missing_required_parameter"))?
-            .to_string();
-        let body = match obj.get("body") {
-            Some(b @ Value::Object(_)) => b.clone(),
+        let url = match obj.remove("url") {
+            Some(Value::String(u)) => u,
+            _ => {
+                return Err(bad_line(
+                    n,
+                    "url must be a string",
+                    "missing_required_parameter",
+                ))
+            }
+        };
+        let body = match obj.remove("body") {
+            Some(b @ Value::Object(_)) => b,
             _ => {
                 return Err(bad_line(
                     n,
@@ -83,13 +113,8 @@ pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>
                 "duplicate_custom_id",
             ));
         }
-        lines.push(InputLine {
-            line: n as u32,
-            custom_id,
-            url,
-            body,
-        });
-        if lines.len() > max_requests {
+        count += 1;
+        if count > max_requests {
             return Err(ApiError::invalid(
                 format!(
                     "the file has more than {max_requests} requests, this fleet's limit per batch"
@@ -98,14 +123,36 @@ pub fn parse_input(content: &[u8], max_requests: usize) -> Result<Vec<InputLine>
             )
             .with_code("too_many_requests_in_file"));
         }
+        take(InputLine {
+            line: n as u32,
+            custom_id,
+            url,
+            body,
+        });
     }
-    if lines.is_empty() {
+    if count == 0 {
         return Err(
             ApiError::invalid("the file has no request lines", Some("file"))
                 .with_code("empty_file"),
         );
     }
-    Ok(lines)
+    Ok(())
+}
+
+/// The regions a batch's metadata asks for (`"residency": "EU,CH"`), if any.
+pub fn metadata_residency(
+    metadata: Option<&serde_json::Map<String, Value>>,
+) -> Option<Vec<String>> {
+    metadata?
+        .get("residency")?
+        .as_str()
+        .map(|r| {
+            r.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| !r.is_empty())
 }
 
 /// What every request of one batch shares.
@@ -113,10 +160,16 @@ pub struct BatchContext<'a> {
     pub endpoint: &'a str,
     /// Unix ms: the end of the completion window.
     pub deadline_ms: u64,
-    /// From the batch's metadata (`"residency": "EU,CH"`).
+    /// From the batch's metadata ([`metadata_residency`]).
     pub residency: Option<Vec<String>>,
     pub config: &'a CoordinatorConfig,
     pub has_model: &'a (dyn Fn(&str) -> bool + Sync),
+    /// The batch's tenant: every line is bound to its residency and counts against its quota.
+    pub tenant: &'a str,
+    pub tenants: &'a Tenants,
+    pub regions: &'a RegionMap,
+    /// Now (UTC seconds), for the daily quota.
+    pub unix_s: u64,
 }
 
 /// A line's request as the job to run, or the error-file entry (`{"code", "message"}`).
@@ -131,11 +184,12 @@ pub fn validate_line(line: &InputLine, ctx: &BatchContext<'_>) -> Result<ValidRe
             ),
         ));
     }
+    // Deserialized from the borrowed tree: no copy of the line's JSON.
     let parsed = match ctx.endpoint {
-        "/v1/chat/completions" => serde_json::from_value(line.body.clone())
+        "/v1/chat/completions" => ChatCompletionRequest::deserialize(&line.body)
             .map_err(|e| e.to_string())
             .map(|b| validate_chat(b, ctx.config)),
-        _ => serde_json::from_value(line.body.clone())
+        _ => CompletionRequest::deserialize(&line.body)
             .map_err(|e| e.to_string())
             .map(|b| validate_completion(b, ctx.config)),
     };
@@ -177,6 +231,19 @@ pub fn validate_line(line: &InputLine, ctx: &BatchContext<'_>) -> Result<ValidRe
     if ctx.residency.is_some() {
         request.residency = ctx.residency.clone();
     }
+    let refused = |e: ApiError| {
+        err(
+            e.code.unwrap_or("invalid_request"),
+            format!("line {}: {}", line.line, e.message),
+        )
+    };
+    ctx.tenants
+        .bind(ctx.tenant, &mut request, ctx.regions)
+        .map_err(refused)?;
+    // Last: a line refused for any other reason uses none of the quota.
+    ctx.tenants
+        .charge_quota(ctx.tenant, &request, ctx.unix_s)
+        .map_err(refused)?;
     Ok(request)
 }
 
@@ -229,16 +296,81 @@ mod tests {
         );
     }
 
+    fn eu_and_us() -> RegionMap {
+        let square = |x: f64| vec![[x, 0.0], [x + 1.0, 0.0], [x + 1.0, 1.0], [x, 1.0], [x, 0.0]];
+        let region = |name: &str, x: f64| crate::regions::RegionConfig {
+            name: name.into(),
+            countries: vec![],
+            geojson: None,
+            polygon: square(x),
+        };
+        RegionMap::new(&[region("EU", 0.0), region("US", 10.0)], None).unwrap()
+    }
+
+    /// Issue 13, hole 4: a batch line is bound by its tenant like an HTTP request: inside the
+    /// tenant's residency, in regions that exist, and within the daily quota.
+    #[test]
+    fn lines_are_bound_to_the_tenants_residency_and_quota() {
+        let config = CoordinatorConfig::default();
+        let serves_m = |m: &str| m == "m";
+        let regions = eu_and_us();
+        let tenants = Tenants::new(&[crate::tenants::TenantConfig {
+            name: "eu-bank".into(),
+            residency: vec!["EU".into()],
+            // Each line below budgets 1 prompt token + 4.
+            tokens_per_day: 12,
+            ..Default::default()
+        }]);
+        let ctx = |residency: Option<Vec<String>>| BatchContext {
+            endpoint: "/v1/chat/completions",
+            deadline_ms: 5_000,
+            residency,
+            config: &config,
+            has_model: &serves_m,
+            tenant: "eu-bank",
+            tenants: &tenants,
+            regions: &regions,
+            unix_s: 86_400 * 20_000,
+        };
+        let lines = parse_input(line("a", "/v1/chat/completions").as_bytes(), 10).unwrap();
+        // No residency asked: the tenant's applies.
+        let bound = validate_line(&lines[0], &ctx(None)).unwrap();
+        assert_eq!(bound.residency, Some(vec!["EU".to_string()]));
+        // Outside the tenant's regions: an error entry, not a job that runs anywhere.
+        let wider = validate_line(&lines[0], &ctx(Some(vec!["US".into()]))).unwrap_err();
+        assert_eq!(wider["code"], "invalid_request", "{wider}");
+        assert!(wider["message"].as_str().unwrap().contains("outside"));
+        // A line's own unknown region is refused too.
+        let mut own = lines[0].clone();
+        own.body["tokenfleet"] = json!({"residency": ["Atlantis"]});
+        let free = Tenants::default();
+        let unbound = BatchContext {
+            tenants: &free,
+            ..ctx(None)
+        };
+        let unknown = validate_line(&own, &unbound).unwrap_err();
+        assert!(unknown["message"].as_str().unwrap().contains("Atlantis"));
+        // The daily quota: 5 + 5 fit in 12 (the first line above used 5), the third does not.
+        validate_line(&lines[0], &ctx(None)).unwrap();
+        let over = validate_line(&lines[0], &ctx(None)).unwrap_err();
+        assert_eq!(over["code"], "insufficient_quota", "{over}");
+    }
+
     #[test]
     fn lines_are_validated_against_the_batch() {
         let config = CoordinatorConfig::default();
         let serves_m = |m: &str| m == "m";
+        let (tenants, regions) = (Tenants::default(), eu_and_us());
         let ctx = BatchContext {
             endpoint: "/v1/chat/completions",
             deadline_ms: 5_000,
             residency: Some(vec!["EU".into()]),
             config: &config,
             has_model: &serves_m,
+            tenant: "t",
+            tenants: &tenants,
+            regions: &regions,
+            unix_s: 0,
         };
         let lines = parse_input(
             format!(

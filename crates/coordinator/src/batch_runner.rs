@@ -14,24 +14,37 @@
 //! Ending writes the output file (one line per completed request) and the error file (one
 //! line per other request) and the final record in one transaction, so each `custom_id` is
 //! answered exactly once.
+//!
+//! Batches are independent: an error on one batch (an input that no longer opens, an output
+//! the store refuses) never stops the pass over the others. A batch whose step fails
+//! [`FAILS_BEFORE_GIVING_UP`] passes in a row ends as `failed` with the error in `errors`, and
+//! its jobs still queued are cancelled; a transient error clears on the next pass.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::batch_input::{parse_input, validate_line, BatchContext};
+use crate::batch_input::{metadata_residency, parse_input, validate_line, BatchContext};
 use crate::batch_store::{BatchLine, LineResult, NewFile};
 use crate::batch_types::{unix_s, Batch, BatchStatus, FileObject, PURPOSE_BATCH_OUTPUT};
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
 use crate::manager::{unix_ms, Manager};
+use crate::regions::RegionMap;
 use crate::responses;
 use crate::store::{JobState, Store, StoreError};
+use crate::tenants::Tenants;
 use std::sync::Arc;
 
 /// How often active batches are looked at (a command wakes the runner at once).
 const POLL: Duration = Duration::from_millis(250);
+
+/// Consecutive failed passes after which a batch is failed rather than retried: enough to ride
+/// out a passing fault (three polls, about 0.75 s), few enough that a batch that can never
+/// step is answered promptly.
+const FAILS_BEFORE_GIVING_UP: u32 = 3;
 
 enum Cmd {
     Wake,
@@ -48,18 +61,29 @@ pub struct BatchRunner {
     tx: mpsc::Sender<Cmd>,
 }
 
+/// What the runner works with.
+pub struct Deps {
+    pub config: Arc<CoordinatorConfig>,
+    pub store: Store,
+    pub manager: Manager,
+    /// The same tenants (residency, quota) as the HTTP API's.
+    pub tenants: Arc<Tenants>,
+    pub regions: Arc<RegionMap>,
+}
+
 impl BatchRunner {
     pub fn spawn(
-        config: Arc<CoordinatorConfig>,
-        store: Store,
-        manager: Manager,
+        deps: Deps,
         mut shutdown: watch::Receiver<bool>,
     ) -> (BatchRunner, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(256);
-        let runner = Runner {
-            config,
-            store,
-            manager,
+        let mut runner = Runner {
+            config: deps.config,
+            store: deps.store,
+            manager: deps.manager,
+            tenants: deps.tenants,
+            regions: deps.regions,
+            failures: HashMap::new(),
         };
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL);
@@ -77,7 +101,10 @@ impl BatchRunner {
                     _ = shutdown.changed() => break,
                 }
                 if let Err(e) = runner.step().await {
-                    tracing::error!(cause = %e, "batch runner step failed; retrying");
+                    if matches!(e, StoreError::Closed) {
+                        break;
+                    }
+                    tracing::error!(cause = %e, "batch runner pass failed; retrying");
                 }
             }
         });
@@ -110,6 +137,10 @@ struct Runner {
     config: Arc<CoordinatorConfig>,
     store: Store,
     manager: Manager,
+    tenants: Arc<Tenants>,
+    regions: Arc<RegionMap>,
+    /// Consecutive failed steps per batch id (cleared when a step succeeds).
+    failures: HashMap<String, u32>,
 }
 
 pub fn no_such_batch(id: &str) -> ApiError {
@@ -143,24 +174,79 @@ impl Runner {
         }
     }
 
-    async fn step(&self) -> Result<(), StoreError> {
+    /// One pass over every active batch. An error on one batch is that batch's (see
+    /// [`Runner::step_failed`]); only failing to list the batches fails the pass.
+    async fn step(&mut self) -> Result<(), StoreError> {
         let now = unix_s();
-        for (tenant, batch) in self.store.active_batches().await? {
-            match batch.status {
-                BatchStatus::Validating => self.validate(&tenant, batch).await?,
+        let active = self.store.active_batches().await?;
+        self.failures
+            .retain(|id, _| active.iter().any(|(_, b)| &b.id == id));
+        for (tenant, batch) in active {
+            let id = batch.id.clone();
+            let result = match batch.status {
+                BatchStatus::Validating => self.validate(&tenant, batch.clone()).await,
                 BatchStatus::InProgress if now >= batch.expires_at => {
-                    self.end(&tenant, batch, BatchStatus::Expired).await?
+                    self.end(&tenant, batch.clone(), BatchStatus::Expired).await
                 }
-                BatchStatus::InProgress => self.progress(&tenant, batch).await?,
+                BatchStatus::InProgress => self.progress(&tenant, batch.clone()).await,
                 BatchStatus::Finalizing => {
-                    self.finalize(&tenant, batch, BatchStatus::Completed)
-                        .await?
+                    self.finalize(&tenant, batch.clone(), BatchStatus::Completed)
+                        .await
                 }
-                BatchStatus::Cancelling => self.end(&tenant, batch, BatchStatus::Cancelled).await?,
-                _ => {}
+                BatchStatus::Cancelling => {
+                    self.end(&tenant, batch.clone(), BatchStatus::Cancelled)
+                        .await
+                }
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) => {
+                    self.failures.remove(&id);
+                }
+                Err(StoreError::Closed) => return Err(StoreError::Closed),
+                Err(e) => self.step_failed(&tenant, batch, e).await,
             }
         }
         Ok(())
+    }
+
+    /// A batch's step failed: retried on the next pass, until it has failed
+    /// [`FAILS_BEFORE_GIVING_UP`] times in a row; then the batch ends as `failed` with the
+    /// error, its queued jobs cancelled.
+    async fn step_failed(&mut self, tenant: &str, mut batch: Batch, cause: StoreError) {
+        let count = self.failures.entry(batch.id.clone()).or_default();
+        *count += 1;
+        if *count < FAILS_BEFORE_GIVING_UP {
+            tracing::warn!(batch = %batch.id, tenant, cause = %cause, attempt = *count, "batch step failed; retrying on the next pass");
+            return;
+        }
+        tracing::error!(batch = %batch.id, tenant, cause = %cause, "batch step failed repeatedly; failing the batch");
+        let stopped = async {
+            for id in self.store.unfinished_batch_jobs(&batch.id).await? {
+                self.manager.cancel(id).await;
+            }
+            self.store.cancel_batch_jobs(&batch.id, unix_ms()).await
+        }
+        .await;
+        if let Err(e) = stopped {
+            tracing::error!(batch = %batch.id, tenant, cause = %e, "could not stop the jobs of a failing batch");
+        }
+        batch.status = BatchStatus::Failed;
+        batch.failed_at = Some(unix_s());
+        // The client sees what failed, not the store's internals (which stay in the log).
+        batch.errors = Some(json!({"object": "list", "data": [{
+            "code": "batch_failed",
+            "message": "the batch could not be processed (its input or output could not be read or written); its requests were stopped",
+        }]}));
+        let id = batch.id.clone();
+        match self.store.update_batch(batch).await {
+            Ok(()) => {
+                self.failures.remove(&id);
+            }
+            Err(e) => {
+                tracing::error!(batch = %id, tenant, cause = %e, "could not record a batch as failed")
+            }
+        }
     }
 
     async fn validate(&self, tenant: &str, mut batch: Batch) -> Result<(), StoreError> {
@@ -186,26 +272,18 @@ impl Runner {
                 return self.store.update_batch(batch).await;
             }
         };
-        let residency = batch
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("residency"))
-            .and_then(Value::as_str)
-            .map(|r| {
-                r.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|r| !r.is_empty());
         let manager = self.manager.clone();
         let has_model = move |m: &str| manager.has_model(m);
         let ctx = BatchContext {
             endpoint: &batch.endpoint,
             deadline_ms: batch.expires_at * 1000,
-            residency,
+            residency: metadata_residency(batch.metadata.as_ref()),
             config: &self.config,
             has_model: &has_model,
+            tenant,
+            tenants: &self.tenants,
+            regions: &self.regions,
+            unix_s: now,
         };
         let lines: Vec<BatchLine> = input
             .iter()

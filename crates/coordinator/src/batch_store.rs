@@ -158,10 +158,39 @@ fn cursor(
         .unwrap_or(i64::MAX))
 }
 
+/// A tenant's limit that a new file or batch would pass (nothing was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// Uploaded files the tenant holds already (count, bytes).
+    Files { count: u64, bytes: u64 },
+    /// Batches of the tenant not yet ended.
+    ActiveBatches(u64),
+}
+
 impl Store {
-    pub async fn insert_file(&self, file: NewFile) -> Result<(), StoreError> {
-        self.with_conn(move |conn, sealer| put_file(conn, sealer, &file))
-            .await
+    /// Stores an uploaded file unless its tenant would then hold more than `max_files` files
+    /// of its purpose or more than `max_bytes` in them. Checked and written in one store
+    /// operation, so concurrent uploads cannot both slip under the limit.
+    pub async fn insert_file_within(
+        &self,
+        file: NewFile,
+        max_files: u64,
+        max_bytes: u64,
+    ) -> Result<Result<(), OverLimit>, StoreError> {
+        self.with_conn(move |conn, sealer| {
+            let (count, bytes): (i64, i64) = conn.query_row(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM files WHERE tenant = ?1 AND purpose = ?2",
+                params![file.tenant, file.object.purpose],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let (count, bytes) = (count as u64, bytes as u64);
+            if count >= max_files || bytes.saturating_add(file.object.bytes) > max_bytes {
+                return Ok(Err(OverLimit::Files { count, bytes }));
+            }
+            put_file(conn, sealer, &file)?;
+            Ok(Ok(()))
+        })
+        .await
     }
 
     /// A tenant's file (None for another tenant's).
@@ -239,9 +268,25 @@ impl Store {
         .await
     }
 
-    pub async fn insert_batch(&self, tenant: &str, batch: Batch) -> Result<(), StoreError> {
+    /// Stores a new batch unless its tenant already has `max_active` batches not yet ended
+    /// (checked and written in one store operation).
+    pub async fn insert_batch(
+        &self,
+        tenant: &str,
+        batch: Batch,
+        max_active: u64,
+    ) -> Result<Result<(), OverLimit>, StoreError> {
         let tenant = tenant.to_string();
         self.with_conn(move |conn, _| {
+            let active: i64 = conn.query_row(
+                "SELECT count(*) FROM batches WHERE tenant = ?1
+                 AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')",
+                params![tenant],
+                |r| r.get(0),
+            )?;
+            if active as u64 >= max_active {
+                return Ok(Err(OverLimit::ActiveBatches(active as u64)));
+            }
             conn.execute(
                 "INSERT INTO batches (id, tenant, status, record) VALUES (?1, ?2, ?3, ?4)",
                 params![
@@ -251,7 +296,7 @@ impl Store {
                     serde_json::to_string(&batch)?
                 ],
             )?;
-            Ok(())
+            Ok(Ok(()))
         })
         .await
     }

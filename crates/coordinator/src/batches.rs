@@ -1,7 +1,8 @@
 //! `/v1/batches`: create, retrieve, list (`after`/`limit`), cancel. The work itself is the
 //! batch runner's ([`crate::batch_runner`]); these handlers check input, store a new batch as
-//! `validating`, and read records. Batches belong to the API key's tenant; another tenant's
-//! batch is a 404 and never listed.
+//! `validating` (at most `max_active_batches_per_tenant` of a tenant not yet ended, 429 past
+//! it), and read records. Batches belong to the API key's tenant; another tenant's batch is a
+//! 404 and never listed.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,8 +13,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::{authenticate, Shared};
-use crate::batch_input::ENDPOINTS;
+use crate::batch_input::{metadata_residency, ENDPOINTS};
 use crate::batch_runner::no_such_batch;
+use crate::batch_store::OverLimit;
 use crate::batch_types::{unix_s, Batch, BatchStatus, ListPage, RequestCounts, PURPOSE_BATCH};
 use crate::config::parse_window;
 use crate::error::{json_or_error, ApiError};
@@ -86,6 +88,11 @@ async fn create_inner(
             ));
         }
     }
+    if let Some(asked) = metadata_residency(req.metadata.as_ref()) {
+        state
+            .tenants
+            .check_residency(&tenant, &asked, &state.regions, "metadata.residency")?;
+    }
     let file = state
         .store
         .file(&tenant, &req.input_file_id)
@@ -123,7 +130,18 @@ async fn create_inner(
         request_counts: RequestCounts::default(),
         metadata: req.metadata,
     };
-    state.store.insert_batch(&tenant, batch.clone()).await?;
+    let max_active = state.config.max_active_batches_per_tenant;
+    if let Err(OverLimit::ActiveBatches(n)) = state
+        .store
+        .insert_batch(&tenant, batch.clone(), max_active)
+        .await?
+    {
+        let mut e = ApiError::overloaded(format!(
+            "This API key's tenant has {n} batches in progress, the limit is {max_active}; create more once some end."
+        ));
+        e.param = Some("input_file_id".into());
+        return Err(e);
+    }
     tracing::info!(batch = %batch.id, tenant, file = %batch.input_file_id, "batch created");
     state.batches.wake();
     Ok(batch)

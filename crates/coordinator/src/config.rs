@@ -84,13 +84,41 @@ pub struct CoordinatorConfig {
     /// Progress is written to the store at least this often.
     #[serde(with = "millis")]
     pub persist_interval: Duration,
+    /// Largest request body on every route but `POST /v1/files` (which takes
+    /// `max_file_bytes`).
     pub max_body_bytes: usize,
+    /// Bearer key for operator endpoints: `/metrics` and the details of `/healthz`. Without
+    /// one they are not served over HTTP (`/livez` and a bare `/healthz` stay public).
+    pub operator_key: Option<String>,
+    /// Connections the client API (and, with `[security]`, the enrollment port) holds at
+    /// once; one more is answered 503 and closed. Each costs a file descriptor: the default
+    /// stays under the common 1024 soft limit with room for agents and the store.
+    pub http_max_connections: usize,
+    /// A client must send a whole request head within this (HTTP/1; it also closes idle
+    /// keep-alive connections).
+    #[serde(with = "millis")]
+    pub http_header_read_timeout: Duration,
+    /// A client must send a whole request body within this: 64 MiB (the largest upload) at
+    /// 2 MB/s takes 32 s.
+    #[serde(with = "millis")]
+    pub http_body_read_timeout: Duration,
+    /// Handlers other than generation must answer within this (503 otherwise). Generation
+    /// answers take as long as the job (bounded by its deadline and the queue timeout) and a
+    /// stream is never cut.
+    #[serde(with = "millis")]
+    pub http_request_timeout: Duration,
     pub max_prompt_chars: usize,
     pub max_tokens_limit: u32,
     pub default_max_tokens: u32,
-    /// Interactive jobs in the queue (all tenants) beyond which new requests get 429 (batch
-    /// requests wait for their completion window and are not counted).
+    /// Jobs queued through the HTTP API (all tenants, either class) beyond which new
+    /// requests get 429 (Batch API lines wait for their completion window and are not
+    /// counted).
     pub max_queued_jobs: usize,
+    /// The deadline of a `"tokenfleet": {"class": "batch"}` request sent to the HTTP API
+    /// without its own `tokenfleet.deadline`: its client waits on the connection, so it must
+    /// end some time (it fails with 503 if not done by then).
+    #[serde(with = "millis")]
+    pub http_batch_deadline: Duration,
     /// Keys sealing prompts and outputs in the job store (see `sealing`): one `id base64`
     /// line per key, newest first. Default `<db_path>.keys`, created with a fresh key when
     /// absent. `TOKENFLEET_STORE_KEYS` (`id:base64,...`) takes precedence over the file.
@@ -108,6 +136,14 @@ pub struct CoordinatorConfig {
     pub max_file_bytes: usize,
     /// Requests one batch may hold.
     pub max_batch_requests: usize,
+    /// Per tenant: uploaded files it may hold (400 `file_limit_exceeded` past it; deleting
+    /// files frees room). OpenAI allows an organization 10,000 files and 100 GB; this fleet
+    /// keeps files in its one SQLite store, so the defaults are smaller.
+    pub max_files_per_tenant: u64,
+    /// Per tenant: bytes of uploaded files it may hold.
+    pub max_file_bytes_per_tenant: u64,
+    /// Per tenant: batches not yet ended (429 past it, until one ends).
+    pub max_active_batches_per_tenant: u64,
     /// `completion_window` values a batch may ask for (`"24h"`, `"90m"`, `"30s"`).
     pub batch_completion_windows: Vec<String>,
     /// Write every scheduler round (inputs and decisions) to this file as JSON lines, for
@@ -145,10 +181,16 @@ impl Default for CoordinatorConfig {
             queue_timeout: Duration::from_secs(120),
             persist_interval: Duration::from_millis(100),
             max_body_bytes: 1 << 20,
+            operator_key: None,
+            http_max_connections: 512,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_body_read_timeout: Duration::from_secs(60),
+            http_request_timeout: Duration::from_secs(60),
             max_prompt_chars: 64 * 1024,
             max_tokens_limit: 4096,
             default_max_tokens: 512,
             max_queued_jobs: 10_000,
+            http_batch_deadline: Duration::from_secs(3600),
             store_key_file: None,
             retention: Duration::from_secs(7 * 24 * 3600),
             regions: Vec::new(),
@@ -156,6 +198,9 @@ impl Default for CoordinatorConfig {
             tenants: Vec::new(),
             max_file_bytes: 64 << 20,
             max_batch_requests: 50_000,
+            max_files_per_tenant: 1_000,
+            max_file_bytes_per_tenant: 1 << 30,
+            max_active_batches_per_tenant: 20,
             batch_completion_windows: vec!["24h".into()],
             decision_log: None,
             verification: Default::default(),
@@ -307,6 +352,10 @@ impl CoordinatorConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // A file holding API or operator keys is a secret like a private key.
+        if !config.api_keys.is_empty() || config.operator_key.is_some() {
+            crate::sealing::check_private(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -321,6 +370,23 @@ impl CoordinatorConfig {
         if self.api_keys.iter().any(|k| k.key.len() < 16) {
             return Err(ConfigError::Invalid(
                 "api keys must be at least 16 characters".into(),
+            ));
+        }
+        if let Some(op) = &self.operator_key {
+            if op.len() < 16 {
+                return Err(ConfigError::Invalid(
+                    "operator_key must be at least 16 characters".into(),
+                ));
+            }
+            if self.api_keys.iter().any(|k| &k.key == op) {
+                return Err(ConfigError::Invalid(
+                    "operator_key must differ from every API key".into(),
+                ));
+            }
+        }
+        if self.http_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "http_max_connections must be at least 1".into(),
             ));
         }
         if self.lease_timeout < self.heartbeat_interval * 2 {
@@ -486,6 +552,30 @@ mod tests {
         loopback
             .validate()
             .expect("loopback stays allowed for the demo and tests");
+    }
+
+    /// Issue 13, hole 15: a config file holding keys that others may read is refused, as ssh
+    /// refuses such a private key; made private, it loads.
+    #[cfg(unix)]
+    #[test]
+    fn a_config_file_with_keys_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &path,
+            "[[api_keys]]\nkey = \"0123456789abcdef-key\"\ntenant = \"t\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CoordinatorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("too open") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = CoordinatorConfig::from_file(&path).unwrap();
+        assert_eq!(config.api_keys.len(), 1);
     }
 
     #[test]

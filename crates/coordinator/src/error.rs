@@ -59,6 +59,19 @@ impl ApiError {
         }
     }
 
+    /// An `Idempotency-Key` sent again with a different request body (422, as payment APIs
+    /// and the IETF Idempotency-Key draft answer).
+    pub fn idempotency_key_reused() -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: "This Idempotency-Key was already used with a different request body. Use a new key for a new request.".into(),
+            kind: "invalid_request_error",
+            param: Some("Idempotency-Key".into()),
+            code: Some("idempotency_key_reused"),
+            retry_after: None,
+        }
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

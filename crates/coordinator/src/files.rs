@@ -1,4 +1,5 @@
-//! `/v1/files`: upload (multipart, `purpose=batch`, size-limited, JSONL checked line by line),
+//! `/v1/files`: upload (multipart, `purpose=batch`, size-limited, JSONL checked line by line,
+//! within the tenant's file count and bytes),
 //! list, retrieve, content, delete. Files belong to the API key's tenant; another tenant's
 //! file is a 404 and never listed.
 
@@ -8,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::api::{authenticate, Shared};
-use crate::batch_input::parse_input;
-use crate::batch_store::NewFile;
+use crate::batch_input::check_input;
+use crate::batch_store::{NewFile, OverLimit};
 use crate::batch_types::{unix_s, FileObject, ListPage, PURPOSE_BATCH};
 use crate::error::{json_or_error, ApiError};
 
@@ -87,7 +88,7 @@ async fn upload_inner(
     if content.len() > limit {
         return Err(too_large(limit));
     }
-    parse_input(&content, state.config.max_batch_requests)?;
+    check_input(&content, state.config.max_batch_requests)?;
     let object = FileObject::new(
         format!("file-{}", hex::encode(rand::random::<[u8; 12]>())),
         content.len() as u64,
@@ -95,14 +96,31 @@ async fn upload_inner(
         filename,
         PURPOSE_BATCH,
     );
-    state
+    let (max_files, max_bytes) = (
+        state.config.max_files_per_tenant,
+        state.config.max_file_bytes_per_tenant,
+    );
+    let stored = state
         .store
-        .insert_file(NewFile {
-            object: object.clone(),
-            tenant: tenant.clone(),
-            content: content.to_vec(),
-        })
+        .insert_file_within(
+            NewFile {
+                object: object.clone(),
+                tenant: tenant.clone(),
+                content: content.to_vec(),
+            },
+            max_files,
+            max_bytes,
+        )
         .await?;
+    if let Err(OverLimit::Files { count, bytes }) = stored {
+        return Err(ApiError::invalid(
+            format!(
+                "This API key's tenant holds {count} files ({bytes} bytes); the limit is {max_files} files and {max_bytes} bytes. Delete files you no longer need."
+            ),
+            Some("file"),
+        )
+        .with_code("file_limit_exceeded"));
+    }
     tracing::info!(file = %object.id, tenant, bytes = object.bytes, "file stored");
     Ok(object)
 }

@@ -57,8 +57,8 @@ pub async fn completions(
     response
 }
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         let mut e = ApiError::invalid(rejection.body_text(), None);
         e.status = rejection.status();
         if e.status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -66,13 +66,27 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
             e.code = Some("request_too_large");
         }
         e
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    })
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid(
             format!("We could not parse the JSON body of your request: {e}"),
             None,
         )
     })
+}
+
+/// SHA-256 (hex) of a JSON body in canonical form: object keys sorted (serde_json's map is
+/// ordered), no insignificant whitespace. Two bodies that differ only in layout or key order
+/// hash the same.
+fn canonical_sha256(bytes: &[u8]) -> Result<String, ApiError> {
+    use sha2::{Digest, Sha256};
+    let value: serde_json::Value = parse(bytes)?;
+    let canonical = serde_json::to_vec(&value)
+        .map_err(|e| ApiError::internal(format!("re-encoding a parsed body: {e}")))?;
+    Ok(hex::encode(Sha256::digest(&canonical)))
 }
 
 async fn generate(
@@ -82,14 +96,14 @@ async fn generate(
     endpoint: Endpoint,
 ) -> Response {
     match accept(&state, &headers, body, endpoint).await {
-        Ok(Accepted::Live(handle)) => respond(state.manager.clone(), handle).await,
+        Ok(Accepted::Live(handle)) => respond(state.manager.clone(), *handle).await,
         Ok(Accepted::Finished(job)) => respond_stored(job),
         Err(e) => e.into_response(),
     }
 }
 
 enum Accepted {
-    Live(JobHandle),
+    Live(Box<JobHandle>),
     Finished(Box<StoredJob>),
 }
 
@@ -100,21 +114,14 @@ async fn accept(
     endpoint: Endpoint,
 ) -> Result<Accepted, ApiError> {
     let tenant = authenticate(state, headers)?;
+    let bytes = body_bytes(body)?;
     let mut request: ValidRequest = match endpoint {
-        Endpoint::ChatCompletions => validate_chat(parse(body)?, &state.config)?,
-        Endpoint::Completions => validate_completion(parse(body)?, &state.config)?,
+        Endpoint::ChatCompletions => validate_chat(parse(&bytes)?, &state.config)?,
+        Endpoint::Completions => validate_completion(parse(&bytes)?, &state.config)?,
     };
-    state.tenants.bind_residency(&tenant, &mut request)?;
-    if let Some(unknown) = request
-        .residency
-        .iter()
-        .flatten()
-        .find(|r| !state.regions.knows(r))
-    {
-        return Err(ApiError::invalid(
-            format!("tokenfleet.residency names {unknown:?}, which is not a region of this fleet"),
-            Some("tokenfleet.residency"),
-        ));
+    state.tenants.bind(&tenant, &mut request, &state.regions)?;
+    if request.class == JobClass::Batch && request.deadline_ms.is_none() {
+        request.deadline_ms = Some(unix_ms() + state.config.http_batch_deadline.as_millis() as u64);
     }
     state
         .tenants
@@ -135,6 +142,7 @@ async fn accept(
                         Some("Idempotency-Key"),
                     )
                 })?;
+            request.body_sha256 = Some(canonical_sha256(&bytes)?);
             Some(k.to_string())
         }
     };
@@ -167,7 +175,9 @@ async fn accept(
             .await?
         {
             Ok(id) => (id, None),
-            Err(existing) => return follow_existing(state, existing, &tenant).await,
+            Err(existing) => {
+                return follow_existing(state, existing, &tenant, &request).await;
+            }
         },
     };
     let handle = state
@@ -205,17 +215,26 @@ async fn accept(
             )
             .await;
     }
-    Ok(Accepted::Live(handle?))
+    Ok(Accepted::Live(Box::new(handle?)))
 }
 
 /// A retry of a request we already accepted: follow the same job, or answer from the store.
+/// The key reused with a different body is a client error (422, as payment APIs answer), not
+/// the first request's answer.
 async fn follow_existing(
     state: &Shared,
     existing: u64,
     tenant: &str,
+    retry: &ValidRequest,
 ) -> Result<Accepted, ApiError> {
+    let same_body = |first: &ValidRequest| match (&first.body_sha256, &retry.body_sha256) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::idempotency_key_reused()),
+        // Jobs stored before bodies were hashed carry no hash: nothing to compare.
+        _ => Ok(()),
+    };
     if let Some(handle) = state.manager.attach(existing).await {
-        return Ok(Accepted::Live(handle));
+        same_body(&handle.request)?;
+        return Ok(Accepted::Live(Box::new(handle)));
     }
     let job = state
         .store
@@ -225,20 +244,22 @@ async fn follow_existing(
     if job.tenant != tenant {
         return Err(ApiError::not_found("No such job."));
     }
+    same_body(&job.request)?;
     if job.state == JobState::Cancelled {
         // Cancelled because its client went away (a dropped connection, a coordinator
         // restart): the same request again runs it again, from the tokens it has.
         if let Some(reopened) = state.store.reopen_cancelled(existing).await? {
             if let Some(handle) = state.manager.resume(reopened).await {
-                return Ok(Accepted::Live(handle));
+                return Ok(Accepted::Live(Box::new(handle)));
             }
         }
     }
     Ok(Accepted::Finished(Box::new(job)))
 }
 
-/// Cancels the job if the client goes away before it ends (interactive work only: a batch
-/// request keeps running for its batch).
+/// Cancels the job if the client goes away before it ends, whatever its class: nobody else
+/// will read the answer (Batch API lines are never followed by a client, so never behind
+/// this guard).
 struct CancelOnDrop {
     manager: Manager,
     job: u64,
@@ -292,7 +313,7 @@ async fn respond(manager: Manager, mut handle: JobHandle) -> Response {
     let guard = CancelOnDrop {
         manager,
         job: handle.id,
-        armed: handle.request.class == JobClass::Interactive,
+        armed: true,
     };
     let mut from = 0usize;
     if !handle.request.stream {

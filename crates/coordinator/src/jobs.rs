@@ -82,6 +82,9 @@ pub struct Job {
     /// Which node produced the tokens from which index on, in order (for result
     /// verification; tokens recovered after a restart have no producer).
     pub producers: Vec<(tokenfleet_scheduler::NodeId, usize)>,
+    /// Admitted through the HTTP API with a client waiting on it (whatever its class): counts
+    /// against `max_queued_jobs`. A Batch API line is not (it waits for its window).
+    pub followed: bool,
     /// The coordinator's own release of the job's text from its token ids, when it holds the
     /// model's token table (result verification on): clients see this text, not a node's.
     pub text: Option<JobText>,

@@ -6,6 +6,7 @@
 //! Layout:
 //! - [`config`]: [`CoordinatorConfig`] (TOML).
 //! - [`api`], [`generate`], [`responses`], [`openai`]: the HTTP API and its wire types.
+//! - [`http_server`]: the API's connections: connection cap, header-read timeout.
 //! - [`validation`]: raw requests → [`validation::ValidRequest`] or a 400.
 //! - [`files`], [`batches`], [`batch_types`]: the Batch API (`/v1/files`, `/v1/batches`).
 //! - [`batch_input`]: a batch's JSONL input, checked on upload and validated line by line.
@@ -37,6 +38,7 @@ pub mod decision_log;
 pub mod error;
 pub mod files;
 pub mod generate;
+pub mod http_server;
 pub mod jobs;
 mod listeners;
 pub mod manager;
@@ -184,10 +186,16 @@ pub async fn start(
         verification,
     );
     let flush_store = store.clone();
+    let tenants = Arc::new(tenants::Tenants::new(&config.tenants));
+    let regions = Arc::new(config.region_map()?);
     let (batches, batch_task) = batch_runner::BatchRunner::spawn(
-        Arc::clone(&config),
-        store.clone(),
-        manager.clone(),
+        batch_runner::Deps {
+            config: Arc::clone(&config),
+            store: store.clone(),
+            manager: manager.clone(),
+            tenants: Arc::clone(&tenants),
+            regions: Arc::clone(&regions),
+        },
         stop_rx.clone(),
     );
     let session_metrics = Arc::clone(&metrics);
@@ -202,8 +210,8 @@ pub async fn start(
             .iter()
             .map(|k| (k.key.clone(), k.tenant.clone()))
             .collect(),
-        tenants: tenants::Tenants::new(&config.tenants),
-        regions: config.region_map()?,
+        tenants,
+        regions,
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;
@@ -222,6 +230,7 @@ pub async fn start(
     if let Some(tls) = &config.grpc_tls {
         let cert = std::fs::read(&tls.cert)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.cert.display())))?;
+        sealing::check_private(&tls.key).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
         let key = std::fs::read(&tls.key)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.key.display())))?;
         builder = builder.tls_config(
@@ -242,7 +251,13 @@ pub async fn start(
     tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
     let revocations = security.as_ref().map(|s| s.watch_revocations());
     let task = tokio::spawn(async move {
-        let servers = listeners.serve(builder, service, api::router(state), stop_rx.clone());
+        let servers = listeners.serve(
+            builder,
+            service,
+            api::router(Arc::clone(&state)),
+            &state.metrics,
+            stop_rx.clone(),
+        );
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

@@ -160,7 +160,7 @@ impl Manager {
     }
 
     /// Queues stored jobs that nobody follows (a batch's requests); not bounded by
-    /// `max_queued_jobs`, which limits interactive admission.
+    /// `max_queued_jobs`, which limits what clients of the HTTP API queue.
     pub async fn adopt(&self, jobs: Vec<StoredJob>) {
         let _ = self.ask(|tx| Cmd::Adopt(jobs, tx)).await;
     }
@@ -305,6 +305,7 @@ impl State {
                 attempts: 0,
                 producers: Vec::new(),
                 text,
+                followed: false,
             },
         );
         self.queue.insert(stored.id, ());
@@ -368,18 +369,23 @@ impl State {
         }
     }
 
-    /// Interactive jobs waiting (batch jobs wait for their deadline and do not count against
-    /// the admission limit, so a large batch never locks interactive clients out).
-    fn queued_interactive(&self) -> usize {
+    /// Jobs waiting that count against `max_queued_jobs`: interactive ones, and every request
+    /// a client sent through the HTTP API whatever its class (issue 13: `"class": "batch"` on
+    /// a chat request escaped the cap). Batch API lines wait for their window and do not
+    /// count, so a large batch never locks interactive clients out.
+    fn queued_admitted(&self) -> usize {
         self.queue
             .keys()
-            .filter(|id| self.jobs[id].request.class == JobClass::Interactive)
+            .filter(|id| {
+                let job = &self.jobs[id];
+                job.followed || job.request.class == JobClass::Interactive
+            })
             .count()
     }
 
     fn submit(&mut self, new: NewJob) -> Result<JobHandle, ApiError> {
         if self.queue.len() >= self.config.max_queued_jobs
-            && self.queued_interactive() >= self.config.max_queued_jobs
+            && self.queued_admitted() >= self.config.max_queued_jobs
         {
             self.metrics
                 .rejected
@@ -408,6 +414,7 @@ impl State {
             attempts: 0,
             producers: Vec::new(),
             text,
+            followed: true,
         };
         let handle = job.handle();
         self.queue.insert(job.id, ());

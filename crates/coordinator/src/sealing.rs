@@ -114,6 +114,7 @@ impl Sealer {
             write_private(path, line.as_bytes()).map_err(io)?;
             tracing::warn!(path = %path.display(), "created a job-store encryption key; keep it (and backups of it) away from the database's backups");
         }
+        check_private(path).map_err(io)?;
         let text = std::fs::read_to_string(path).map_err(io)?;
         let mut keys = Vec::new();
         for line in text.lines().map(str::trim) {
@@ -196,6 +197,29 @@ fn decode_key(id: &str, b64: &str) -> Result<Vec<u8>, SealError> {
 }
 
 /// Creates `path` readable by its owner only.
+/// Refuses a secret file (a key) that its group or others may read, as ssh refuses such a
+/// private key: whoever else can read it holds the secret. Unix only; elsewhere a no-op.
+pub fn check_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "permissions {mode:04o} for {} are too open: it holds a secret, and group or others may read it (run `chmod 600 {}`)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();

@@ -11,6 +11,12 @@
 //! ends up using). A quota, `tokens_per_day`, counts the same way per UTC day. A refused
 //! request gets a 429 in OpenAI's shape (`insufficient_quota` for the daily quota) with
 //! `Retry-After`.
+//!
+//! The Batch API is bound the same way: every line's request gets the tenant's residency
+//! ([`Tenants::bind`], lines outside it become error entries) and counts against the daily
+//! quota ([`Tenants::charge_quota`], lines past it become `insufficient_quota` entries). The
+//! per-minute limits smooth interactive traffic and do not apply to batch lines, which the
+//! fleet paces itself within their completion window (as OpenAI keeps batch limits apart).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -128,6 +134,66 @@ impl Tenants {
         Ok(())
     }
 
+    /// [`Tenants::bind_residency`], then refuses a request naming a region `regions` does not
+    /// define (400): such a request could never be placed and would wait for nothing.
+    pub fn bind(
+        &self,
+        tenant: &str,
+        request: &mut ValidRequest,
+        regions: &crate::regions::RegionMap,
+    ) -> Result<(), ApiError> {
+        self.bind_residency(tenant, request)?;
+        match &request.residency {
+            Some(asked) => known(asked, regions, "tokenfleet.residency"),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks regions a client asks for outside a request (a batch's `metadata.residency`):
+    /// each must exist and lie inside the tenant's residency (400 naming `param` otherwise).
+    pub fn check_residency(
+        &self,
+        tenant: &str,
+        asked: &[String],
+        regions: &crate::regions::RegionMap,
+        param: &str,
+    ) -> Result<(), ApiError> {
+        known(asked, regions, param)?;
+        let allowed = self.configs.get(tenant).map(|c| &c.residency);
+        if let Some(outside) = allowed
+            .filter(|a| !a.is_empty())
+            .and_then(|a| asked.iter().find(|r| !a.contains(r)))
+        {
+            return Err(ApiError::invalid(
+                format!(
+                    "{param} {outside:?} is outside this API key's regions ({})",
+                    allowed.map(|a| a.join(", ")).unwrap_or_default()
+                ),
+                Some(param),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts a request against the tenant's daily quota only (a batch line; see the module
+    /// doc), or refuses it with the quota's 429.
+    pub fn charge_quota(
+        &self,
+        tenant: &str,
+        request: &ValidRequest,
+        unix_s: u64,
+    ) -> Result<(), ApiError> {
+        let Some(cfg) = self.configs.get(tenant).filter(|c| c.tokens_per_day > 0) else {
+            return Ok(());
+        };
+        let tokens = budget(request);
+        let mut usage = self.usage.lock().expect("tenant usage lock");
+        let u = usage.entry(tenant.to_string()).or_default();
+        check_quota(tenant, cfg, u, tokens, unix_s)?;
+        u.today.1 += tokens as u64;
+        Ok(())
+    }
+
     /// Counts a request against the tenant's limits, or refuses it with a 429.
     pub fn admit(
         &self,
@@ -152,28 +218,12 @@ impl Tenants {
         if cfg.requests_per_minute == 0 && cfg.tokens_per_minute == 0 && cfg.tokens_per_day == 0 {
             return Ok(());
         }
-        let tokens = request.prompt_chars().div_ceil(4) as f64 + f64::from(request.max_tokens);
+        let tokens = budget(request);
         let mut usage = self.usage.lock().expect("tenant usage lock");
         let u = usage.entry(tenant.to_string()).or_default();
         let rpm = f64::from(cfg.requests_per_minute);
         let tpm = f64::from(cfg.tokens_per_minute);
-        let day = unix_s / 86_400;
-        if u.today.0 != day {
-            u.today = (day, 0);
-        }
-        if cfg.tokens_per_day > 0 && u.today.1 + tokens as u64 > cfg.tokens_per_day {
-            let wait = Duration::from_secs((day + 1) * 86_400 - unix_s);
-            let mut e = ApiError::rate_limited(
-                format!(
-                    "You exceeded tenant {tenant}'s daily quota of {} tokens ({} used, {tokens} requested). It resets at 00:00 UTC.",
-                    cfg.tokens_per_day, u.today.1
-                ),
-                "insufficient_quota",
-                wait,
-            );
-            e.code = Some("insufficient_quota");
-            return Err(e);
-        }
+        check_quota(tenant, cfg, u, tokens, unix_s)?;
         if rpm > 0.0 {
             let bucket = u.requests.get_or_insert_with(|| Bucket::full(rpm, now));
             if let Err(wait) = bucket.take(1.0, rpm, now) {
@@ -219,6 +269,54 @@ impl Tenants {
         u.today.1 += tokens as u64;
         Ok(())
     }
+}
+
+/// Refuses (400, naming `param`) the first of `asked` that `regions` does not define.
+fn known(
+    asked: &[String],
+    regions: &crate::regions::RegionMap,
+    param: &str,
+) -> Result<(), ApiError> {
+    match asked.iter().find(|r| !regions.knows(r)) {
+        Some(unknown) => Err(ApiError::invalid(
+            format!("{param} names {unknown:?}, which is not a region of this fleet"),
+            Some(param),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The tokens a request may use: prompt characters / 4 plus `max_tokens`.
+fn budget(request: &ValidRequest) -> f64 {
+    request.prompt_chars().div_ceil(4) as f64 + f64::from(request.max_tokens)
+}
+
+/// Rolls the tenant's day over at 00:00 UTC, then refuses `tokens` past its daily quota.
+fn check_quota(
+    tenant: &str,
+    cfg: &TenantConfig,
+    u: &mut Usage,
+    tokens: f64,
+    unix_s: u64,
+) -> Result<(), ApiError> {
+    let day = unix_s / 86_400;
+    if u.today.0 != day {
+        u.today = (day, 0);
+    }
+    if cfg.tokens_per_day > 0 && u.today.1 + tokens as u64 > cfg.tokens_per_day {
+        let wait = Duration::from_secs((day + 1) * 86_400 - unix_s);
+        let mut e = ApiError::rate_limited(
+            format!(
+                "You exceeded tenant {tenant}'s daily quota of {} tokens ({} used, {tokens} requested). It resets at 00:00 UTC.",
+                cfg.tokens_per_day, u.today.1
+            ),
+            "insufficient_quota",
+            wait,
+        );
+        e.code = Some("insufficient_quota");
+        return Err(e);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

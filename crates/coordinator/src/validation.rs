@@ -57,6 +57,11 @@ pub struct ValidRequest {
     pub sensitive: bool,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// With an `Idempotency-Key`: the SHA-256 (hex) of the request's canonical JSON body, so
+    /// the key reused with another body is refused (422) instead of answered with the first
+    /// request's answer. Set at the edge, not by validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
 }
 
 impl ValidRequest {
@@ -84,6 +89,7 @@ impl ValidRequest {
             deadline_ms: None,
             sensitive: false,
             ignore_eos: false,
+            body_sha256: None,
         }
     }
 
@@ -96,7 +102,12 @@ impl ValidRequest {
     }
 }
 
+/// Stop sequences per request, as OpenAI allows.
 const MAX_STOP: usize = 4;
+/// Longest stop sequence, in bytes. OpenAI documents no bound; without one a client makes
+/// every vehicle match a megabyte against each token's text tail. Stop markers in use
+/// (`</answer>`, `\n\nHuman:`, `###`) are a few bytes; 256 leaves room for multi-line ones.
+pub const MAX_STOP_BYTES: usize = 256;
 
 fn stops(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
     let list = match stop {
@@ -107,6 +118,15 @@ fn stops(stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
     if list.len() > MAX_STOP {
         return Err(ApiError::invalid(
             format!("at most {MAX_STOP} stop sequences are supported"),
+            Some("stop"),
+        ));
+    }
+    if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            format!(
+                "a stop sequence is {} bytes; at most {MAX_STOP_BYTES} are supported",
+                long.len()
+            ),
             Some("stop"),
         ));
     }
@@ -332,6 +352,7 @@ pub fn validate_chat(
         deadline_ms: ext.deadline_ms,
         sensitive: ext.sensitive,
         ignore_eos: ext.ignore_eos,
+        body_sha256: None,
     })
 }
 
@@ -385,6 +406,7 @@ pub fn validate_completion(
         deadline_ms: ext.deadline_ms,
         sensitive: ext.sensitive,
         ignore_eos: ext.ignore_eos,
+        body_sha256: None,
     })
 }
 

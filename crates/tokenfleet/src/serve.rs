@@ -35,6 +35,9 @@ pub struct CoordinatorArgs {
     /// An API key for tenant "default" (repeatable).
     #[arg(long = "api-key", env = "TOKENFLEET_API_KEY")]
     pub api_keys: Vec<String>,
+    /// The operator key (`/metrics`, `/healthz` details); overrides the config file's.
+    #[arg(long, env = "TOKENFLEET_OPERATOR_KEY")]
+    pub operator_key: Option<String>,
     /// Placement policy: random, first-fit, tokenfleet, oracle.
     #[arg(long, env = "TOKENFLEET_POLICY")]
     pub policy: Option<String>,
@@ -127,6 +130,9 @@ impl CoordinatorArgs {
                 key,
                 tenant: "default".into(),
             });
+        }
+        if let Some(k) = self.operator_key {
+            c.operator_key = Some(k);
         }
         if let Some(p) = self.policy {
             c.policy = p;

@@ -16,6 +16,17 @@ pub fn write_self_signed(dir: &Path) -> anyhow::Result<TlsFiles> {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     std::fs::write(&cert, ck.cert.pem())?;
-    std::fs::write(&key, ck.signing_key.serialize_pem())?;
+    // Private: the coordinator refuses a key file its group or others may read.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    std::io::Write::write_all(
+        &mut options.open(&key)?,
+        ck.signing_key.serialize_pem().as_bytes(),
+    )?;
     Ok(TlsFiles { cert, key })
 }

@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// API key to accept (default: a random one, printed).
     #[arg(long, env = "TOKENFLEET_API_KEY")]
     pub api_key: Option<String>,
+    /// Operator key for `/metrics` and `/healthz` details (default: a random one, printed).
+    #[arg(long, env = "TOKENFLEET_OPERATOR_KEY")]
+    pub operator_key: Option<String>,
     /// Job store (default: a fresh file under the cache dir).
     #[arg(long, env = "TOKENFLEET_DB")]
     pub db: Option<PathBuf>,
@@ -59,6 +62,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .api_key
         .clone()
         .unwrap_or_else(|| format!("tf-{}", hex::encode(rand::random::<[u8; 16]>())));
+    let operator_key = args
+        .operator_key
+        .clone()
+        .unwrap_or_else(|| format!("tfop-{}", hex::encode(rand::random::<[u8; 16]>())));
     let run_dir = default_cache_dir()
         .join("up")
         .join(format!("run-{}", std::process::id()));
@@ -81,6 +88,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             key: key.clone(),
             tenant: "default".into(),
         }],
+        operator_key: Some(operator_key.clone()),
         security: Some(SecurityConfig {
             ca_dir: run_dir.join("fleet-ca"),
             enroll_addr: "127.0.0.1:0".parse()?,
@@ -194,7 +202,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("  fleet CA  {}", run_dir.join("fleet-ca").display());
     println!("  job store {}", db.display());
-    println!("  metrics   http://{}/metrics", running.bound.http);
+    println!(
+        "  metrics   http://{}/metrics   (operator key {operator_key})",
+        running.bound.http
+    );
     println!();
     println!("try:");
     println!(

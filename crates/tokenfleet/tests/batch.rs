@@ -616,3 +616,136 @@ async fn bad_input_is_refused_without_changing_the_store_and_tenants_are_isolate
     let (s, _) = get_json(&client, format!("{base}/v1/files/{file_id}"), KEY).await;
     assert_eq!(s, 404);
 }
+
+/// Polls `key`'s batch `id` until it has ended, for at most `limit` (a hang guard).
+async fn wait_ended(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+    limit: Duration,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, b) = get_json(client, format!("{base}/v1/batches/{id}"), key).await;
+        assert_eq!(status, 200, "{b}");
+        if ended(&b) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "batch did not end: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Issue 13, hole 8: a batch the runner cannot process (here its stored input no longer
+/// opens; in the field, an output the store refuses) ends as `failed` with an error, and the
+/// batches after it, of every tenant, still run. Before, the runner's pass stopped at the first
+/// error and every later batch stayed `validating`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_cannot_be_processed_fails_alone_and_later_batches_still_run() {
+    // No agent: a line for a model no vehicle serves still ends its batch (an error entry).
+    let fleet = Fleet::start_with(0, 1, |_, _| {}).await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let (s, file) = status_json(upload(&client, &base, OTHER_KEY, &input(2, 4)).await).await;
+    assert_eq!(s, 200, "{file}");
+    let broken = file["id"].as_str().unwrap().to_string();
+    {
+        let conn = rusqlite::Connection::open(&fleet.db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let n = conn
+            .execute(
+                "UPDATE files SET content = x'00' WHERE id = ?1",
+                [broken.as_str()],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let (s, first) =
+        status_json(create_batch(&client, &base, OTHER_KEY, &broken, "24h").await).await;
+    assert_eq!(s, 200, "{first}");
+    let first = first["id"].as_str().unwrap().to_string();
+    // Created after the broken one, by another tenant.
+    let second = start_batch(&client, &base, &input(2, 4), "24h").await;
+    let b = wait_ended(&client, &base, KEY, &second, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    results(&client, &base, &b, 2).await;
+    let f = wait_ended(&client, &base, OTHER_KEY, &first, Duration::from_secs(60)).await;
+    assert_eq!(f["status"], "failed", "{f}");
+    assert!(f["failed_at"].as_u64().is_some(), "{f}");
+    assert_eq!(f["errors"]["data"][0]["code"], "batch_failed", "{f}");
+}
+
+/// Issue 13, hole 13: a tenant's files (count and bytes) and batches not yet ended are
+/// limited, with OpenAI-shaped errors; other tenants are not affected, and room comes back
+/// when files are deleted or batches end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_files_and_active_batches_are_limited() {
+    let fleet = Fleet::start_with(1, 1, |c, _| {
+        c.max_files_per_tenant = 2;
+        c.max_active_batches_per_tenant = 1;
+        // A region no vehicle is in keeps a batch's lines queued: the batch stays active.
+        c.regions = vec![tokenfleet_coordinator::regions::RegionConfig {
+            name: "EU".into(),
+            polygon: vec![[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]],
+            ..Default::default()
+        }];
+    })
+    .await;
+    let (client, base) = (fleet.client.clone(), fleet.http.clone());
+    let mut files = Vec::new();
+    for _ in 0..2 {
+        let (s, f) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+        assert_eq!(s, 200, "{f}");
+        files.push(f["id"].as_str().unwrap().to_string());
+    }
+    let (s, v) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+    assert_error(s, &v, 400, Some("file_limit_exceeded"));
+    let (s, _) = status_json(upload(&client, &base, OTHER_KEY, &input(1, 4)).await).await;
+    assert_eq!(s, 200, "another tenant's limit is its own");
+
+    let create = |file: String| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            status_json(
+                client
+                    .post(format!("{base}/v1/batches"))
+                    .bearer_auth(KEY)
+                    .json(
+                        &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                                  "completion_window": "24h", "metadata": {"residency": "EU"}}),
+                    )
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let (s, first) = create(files[0].clone()).await;
+    assert_eq!(s, 200, "{first}");
+    let first = first["id"].as_str().unwrap().to_string();
+    wait_batch(&client, &base, &first, |b| b["status"] == "in_progress").await;
+    let (s, v) = create(files[1].clone()).await;
+    assert_error(s, &v, 429, Some("rate_limit_exceeded"));
+    // Room comes back: a deleted file, an ended batch.
+    let resp = client
+        .delete(format!("{base}/v1/files/{}", files[1]))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (s, third) = status_json(upload(&client, &base, KEY, &input(1, 4)).await).await;
+    assert_eq!(s, 200, "{third}");
+    let resp = client
+        .post(format!("{base}/v1/batches/{first}/cancel"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    wait_batch(&client, &base, &first, ended).await;
+    let (s, v) = create(third["id"].as_str().unwrap().to_string()).await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -8,6 +8,7 @@ use common::{chat_stream_text, greedy_chat, metric, sse_events, Fleet, KEY, MODE
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
+use tokenfleet_coordinator::regions::RegionConfig;
 
 const STORY: &str = "Write a long essay about the history of electric cars.";
 
@@ -193,6 +194,16 @@ async fn bad_requests_get_openai_errors_and_the_fleet_keeps_serving() {
         (fleet.post("/v1/chat/completions", json!({"model": MODEL, "n": 2, "messages": [{"role": "user", "content": "hi"}]})), 400, "n > 1"),
         (fleet.client.post(&url).bearer_auth(KEY).header("content-type", "application/json").body(format!("{{\"model\":\"{MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(100_000))), 413, "oversized body"),
         (fleet.post("/v1/chat/completions", json!({"model": MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "word ".repeat(1500)}]})), 400, "prompt over context"),
+        // The README says tools and structured output are refused, not silently ignored.
+        (fleet.post("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})), 400, "tools"),
+        (fleet.post("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}})), 400, "response_format"),
+        // Issue 13, hole 15: stop strings are bounded in count and length.
+        (fleet.post("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "stop": ["a", "b", "c", "d", "e"]})), 400, "stop"),
+        (fleet.post("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "stop": ["x".repeat(300)]})), 400, "stop"),
     ];
     for (req, status, what) in cases {
         let resp = req.send().await.unwrap();
@@ -202,6 +213,9 @@ async fn bad_requests_get_openai_errors_and_the_fleet_keeps_serving() {
             .await
             .unwrap_or_else(|e| panic!("{what}: body is not JSON: {e}"));
         assert_openai_error(&body);
+        if matches!(what, "tools" | "response_format" | "stop") {
+            assert_eq!(body["error"]["param"], what, "{body}");
+        }
         if what == "prompt over context" {
             assert!(
                 body["error"]["message"]
@@ -262,4 +276,138 @@ async fn a_disconnecting_stream_client_cancels_its_job_on_the_agent() {
         metrics.contains("tokenfleet_jobs_finished_total{outcome=\"cancelled\"} 1"),
         "{metrics}"
     );
+}
+
+/// Issue 13, hole 9: a chat request with `"tokenfleet": {"class": "batch"}` counts against
+/// `max_queued_jobs`, is cancelled when its client goes away, and without a deadline of its
+/// own ends at `http_batch_deadline`. Before, it escaped the cap, ran on after its client left
+/// and could wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_class_request_is_capped_cancelled_on_disconnect_and_has_a_deadline() {
+    // The one vehicle reports no position, so it is in no region: an "EU" request queues.
+    let fleet = Fleet::start_with(1, 1, |c, _| {
+        c.regions = vec![RegionConfig {
+            name: "EU".into(),
+            polygon: vec![[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]],
+            ..Default::default()
+        }];
+        c.max_queued_jobs = 1;
+        c.http_batch_deadline = Duration::from_secs(2);
+    })
+    .await;
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let batch_class = |deadline: Option<u64>| {
+        let mut b = greedy_chat("Hi", 4, false);
+        b["tokenfleet"] = json!({"class": "batch", "residency": ["EU"], "deadline": deadline});
+        b
+    };
+    let queued = "tokenfleet_queue_depth{class=\"batch\"}";
+    let wait_queued = |n: f64| {
+        let fleet = &fleet;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while metric(&fleet.metrics().await, queued) != n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "queue never held {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let first = tokio::spawn(
+        fleet
+            .post("/v1/chat/completions", batch_class(Some(far)))
+            .timeout(Duration::from_secs(120))
+            .send(),
+    );
+    wait_queued(1.0).await;
+    // The cap holds for batch-class requests too.
+    let resp = fleet
+        .post("/v1/chat/completions", batch_class(Some(far)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    // Its client goes away: the job is cancelled (its own deadline is 10 minutes off).
+    first.abort();
+    wait_queued(0.0).await;
+    let metrics = fleet.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tokenfleet_jobs_finished_total{outcome=\"cancelled\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // Without a deadline of its own it fails at the default one (2 s here) with a 503.
+    let resp = fleet
+        .post("/v1/chat/completions", batch_class(None))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline"),
+        "{body}"
+    );
+}
+
+/// Issue 13, hole 15: an Idempotency-Key sent again with the same request (in any key order
+/// or layout) follows the first job; with a different body it is a 422, not the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_reused_with_another_body_is_a_422() {
+    let fleet = Fleet::start(1).await;
+    let url = format!("{}/v1/chat/completions", fleet.http);
+    let send = |body: String| {
+        fleet
+            .client
+            .post(&url)
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", "order-42")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = greedy_chat("Say hi.", 4, false);
+    let resp = send(first.to_string()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let job = resp.headers()["x-tokenfleet-job-id"].clone();
+    let answer: Value = resp.json().await.unwrap();
+    // The same request, keys reordered and spaced out: the same job's answer.
+    let mut fields: Vec<(String, Value)> = first.as_object().unwrap().clone().into_iter().collect();
+    fields.reverse();
+    let reordered = format!(
+        "{{ {} }}",
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k:?} : {v}"))
+            .collect::<Vec<_>>()
+            .join(",\n ")
+    );
+    let resp = send(reordered).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tokenfleet-job-id"], job);
+    let again: Value = resp.json().await.unwrap();
+    assert_eq!(again["choices"], answer["choices"]);
+    // Another body under the same key.
+    let resp = send(greedy_chat("Say bye.", 4, false).to_string())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "idempotency_key_reused", "{err}");
+    assert_eq!(err["error"]["param"], "Idempotency-Key", "{err}");
 }

@@ -168,8 +168,60 @@ async fn eu_requests_never_run_outside_the_eu() {
     }
     assert!(tokens_generated(us) > 0);
 
-    // An EU-bound request with only a non-EU vehicle left waits rather than running there;
-    // a request naming an unknown region, or the tenant asking outside its regions, is a 400.
+    // An EU-bound request with only a non-EU vehicle left waits rather than running there:
+    // queued (not refused, not run in New York) until an EU vehicle is back, then answered.
+    let us_before = tokens_generated(us);
+    let waiting = {
+        let request = fleet
+            .client
+            .post(format!("{}/v1/chat/completions", fleet.http))
+            .bearer_auth(EU_KEY)
+            .json(&greedy_chat("Tell me fact number 0 about bees.", 48, false))
+            .timeout(Duration::from_secs(300))
+            .send();
+        tokio::spawn(request)
+    };
+    let queued = "tokenfleet_queue_depth{class=\"interactive\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&fleet.metrics().await, queued) < 1.0 {
+        assert!(Instant::now() < deadline, "the EU request never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Dispatch rounds run on every change and at least every tick: give the scheduler many
+    // chances to (wrongly) place it on the only vehicle left.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the EU request ended without an EU vehicle"
+        );
+    }
+    assert_eq!(metric(&fleet.metrics().await, queued), 1.0);
+    assert_eq!(
+        tokens_generated(us),
+        us_before,
+        "the EU request ran in New York"
+    );
+    de2.agent
+        .as_ref()
+        .unwrap()
+        .status()
+        .send_replace(tokenfleet_agent::VehicleStatus::parked());
+    set_position(de2, KONSTANZ);
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        answers[0].as_str()
+    );
+    assert_eq!(
+        tokens_generated(us),
+        us_before,
+        "the EU request ran in New York"
+    );
+
+    // A request naming an unknown region, or the tenant asking outside its regions, is a 400.
     for (key, ext) in [
         (KEY, json!({"residency": ["Atlantis"]})),
         (EU_KEY, json!({"residency": ["US"]})),
@@ -187,6 +239,60 @@ async fn eu_requests_never_run_outside_the_eu() {
         assert_eq!(resp.status(), 400);
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["param"], "tokenfleet.residency");
+    }
+
+    // Issue 13, hole 4: the same for a batch's metadata.residency, at batch creation.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(
+                (json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                        "body": greedy_chat("Hi", 4, false)})
+                .to_string()
+                    + "\n")
+                    .into_bytes(),
+            )
+            .file_name("input.jsonl"),
+        );
+    let file: Value = fleet
+        .client
+        .post(format!("{}/v1/files", fleet.http))
+        .bearer_auth(EU_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for residency in ["Atlantis", "EU,US"] {
+        let resp = fleet
+            .client
+            .post(format!("{}/v1/batches", fleet.http))
+            .bearer_auth(EU_KEY)
+            .json(
+                &json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                          "completion_window": "24h", "metadata": {"residency": residency}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{residency}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["param"], "metadata.residency", "{err}");
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(if residency == "EU,US" {
+                    "US"
+                } else {
+                    "Atlantis"
+                }),
+            "{err}"
+        );
     }
 }
 

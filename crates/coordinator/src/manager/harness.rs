@@ -103,6 +103,7 @@ pub fn request(max_tokens: u32) -> ValidRequest {
         deadline_ms: None,
         sensitive: false,
         ignore_eos: false,
+        body_sha256: None,
     }
 }
 

@@ -49,6 +49,7 @@ pub(super) mod client;
 pub mod proxy;
 
 const KEY: &str = "bench-chaos-key-0123456789";
+const OPERATOR_KEY: &str = "bench-chaos-operator-0123456789";
 const VEHICLES: usize = 3;
 /// The whole fault phase gives up after this long (the run takes about 3 minutes here).
 const PHASE_DEADLINE: Duration = Duration::from_secs(12 * 60);
@@ -168,6 +169,7 @@ impl ChaosFleet {
                 key: KEY.into(),
                 tenant: "bench".into(),
             }],
+            operator_key: Some(OPERATOR_KEY.into()),
             ..Default::default()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -212,7 +214,10 @@ impl ChaosFleet {
     }
 
     async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(reqwest::get(format!("{}/metrics", self.base))
+        Ok(reqwest::Client::new()
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(OPERATOR_KEY)
+            .send()
             .await?
             .text()
             .await?)

@@ -47,6 +47,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// The model the simulated agents announce.
 const NULL_MODEL: &str = "null-model";
 const BENCH_KEY: &str = "bench-dispatch-key-0123456789";
+/// Reads the coordinator's `/metrics`.
+const OPERATOR_KEY: &str = "bench-dispatch-operator-0123456789";
 /// Prompts carry the client's sequence number after this prefix, so an agent can match an
 /// Assign to the moment its request was sent.
 const PROMPT_PREFIX: &str = "dispatch-bench seq=";
@@ -234,6 +236,7 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
             key: BENCH_KEY.into(),
             tenant: "bench".into(),
         }],
+        operator_key: Some(OPERATOR_KEY.into()),
         ..Default::default()
     };
     let heartbeat_ms = config.heartbeat_interval.as_millis() as u64;
@@ -554,6 +557,7 @@ async fn wait_for_nodes(client: &reqwest::Client, http: &str, n: usize) -> anyho
     loop {
         let text = client
             .get(format!("{http}/metrics"))
+            .bearer_auth(OPERATOR_KEY)
             .send()
             .await?
             .text()
@@ -582,6 +586,7 @@ async fn dispatch_histogram(
 ) -> anyhow::Result<Vec<(f64, f64)>> {
     let text = client
         .get(format!("{http}/metrics"))
+        .bearer_auth(OPERATOR_KEY)
         .send()
         .await?
         .text()

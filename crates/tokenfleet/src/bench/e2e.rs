@@ -62,6 +62,8 @@ pub struct E2eReport {
 pub(super) const PROMPT: &str =
     "Write a short story about an electric car that earns money while parked.";
 const KEY: &str = "bench-e2e-key-0123456789";
+/// Reads the coordinator's `/metrics`.
+pub const OPERATOR_KEY: &str = "bench-e2e-operator-0123456789";
 
 struct Measured {
     one: StreamStats,
@@ -108,6 +110,7 @@ impl OursFleet {
                 key: KEY.into(),
                 tenant: "bench".into(),
             }],
+            operator_key: Some(OPERATOR_KEY.into()),
             ..Default::default()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

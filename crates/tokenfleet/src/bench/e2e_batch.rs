@@ -128,6 +128,7 @@ pub async fn run(
     );
     let metrics = client
         .get(format!("{}/metrics", fleet.base))
+        .bearer_auth(super::e2e::OPERATOR_KEY)
         .send()
         .await?
         .text()

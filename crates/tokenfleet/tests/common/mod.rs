@@ -18,6 +18,8 @@ use tokenfleet_engine::{Engine, EngineConfig};
 pub const KEY: &str = "test-key-0123456789abcdef";
 /// A key of a second tenant ("other"), for isolation tests.
 pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+/// The operator key: `/metrics` and `/healthz` details.
+pub const OPERATOR_KEY: &str = "operator-key-0123456789abcdef";
 pub const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 pub fn model_path() -> PathBuf {
@@ -69,6 +71,7 @@ pub fn test_config(db: PathBuf) -> CoordinatorConfig {
         heartbeat_interval: Duration::from_millis(250),
         lease_timeout: Duration::from_millis(1500),
         max_body_bytes: 64 * 1024,
+        operator_key: Some(OPERATOR_KEY.into()),
         ..Default::default()
     }
 }
@@ -222,6 +225,7 @@ impl Drop for Fleet {
 pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
     client
         .get(format!("{base}/metrics"))
+        .bearer_auth(OPERATOR_KEY)
         .send()
         .await
         .unwrap()

@@ -40,6 +40,7 @@ pub fn spawn_coordinator(http: u16, grpc: u16, db: &Path) -> Proc {
             .arg("--db")
             .arg(db)
             .args(["--api-key", KEY, "--lease-timeout-ms", "2000"])
+            .args(["--operator-key", super::OPERATOR_KEY])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -90,6 +90,7 @@ impl SecureFleet {
         let text = self
             .client
             .get(format!("{}/metrics", self.http))
+            .bearer_auth(super::OPERATOR_KEY)
             .send()
             .await
             .unwrap()

@@ -116,6 +116,7 @@ pub struct TrustReport {
 }
 
 const KEY: &str = "bench-trust-key-0123456789";
+const OPERATOR_KEY: &str = "bench-trust-operator-0123456789";
 
 /// A coordinator for one phase.
 struct Coordinator {
@@ -141,6 +142,7 @@ impl Coordinator {
                 key: KEY.into(),
                 tenant: "bench".into(),
             }],
+            operator_key: Some(OPERATOR_KEY.into()),
             heartbeat_interval: Duration::from_millis(250),
             lease_timeout: Duration::from_millis(2000),
             verification: VerificationConfig {
@@ -170,7 +172,7 @@ impl Coordinator {
         Ok(self
             .client
             .get(format!("{}/metrics", self.base))
-            .bearer_auth(KEY)
+            .bearer_auth(OPERATOR_KEY)
             .send()
             .await?
             .text()
