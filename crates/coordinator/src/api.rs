@@ -42,6 +42,8 @@ pub struct AppState {
     pub tenants: Arc<crate::tenants::Tenants>,
     /// Residency regions, to refuse requests naming a region that does not exist.
     pub regions: Arc<crate::regions::RegionMap>,
+    /// Prompt token counts with the trusted models (empty when verification is off).
+    pub prompts: crate::verify::PromptCounter,
 }
 
 pub type Shared = Arc<AppState>;

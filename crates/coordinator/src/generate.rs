@@ -102,6 +102,38 @@ async fn generate(
     }
 }
 
+/// Refuses a request whose prompt and `max_tokens` together exceed the largest context any
+/// connected vehicle holding its model offers (counted with the coordinator's trusted copy of
+/// the model; not checked when the coordinator holds none, and then vehicles refuse it and
+/// the client gets a 503 after they have).
+async fn check_context(state: &Shared, request: &ValidRequest) -> Result<(), ApiError> {
+    let Some(limit) = state.manager.context_limit(&request.model) else {
+        return Ok(());
+    };
+    let Some(counted) = state.prompts.count(&request.model, &request.prompt).await else {
+        return Ok(());
+    };
+    let (what, param) = match request.prompt {
+        crate::validation::Prompt::Chat(_) => ("messages", "messages"),
+        crate::validation::Prompt::Text(_) => ("prompt", "prompt"),
+    };
+    let prompt = counted.map_err(|e| ApiError::invalid(e, Some(param)))?;
+    let needed = prompt + request.max_tokens as usize;
+    if needed > limit as usize {
+        return Err(ApiError::invalid(
+            format!(
+                "This model's maximum context length is {limit} tokens. However, you requested \
+                 {needed} tokens ({prompt} in the {what}, {} in the completion). Please reduce \
+                 the length of the {what} or completion.",
+                request.max_tokens
+            ),
+            Some(param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
 enum Accepted {
     Live(Box<JobHandle>),
     Finished(Box<StoredJob>),
@@ -129,6 +161,7 @@ async fn accept(
     if !state.manager.has_model(&request.model) {
         return Err(ApiError::model_not_found(&request.model));
     }
+    check_context(state, &request).await?;
     let key = match headers.get(IDEMPOTENCY_HEADER) {
         None => None,
         Some(v) => {

@@ -170,6 +170,10 @@ pub async fn start(
     } else {
         None
     };
+    let prompts = verification
+        .as_ref()
+        .map(|setup| setup.models.prompt_counter())
+        .unwrap_or_default();
     let mut scheduler =
         Scheduler::with_config(config.policy_kind()?, 0x007f_1ee7, config.scheduler.clone());
     if let Some(path) = &config.decision_log {
@@ -212,6 +216,7 @@ pub async fn start(
             .collect(),
         tenants,
         regions,
+        prompts,
     });
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;

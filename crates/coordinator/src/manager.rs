@@ -73,9 +73,9 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Manager {
     tx: mpsc::Sender<Cmd>,
-    /// Models held by at least one connected node, sorted; kept current by the manager so
-    /// that requests check a model without a round trip to its task.
-    models: watch::Receiver<Arc<Vec<String>>>,
+    /// Models held by at least one connected node, with the largest context one offers; kept
+    /// current by the manager so that requests check a model without a round trip to its task.
+    models: watch::Receiver<Arc<crate::nodes::ServedModels>>,
 }
 
 /// Commands the manager handles before it runs the scheduler once (bounded, so ticks and
@@ -102,7 +102,7 @@ impl Manager {
     ) -> (Manager, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         let config_regions = config.region_map().unwrap_or_default();
-        let (models_tx, models) = watch::channel(Arc::new(Vec::new()));
+        let (models_tx, models) = watch::channel(Arc::default());
         let manager = Manager { tx, models };
         // The verifier reports back to the manager through its own handle.
         let verify = verification.map(|setup| {
@@ -171,12 +171,18 @@ impl Manager {
 
     /// Names of models held by at least one connected node, sorted.
     pub async fn models(&self) -> Vec<String> {
-        self.models.borrow().to_vec()
+        self.models.borrow().keys().cloned().collect()
     }
 
     /// Whether at least one connected node holds `model`.
     pub fn has_model(&self, model: &str) -> bool {
-        self.models.borrow().iter().any(|m| m == model)
+        self.models.borrow().contains_key(model)
+    }
+
+    /// The largest context (prompt plus generated tokens) a connected node holding `model`
+    /// offers; None when no connected node holds it.
+    pub fn context_limit(&self, model: &str) -> Option<u32> {
+        self.models.borrow().get(model).copied()
     }
 
     pub async fn queue_len(&self) -> usize {
@@ -225,8 +231,8 @@ struct State {
     dirty_nodes: HashSet<NodeId>,
     wants_dispatch: bool,
     /// Connected sessions per model name (the source of [`Manager::models`]).
-    model_sessions: HashMap<String, usize>,
-    models_tx: watch::Sender<Arc<Vec<String>>>,
+    model_sessions: crate::nodes::ModelSessions,
+    models_tx: watch::Sender<Arc<crate::nodes::ServedModels>>,
     /// A session opened or closed or a governor state changed since the node gauges were
     /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
     node_gauges_dirty: bool,

@@ -186,31 +186,89 @@ impl Node {
     }
 }
 
+/// Connected sessions per model and, per model, how many of them offer each context length
+/// (so that the largest context any connected vehicle offers is known when one leaves).
+pub(crate) type ModelSessions = HashMap<String, std::collections::BTreeMap<u32, usize>>;
+
+/// What the HTTP edge reads without a round trip to the manager: each model held by at least
+/// one connected node, with the largest context (tokens per sequence) any of them offers.
+pub(crate) type ServedModels = std::collections::BTreeMap<String, u32>;
+
 /// Counts a node's models in or out of `sessions` when its session starts or ends, and
-/// publishes the set of names when it changes.
+/// publishes the served models when they change.
 pub(crate) fn count_models(
-    sessions: &mut std::collections::HashMap<String, usize>,
-    publish: &tokio::sync::watch::Sender<Arc<Vec<String>>>,
+    sessions: &mut ModelSessions,
+    publish: &tokio::sync::watch::Sender<Arc<ServedModels>>,
     hello: &v1::Hello,
     up: bool,
 ) {
-    let mut changed = false;
     for m in &hello.models {
+        let contexts = sessions.entry(m.name.clone()).or_default();
         if up {
-            let c = sessions.entry(m.name.clone()).or_insert(0);
-            changed |= *c == 0;
-            *c += 1;
-        } else if let Some(c) = sessions.get_mut(&m.name) {
+            *contexts.entry(m.ctx_per_slot).or_insert(0) += 1;
+        } else if let Some(c) = contexts.get_mut(&m.ctx_per_slot) {
             *c -= 1;
             if *c == 0 {
-                sessions.remove(&m.name);
-                changed = true;
+                contexts.remove(&m.ctx_per_slot);
             }
         }
+        if contexts.is_empty() {
+            sessions.remove(&m.name);
+        }
     }
-    if changed {
-        let mut names: Vec<String> = sessions.keys().cloned().collect();
-        names.sort();
-        publish.send_replace(Arc::new(names));
+    let served: ServedModels = sessions
+        .iter()
+        .filter_map(|(name, contexts)| Some((name.clone(), *contexts.last_key_value()?.0)))
+        .collect();
+    publish.send_if_modified(|current| {
+        if **current == served {
+            return false;
+        }
+        *current = Arc::new(served);
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(models: &[(&str, u32)]) -> v1::Hello {
+        v1::Hello {
+            models: models
+                .iter()
+                .map(|&(name, ctx)| v1::ModelInfo {
+                    name: name.into(),
+                    ctx_per_slot: ctx,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn served_models_follow_sessions_with_the_largest_context_still_connected() {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::<ServedModels>::default());
+        let mut sessions = ModelSessions::new();
+        let small = hello(&[("m", 1024)]);
+        let large = hello(&[("m", 4096), ("n", 2048)]);
+        count_models(&mut sessions, &tx, &small, true);
+        count_models(&mut sessions, &tx, &large, true);
+        count_models(&mut sessions, &tx, &small, true);
+        assert_eq!(rx.borrow().get("m"), Some(&4096));
+        assert_eq!(rx.borrow().get("n"), Some(&2048));
+        count_models(&mut sessions, &tx, &large, false);
+        assert_eq!(rx.borrow().get("m"), Some(&1024));
+        assert!(!rx.borrow().contains_key("n"));
+        count_models(&mut sessions, &tx, &small, false);
+        assert_eq!(
+            rx.borrow().get("m"),
+            Some(&1024),
+            "one small session is left"
+        );
+        count_models(&mut sessions, &tx, &small, false);
+        assert!(rx.borrow().is_empty());
+        assert!(sessions.is_empty());
     }
 }

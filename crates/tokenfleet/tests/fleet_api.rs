@@ -4,11 +4,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{chat_stream_text, greedy_chat, metric, sse_events, Fleet, KEY, MODEL};
+use common::{chat_stream_text, greedy_chat, metric, model_path, sse_events, Fleet, KEY, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
 use tokenfleet_coordinator::regions::RegionConfig;
+use tokenfleet_coordinator::verify::VerificationConfig;
 
 const STORY: &str = "Write a long essay about the history of electric cars.";
 
@@ -184,7 +185,17 @@ fn assert_openai_error(body: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_openai_errors_and_the_fleet_keeps_serving() {
-    let fleet = Fleet::start(1).await;
+    // The coordinator counts prompt tokens with its trusted copy of the model (verification
+    // on), so it refuses a prompt over the vehicles' context itself: a vehicle's refusal is
+    // never shown to a client.
+    let fleet = Fleet::start_with(1, 4, |c, _| {
+        c.verification = VerificationConfig {
+            enabled: true,
+            models: vec![model_path()],
+            ..Default::default()
+        };
+    })
+    .await;
     let url = format!("{}/v1/chat/completions", fleet.http);
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (fleet.client.post(&url).bearer_auth(KEY).header("content-type", "application/json").body("{not json"), 400, "malformed JSON"),

@@ -244,6 +244,40 @@ impl TrustedModels {
     pub fn sha256_of(&self, name: &str) -> Option<&Sha256Hex> {
         self.names.get(name)
     }
+
+    /// The trusted copies' tokenizers by model name, for counting prompt tokens at the edge.
+    pub fn prompt_counter(&self) -> PromptCounter {
+        PromptCounter {
+            engines: self
+                .names
+                .iter()
+                .filter_map(|(name, sha)| Some((name.clone(), self.engines.get(sha)?.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// Counts a request's prompt tokens with the coordinator's trusted copy of its model, so that
+/// a request no connected vehicle has the context for is refused with a 400 before it is
+/// queued. (A vehicle's own refusal is a claim the client never reads; see `node_events`.)
+/// Cheap to clone; empty when verification is off, and then nothing is counted.
+#[derive(Clone, Default)]
+pub struct PromptCounter {
+    engines: HashMap<String, Engine>,
+}
+
+impl PromptCounter {
+    /// The prompt's token count as an agent would tokenize it, on a blocking thread; None when
+    /// the coordinator holds no trusted copy of `model`.
+    pub async fn count(&self, model: &str, prompt: &Prompt) -> Option<Result<usize, String>> {
+        let engine = self.engines.get(model)?.clone();
+        let prompt = prompt.clone();
+        let counted =
+            tokio::task::spawn_blocking(move || prompt_tokens(&engine, &prompt).map(|t| t.len()))
+                .await
+                .unwrap_or_else(|e| Err(format!("tokenizer task failed: {e}")));
+        Some(counted)
+    }
 }
 
 /// Everything the manager needs to run verification, prepared by `start`.

@@ -179,6 +179,7 @@ impl ChaosFleet {
         .await?;
         let mut proxies = Vec::new();
         let mut agents = Vec::new();
+        let sha = super::model_sha256(model_path).await?;
         for i in 0..VEHICLES {
             let proxy =
                 FaultProxy::start(running.bound.grpc, Arc::clone(counters), seed + i as u64)
@@ -196,7 +197,7 @@ impl ChaosFleet {
                     model,
                 ),
                 engine,
-                String::new(),
+                sha.clone(),
                 VehicleStatus::parked(),
             ));
             proxies.push(proxy);

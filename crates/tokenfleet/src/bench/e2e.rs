@@ -130,7 +130,7 @@ impl OursFleet {
                 model,
             ),
             engine,
-            String::new(),
+            super::model_sha256(model_path).await?,
             VehicleStatus::parked(),
         );
         let base = format!("http://{}", running.bound.http);

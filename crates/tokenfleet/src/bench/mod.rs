@@ -13,6 +13,12 @@ pub mod engine;
 pub mod reference;
 pub mod trust;
 
+/// The sha256 a vehicle announces for its model file (coordinators refuse any other form).
+pub async fn model_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    let path = path.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&path)).await??)
+}
+
 /// Median of a sample (0 when empty).
 pub fn median(values: &[f64]) -> f64 {
     percentile(values, 50.0)

@@ -599,10 +599,7 @@ pub async fn run(args: TrustArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let model_path: PathBuf = args.engine.model.clone();
     let model = model_name_of(&model_path);
-    let sha = {
-        let p = model_path.clone();
-        tokio::task::spawn_blocking(move || tokenfleet_engine::gguf::sha256_file(&p)).await??
-    };
+    let sha = super::model_sha256(&model_path).await?;
     let skip: Vec<&str> = args.skip.split(',').map(str::trim).collect();
     let mut report = TrustReport {
         model: model.clone(),
