@@ -24,11 +24,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokenfleet_store::FileRecord;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch_input::{metadata_residency, parse_input, validate_line, BatchContext};
 use crate::batch_store::{BatchLine, LineResult, NewFile};
-use crate::batch_types::{unix_s, Batch, BatchStatus, FileObject, PURPOSE_BATCH_OUTPUT};
+use crate::batch_types::{unix_s, Batch, BatchStatus, RequestCounts, PURPOSE_BATCH_OUTPUT};
 use crate::config::CoordinatorConfig;
 use crate::error::ApiError;
 use crate::manager::{unix_ms, Manager};
@@ -222,10 +223,18 @@ impl Runner {
         }
         tracing::error!(batch = %batch.id, tenant, cause = %cause, "batch step failed repeatedly; failing the batch");
         let stopped = async {
-            for id in self.store.unfinished_batch_jobs(&batch.id).await? {
+            for id in self
+                .store
+                .batches()
+                .unfinished_batch_jobs(&batch.id)
+                .await?
+            {
                 self.manager.cancel(id).await;
             }
-            self.store.cancel_batch_jobs(&batch.id, unix_ms()).await
+            self.store
+                .batches()
+                .cancel_batch_jobs(&batch.id, unix_ms())
+                .await
         }
         .await;
         if let Err(e) = stopped {
@@ -253,6 +262,7 @@ impl Runner {
         let now = unix_s();
         let content = self
             .store
+            .batches()
             .file_content(tenant, &batch.input_file_id)
             .await?;
         let parsed = match content {
@@ -305,16 +315,17 @@ impl Runner {
     }
 
     async fn progress(&self, tenant: &str, mut batch: Batch) -> Result<(), StoreError> {
-        let p = self.store.batch_progress(&batch.id).await?;
+        let p = self.store.batches().batch_progress(&batch.id).await?;
+        let counts = RequestCounts::from(p);
         if p.unfinished == 0 {
             batch.status = BatchStatus::Finalizing;
             batch.finalizing_at = Some(unix_s());
-            batch.request_counts = p.counts();
+            batch.request_counts = counts;
             self.store.update_batch(batch.clone()).await?;
             return self.finalize(tenant, batch, BatchStatus::Completed).await;
         }
-        if p.counts() != batch.request_counts {
-            batch.request_counts = p.counts();
+        if counts != batch.request_counts {
+            batch.request_counts = counts;
             self.store.update_batch(batch).await?;
         }
         Ok(())
@@ -322,7 +333,11 @@ impl Runner {
 
     /// Stops what is left of a batch (cancelled or past its window) and ends it as `status`.
     async fn end(&self, tenant: &str, batch: Batch, status: BatchStatus) -> Result<(), StoreError> {
-        let unfinished = self.store.unfinished_batch_jobs(&batch.id).await?;
+        let unfinished = self
+            .store
+            .batches()
+            .unfinished_batch_jobs(&batch.id)
+            .await?;
         for id in &unfinished {
             self.manager.cancel(*id).await;
         }
@@ -330,7 +345,10 @@ impl Runner {
         // the store's queue, committed by the flush. Jobs it did not hold are marked here.
         self.manager.queue_len().await;
         self.store.flush().await?;
-        self.store.cancel_batch_jobs(&batch.id, unix_ms()).await?;
+        self.store
+            .batches()
+            .cancel_batch_jobs(&batch.id, unix_ms())
+            .await?;
         tracing::info!(batch = %batch.id, tenant, stopped = unfinished.len(), status = status.as_str(), "batch ending");
         self.finalize(tenant, batch, status).await
     }
@@ -366,19 +384,19 @@ impl Runner {
                 continue;
             }
             let id = format!("file-{}", hex::encode(rand::random::<[u8; 12]>()));
-            let object = FileObject::new(
-                id.clone(),
-                content.len() as u64,
-                now,
-                format!("{}_{kind}.jsonl", batch.id),
-                PURPOSE_BATCH_OUTPUT,
-            );
+            let file = FileRecord {
+                id: id.clone(),
+                bytes: content.len() as u64,
+                created_s: now,
+                filename: format!("{}_{kind}.jsonl", batch.id),
+                purpose: PURPOSE_BATCH_OUTPUT.into(),
+            };
             match kind {
                 "output" => batch.output_file_id = Some(id),
                 _ => batch.error_file_id = Some(id),
             }
             files.push(NewFile {
-                object,
+                file,
                 tenant: tenant.to_string(),
                 content: content.into_bytes(),
             });

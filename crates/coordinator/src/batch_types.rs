@@ -39,48 +39,8 @@ impl FileObject {
     }
 }
 
-/// Where a batch is in its life: `validating → in_progress → finalizing → completed`, or
-/// `failed` (nothing in the input could run), `expired` (the completion window ran out),
-/// `cancelling → cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchStatus {
-    Validating,
-    Failed,
-    InProgress,
-    Finalizing,
-    Completed,
-    Expired,
-    Cancelling,
-    Cancelled,
-}
-
-impl BatchStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BatchStatus::Validating => "validating",
-            BatchStatus::Failed => "failed",
-            BatchStatus::InProgress => "in_progress",
-            BatchStatus::Finalizing => "finalizing",
-            BatchStatus::Completed => "completed",
-            BatchStatus::Expired => "expired",
-            BatchStatus::Cancelling => "cancelling",
-            BatchStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Statuses the batch runner still works on.
-    pub const ACTIVE: [BatchStatus; 4] = [
-        BatchStatus::Validating,
-        BatchStatus::InProgress,
-        BatchStatus::Finalizing,
-        BatchStatus::Cancelling,
-    ];
-
-    pub fn is_active(self) -> bool {
-        Self::ACTIVE.contains(&self)
-    }
-}
+/// Where a batch is in its life (the store's, which keeps it beside each batch).
+pub use tokenfleet_store::BatchStatus;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestCounts {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokenfleet_scheduler::PolicyKind;
+use tokenfleet_store::{SealError, Sealer};
 
 /// An API key and the tenant it acts for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,19 +22,16 @@ pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
 /// The keys of the job store at `db_path`: `TOKENFLEET_STORE_KEYS` when set, else the key
 /// file (`key_file`, default `<db_path>.keys`, created when absent). Every process opening the
 /// store (the coordinator, `tokenfleet fleet ...`) resolves them this way.
-pub fn store_sealer(
-    db_path: &Path,
-    key_file: Option<&Path>,
-) -> Result<crate::sealing::Sealer, crate::sealing::SealError> {
+pub fn store_sealer(db_path: &Path, key_file: Option<&Path>) -> Result<Sealer, SealError> {
     if let Some(spec) = std::env::var_os(STORE_KEYS_ENV) {
-        return crate::sealing::Sealer::from_spec(&spec.to_string_lossy());
+        return Sealer::from_spec(&spec.to_string_lossy());
     }
     let path = key_file.map(Path::to_path_buf).unwrap_or_else(|| {
         let mut p = db_path.to_path_buf().into_os_string();
         p.push(".keys");
         PathBuf::from(p)
     });
-    crate::sealing::Sealer::from_key_file(&path)
+    Sealer::from_key_file(&path)
 }
 
 /// TLS material for a listener (PEM files).
@@ -354,7 +352,8 @@ impl CoordinatorConfig {
         })?;
         // A file holding API or operator keys is a secret like a private key.
         if !config.api_keys.is_empty() || config.operator_key.is_some() {
-            crate::sealing::check_private(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            tokenfleet_store::sealing::check_private(path)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         config.validate()?;
         Ok(config)
@@ -475,7 +474,7 @@ impl CoordinatorConfig {
     }
 
     /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.
-    pub fn store_sealer(&self) -> Result<crate::sealing::Sealer, crate::sealing::SealError> {
+    pub fn store_sealer(&self) -> Result<Sealer, SealError> {
         store_sealer(&self.db_path, self.store_key_file.as_deref())
     }
 

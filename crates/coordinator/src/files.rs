@@ -104,7 +104,7 @@ async fn upload_inner(
         .store
         .insert_file_within(
             NewFile {
-                object: object.clone(),
+                file: (&object).into(),
                 tenant: tenant.clone(),
                 content: content.to_vec(),
             },
@@ -186,6 +186,7 @@ pub async fn content(
         let tenant = authenticate(&state, &headers)?;
         state
             .store
+            .batches()
             .file_content(&tenant, &id)
             .await?
             .ok_or_else(|| no_such_file(&id))
@@ -203,7 +204,7 @@ pub async fn delete(
 ) -> Response {
     let result = async {
         let tenant = authenticate(&state, &headers)?;
-        if !state.store.delete_file(&tenant, &id).await? {
+        if !state.store.batches().delete_file(&tenant, &id).await? {
             return Err(no_such_file(&id));
         }
         Ok(serde_json::json!({"id": id, "object": "file", "deleted": true}))

@@ -11,13 +11,13 @@
 //! - [`files`], [`batches`], [`batch_types`]: the Batch API (`/v1/files`, `/v1/batches`).
 //! - [`batch_input`]: a batch's JSONL input, checked on upload and validated line by line.
 //! - [`batch_runner`]: the task that moves batches through their lifecycle.
-//! - [`batch_store`]: files, batches and batch lines in the job store.
+//! - [`batch_store`]: files and batches to and from the batch store's records.
 //! - [`error`]: [`error::ApiError`], the one place errors become OpenAI error bodies.
 //! - [`manager`]: the task that owns jobs, queue and fleet view; dispatch and continuation.
 //! - [`jobs`], [`nodes`]: what the manager keeps per job and per vehicle.
 //! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
-//! - [`store`], [`writer`]: SQLite (WAL) job store with migrations; ordered writes.
-//! - [`sealing`]: at-rest encryption of prompts and outputs in the store; key rotation.
+//! - [`store`], [`writer`]: the durable stores (`tokenfleet-store` traits, SQLite backend)
+//!   with the coordinator's types; ordered writes.
 //! - [`regions`]: residency regions (polygons, countries) and which a vehicle is in.
 //! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
 //! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
@@ -49,7 +49,6 @@ pub mod openai;
 pub mod regions;
 pub mod reputation;
 pub mod responses;
-pub mod sealing;
 pub mod security;
 pub mod session;
 pub mod store;
@@ -73,7 +72,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("job store keys: {0}")]
-    Keys(#[from] sealing::SealError),
+    Keys(#[from] tokenfleet_store::SealError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
@@ -108,7 +107,7 @@ fn spawn_retention(store: store::Store, retention: std::time::Duration) {
         loop {
             tick.tick().await;
             let cutoff = manager::unix_ms().saturating_sub(retention.as_millis() as u64);
-            match store.purge_finished_before(cutoff).await {
+            match store.jobs().purge_finished_before(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "purged finished jobs past retention"),
                 Err(store::StoreError::Closed) => return,
@@ -235,7 +234,8 @@ pub async fn start(
     if let Some(tls) = &config.grpc_tls {
         let cert = std::fs::read(&tls.cert)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.cert.display())))?;
-        sealing::check_private(&tls.key).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+        tokenfleet_store::sealing::check_private(&tls.key)
+            .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
         let key = std::fs::read(&tls.key)
             .map_err(|e| CoordinatorError::Tls(format!("{}: {e}", tls.key.display())))?;
         builder = builder.tls_config(

@@ -64,7 +64,8 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, CoordinatorError> {
 
 /// A private key file, refused when its group or others may read it.
 fn read_key(path: &std::path::Path) -> Result<Vec<u8>, CoordinatorError> {
-    crate::sealing::check_private(path).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+    tokenfleet_store::sealing::check_private(path)
+        .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
     read(path)
 }
 

@@ -6,52 +6,23 @@
 //! `rate = max(min_rate, new_node_rate · d / (d + good))` with `d = decay_jobs`, so a node that
 //! has earned trust costs little verification while a newcomer, or a liar trying its luck
 //! early, meets the verifier at once. A failed check quarantines the node for good (an
-//! operator clears it by deleting its row). Records live in the job store
-//! ([`MIGRATION`]), keyed by the node's name (its enrolled identity), so a quarantine
-//! survives coordinator restarts and reconnects. `job_producers` remembers which nodes
-//! produced each finished job and whether that work was verified, so a quarantined node's
-//! recent unverified jobs can be found and re-run.
+//! operator releases it with `tokenfleet fleet quarantine release`). Records live in the
+//! reputation store ([`tokenfleet_store::ReputationStore`]), keyed by the node's name (its
+//! enrolled identity), so a quarantine survives coordinator restarts and reconnects. The store
+//! remembers which nodes produced each finished job and whether that work was verified, so a
+//! quarantined node's recent unverified jobs can be found and re-run.
+//!
+//! Uses the store crate, [`crate::store`] and [`crate::verify::check`]; the policy is here,
+//! the storage there.
 
 use std::collections::HashMap;
 
-use rusqlite::params;
+use tokenfleet_store::NodeReputation;
 
-use crate::store::{Store, StoreError, StoredJob};
+pub use tokenfleet_store::{Decision, OperatorState, Verification};
+
+use crate::store::{parse_job, Store, StoreError, StoredJob};
 use crate::verify::check::SampledSums;
-
-/// Schema for reputation (appended to the store's migrations).
-pub const MIGRATION: &str = "CREATE TABLE node_reputation (
-        node TEXT PRIMARY KEY,
-        passed INTEGER NOT NULL,
-        inconclusive INTEGER NOT NULL,
-        sampled_tokens INTEGER NOT NULL,
-        sampled_excess REAL NOT NULL,
-        sampled_variance REAL NOT NULL,
-        sampled_looks INTEGER NOT NULL,
-        quarantined_ms INTEGER,
-        quarantine_reason TEXT,
-        updated_ms INTEGER NOT NULL
-    );
-    CREATE TABLE job_producers (
-        job_id INTEGER NOT NULL REFERENCES jobs(id),
-        node TEXT NOT NULL,
-        finished_ms INTEGER NOT NULL,
-        verification TEXT NOT NULL,
-        PRIMARY KEY (job_id, node)
-    ) WITHOUT ROWID;
-    CREATE INDEX job_producers_node ON job_producers(node, verification, finished_ms);";
-
-/// Schema change: a node whose failure the circuit breaker held for an operator.
-pub const MIGRATION_HELD: &str = "ALTER TABLE node_reputation ADD COLUMN held_ms INTEGER;
-    ALTER TABLE node_reputation ADD COLUMN held_reason TEXT;";
-
-/// A node's quarantine state as the store has it (an operator may have changed it).
-#[derive(Debug, Clone, PartialEq)]
-pub struct OperatorState {
-    pub node: String,
-    pub quarantined: Option<(u64, String)>,
-    pub held: Option<(u64, String)>,
-}
 
 /// What the fleet knows of one node's honesty.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -69,22 +40,32 @@ pub struct NodeRecord {
     pub held: Option<(u64, String)>,
 }
 
-/// Where a producer's work stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verification {
-    Unverified,
-    Passed,
-    Failed,
-    Inconclusive,
+impl From<NodeReputation> for NodeRecord {
+    fn from(r: NodeReputation) -> Self {
+        NodeRecord {
+            passed: r.passed,
+            inconclusive: r.inconclusive,
+            sampled: SampledSums {
+                tokens: r.sampled_tokens,
+                excess: r.sampled_excess,
+                variance: r.sampled_variance,
+            },
+            quarantined: r.quarantined,
+            held: r.held,
+        }
+    }
 }
 
-impl Verification {
-    fn as_str(self) -> &'static str {
-        match self {
-            Verification::Unverified => "unverified",
-            Verification::Passed => "passed",
-            Verification::Failed => "failed",
-            Verification::Inconclusive => "inconclusive",
+impl From<NodeRecord> for NodeReputation {
+    fn from(r: NodeRecord) -> Self {
+        NodeReputation {
+            passed: r.passed,
+            inconclusive: r.inconclusive,
+            sampled_tokens: r.sampled.tokens,
+            sampled_excess: r.sampled.excess,
+            sampled_variance: r.sampled.variance,
+            quarantined: r.quarantined,
+            held: r.held,
         }
     }
 }
@@ -117,35 +98,11 @@ pub struct Reputation {
 
 impl Reputation {
     pub async fn load(store: Store) -> Result<Self, StoreError> {
-        let records = store
-            .with_conn(|conn, _| {
-                let mut stmt = conn.prepare(
-                    "SELECT node, passed, inconclusive, sampled_tokens, sampled_excess,
-                            sampled_variance, quarantined_ms, quarantine_reason, held_ms,
-                            held_reason
-                     FROM node_reputation",
-                )?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            NodeRecord {
-                                passed: r.get(1)?,
-                                inconclusive: r.get(2)?,
-                                sampled: SampledSums {
-                                    tokens: r.get(3)?,
-                                    excess: r.get(4)?,
-                                    variance: r.get(5)?,
-                                },
-                                quarantined: since_and_reason(r, 6)?,
-                                held: since_and_reason(r, 8)?,
-                            },
-                        ))
-                    })?
-                    .collect::<Result<HashMap<_, _>, _>>()?;
-                Ok(rows)
-            })
-            .await?;
+        let records = store.reputation().load_reputations().await?;
+        let records = records
+            .into_iter()
+            .map(|(node, r)| (node, NodeRecord::from(r)))
+            .collect();
         Ok(Self { records, store })
     }
 
@@ -192,200 +149,70 @@ impl Reputation {
     }
 
     /// Changes a node's record and writes it through (queued behind earlier store writes).
-    /// Quarantine and hold columns are written only when the change sets them, so a pass
-    /// counted here never overwrites an operator's decision made in the store meanwhile.
+    /// Quarantine and hold are written only when the change sets them, so a pass counted
+    /// here never overwrites an operator's decision made in the store meanwhile.
     pub async fn update(&mut self, node: &str, now_ms: u64, change: impl FnOnce(&mut NodeRecord)) {
         let record = self.records.entry(node.to_string()).or_default();
         let status_before = (record.quarantined.clone(), record.held.clone());
         change(record);
         let status_changed = status_before != (record.quarantined.clone(), record.held.clone());
-        let (node, r) = (node.to_string(), record.clone());
+        let record = NodeReputation::from(record.clone());
         self.store
-            .queue_exec(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO node_reputation (node, passed, inconclusive, sampled_tokens,
-                        sampled_excess, sampled_variance, sampled_looks, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7)
-                     ON CONFLICT (node) DO UPDATE SET passed = ?2, inconclusive = ?3,
-                        sampled_tokens = ?4, sampled_excess = ?5, sampled_variance = ?6,
-                        updated_ms = ?7",
-                )?
-                .execute(params![
-                    node,
-                    r.passed,
-                    r.inconclusive,
-                    r.sampled.tokens,
-                    r.sampled.excess,
-                    r.sampled.variance,
-                    now_ms,
-                ])?;
-                if status_changed {
-                    conn.prepare_cached(
-                        "UPDATE node_reputation SET quarantined_ms = ?2, quarantine_reason = ?3,
-                            held_ms = ?4, held_reason = ?5 WHERE node = ?1",
-                    )?
-                    .execute(params![
-                        node,
-                        r.quarantined.as_ref().map(|q| q.0),
-                        r.quarantined.as_ref().map(|q| q.1.clone()),
-                        r.held.as_ref().map(|q| q.0),
-                        r.held.as_ref().map(|q| q.1.clone()),
-                    ])?;
-                }
-                Ok(())
-            })
+            .reputation()
+            .queue_reputation(node, record, status_changed, now_ms)
             .await;
     }
 
     /// Records that `nodes` produced finished job `job` (unverified until a check says so).
     pub async fn record_producers(&self, job: u64, nodes: Vec<String>, finished_ms: u64) {
         self.store
-            .queue_exec(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "INSERT OR IGNORE INTO job_producers (job_id, node, finished_ms, verification)
-                     VALUES (?1, ?2, ?3, 'unverified')",
-                )?;
-                for node in nodes {
-                    stmt.execute(params![job as i64, node, finished_ms as i64])?;
-                }
-                Ok(())
-            })
+            .reputation()
+            .queue_producers(job, nodes, finished_ms)
             .await;
     }
 
     pub async fn mark(&self, job: u64, node: &str, verification: Verification) {
-        let node = node.to_string();
         self.store
-            .queue_exec(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE job_producers SET verification = ?3 WHERE job_id = ?1 AND node = ?2",
-                )?
-                .execute(params![job as i64, node, verification.as_str()])?;
-                Ok(())
-            })
+            .reputation()
+            .queue_verification(job, node, verification)
             .await;
     }
 
     /// Jobs `node` helped produce that finished at or after `since_ms` and were not verified
     /// good (unverified, inconclusive or failed), newest last.
     pub async fn suspect_jobs(&self, node: &str, since_ms: u64) -> Result<Vec<u64>, StoreError> {
-        let node = node.to_string();
-        self.store
-            .with_conn(move |conn, _| {
-                let ids = conn
-                    .prepare(
-                        "SELECT job_id FROM job_producers WHERE node = ?1 AND finished_ms >= ?2
-                         AND verification != 'passed' ORDER BY finished_ms",
-                    )?
-                    .query_map(params![node, since_ms as i64], |r| r.get::<_, u64>(0))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(ids)
-            })
-            .await
+        self.store.reputation().suspect_jobs(node, since_ms).await
     }
-}
-
-/// A nullable (ms, reason) column pair.
-fn since_and_reason(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<(u64, String)>> {
-    Ok(match r.get::<_, Option<u64>>(at)? {
-        Some(ms) => Some((ms, r.get::<_, Option<String>>(at + 1)?.unwrap_or_default())),
-        None => None,
-    })
 }
 
 /// Every node that is quarantined or held, as the store has it.
 pub async fn operator_states(store: &Store) -> Result<Vec<OperatorState>, StoreError> {
-    store
-        .with_conn(|conn, _| {
-            let rows = conn
-                .prepare(
-                    "SELECT node, quarantined_ms, quarantine_reason, held_ms, held_reason
-                     FROM node_reputation ORDER BY node",
-                )?
-                .query_map([], |r| {
-                    Ok(OperatorState {
-                        node: r.get(0)?,
-                        quarantined: since_and_reason(r, 1)?,
-                        held: since_and_reason(r, 3)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
+    store.reputation().operator_states().await
 }
 
 /// An operator's decision on a node, written to the store (the running coordinator reads it
 /// within a few seconds). Returns false when the node has no record.
 pub async fn decide(store: &Store, node: &str, decision: Decision) -> Result<bool, StoreError> {
-    let node = node.to_string();
-    store
-        .with_conn(move |conn, _| {
-            let now = crate::manager::unix_ms() as i64;
-            let changed = match decision {
-                // Released: judged afresh (its window and record of passes start over).
-                Decision::Release => conn.execute(
-                    "UPDATE node_reputation SET quarantined_ms = NULL, quarantine_reason = NULL,
-                        held_ms = NULL, held_reason = NULL, passed = 0, updated_ms = ?2
-                     WHERE node = ?1",
-                    params![node, now],
-                )?,
-                Decision::Confirm => conn.execute(
-                    "UPDATE node_reputation SET quarantined_ms = ?2,
-                        quarantine_reason = COALESCE(held_reason, 'quarantined by an operator'),
-                        held_ms = NULL, held_reason = NULL, updated_ms = ?2
-                     WHERE node = ?1",
-                    params![node, now],
-                )?,
-            };
-            Ok(changed > 0)
-        })
-        .await
+    let now = crate::manager::unix_ms();
+    store.reputation().decide(node, decision, now).await
 }
 
-/// What an operator decides about a quarantined or held node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    Release,
-    Confirm,
-}
-
-/// Discards a job's stored tokens and outcome so it runs again from scratch: deletes its
-/// token rows and, for a finished job, puts it back in the `queued` state. Queued behind
-/// earlier writes (so tokens the manager queued before are deleted too) and before later
-/// ones (the re-run's tokens land on a clean slate).
+/// Discards a job's stored tokens so it runs again from scratch. Queued behind earlier writes
+/// (so tokens the manager queued before are deleted too) and before later ones (the re-run's
+/// tokens land on a clean slate).
 pub async fn queue_discard_tokens(store: &Store, job: u64) {
-    store
-        .queue_exec(move |conn| {
-            conn.prepare_cached("DELETE FROM job_outputs WHERE job_id = ?1")?
-                .execute(params![job as i64])?;
-            Ok(())
-        })
-        .await;
+    store.jobs().queue_discard_tokens(job).await;
 }
 
 /// Re-opens a finished job for a re-run from scratch and returns it (None if it is not a
 /// finished `done` job). Durable on return.
 pub async fn reopen_for_rerun(store: &Store, job: u64) -> Result<Option<StoredJob>, StoreError> {
     store
-        .with_conn(move |conn, sealer| {
-            let tx = conn.transaction()?;
-            let changed = tx.execute(
-                "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
-                 text_tail = NULL, error = NULL WHERE id = ?1 AND state = 'done'",
-                params![job as i64],
-            )?;
-            if changed == 0 {
-                return Ok(None);
-            }
-            tx.execute(
-                "DELETE FROM job_outputs WHERE job_id = ?1",
-                params![job as i64],
-            )?;
-            tx.commit()?;
-            crate::store::load_one(conn, sealer, job)
-        })
-        .await
+        .jobs()
+        .reopen_for_rerun(job)
+        .await?
+        .map(parse_job)
+        .transpose()
 }
 
 #[cfg(test)]
@@ -422,7 +249,7 @@ mod tests {
             let mut rep = Reputation::load(
                 Store::open(
                     &path,
-                    crate::sealing::Sealer::from_spec(
+                    tokenfleet_store::Sealer::from_spec(
                         "t:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
                     )
                     .unwrap(),
@@ -439,8 +266,10 @@ mod tests {
         let rep = Reputation::load(
             Store::open(
                 &path,
-                crate::sealing::Sealer::from_spec("t:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
-                    .unwrap(),
+                tokenfleet_store::Sealer::from_spec(
+                    "t:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                )
+                .unwrap(),
             )
             .unwrap(),
         )

@@ -1,8 +1,9 @@
 //! Ordered, backpressured writes to the job store: token batches and outcomes of one job land
 //! in the order the manager issued them, off the manager's task.
 //!
-//! The store applies its queue in order on its own thread and commits in groups, so the
-//! manager only waits for room in that queue, never for a disk sync.
+//! The store applies its queue in order and commits in groups (the store crate's ordering
+//! contract), so the manager only waits for room in that queue, never for a disk sync. Uses
+//! [`crate::store`].
 
 use crate::store::{Outcome, Store, StoredToken};
 
@@ -27,9 +28,9 @@ impl StoreWriter {
     pub async fn send(&self, op: WriteOp) {
         match op {
             WriteOp::Tokens(job, start, tokens) => {
-                self.store.queue_tokens(job, start, tokens).await
+                self.store.jobs().queue_tokens(job, start, tokens).await
             }
-            WriteOp::Finish(job, outcome) => self.store.queue_finish(job, outcome).await,
+            WriteOp::Finish(job, outcome) => self.store.jobs().queue_finish(job, outcome).await,
         }
     }
 }

@@ -17,9 +17,9 @@ use crate::config::CoordinatorConfig;
 use crate::jobs::JobHandle;
 use crate::metrics::Metrics;
 use crate::nodes::clock_ms;
-use crate::sealing::Sealer;
 use crate::store::Store;
 use crate::validation::{Endpoint, Prompt, Sampling, ValidRequest};
+use tokenfleet_store::Sealer;
 
 /// One node's current session.
 pub struct Session {

@@ -257,9 +257,9 @@ impl RenewRefused {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sealing::Sealer;
     use crate::security::SecurityConfig;
     use crate::store::Store;
+    use tokenfleet_store::Sealer;
 
     fn csr() -> String {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
