@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use tokenfleet_engine::{
-    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, SamplingParams,
+    ChatMessage, Engine, EngineError, GenerationEvent, GenerationRequest, GenerationStream,
+    PromptInput, SamplingParams,
 };
 use tokenfleet_protocol::v1::{self, AgentMessage};
 use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
@@ -27,6 +28,10 @@ pub(crate) enum CoreMsg {
     Detach,
     Hello(oneshot::Sender<v1::Hello>),
     Engine(String, GenerationEvent),
+    /// A job's prompt was tokenized and the engine took it (prompt tokens).
+    Started(String, u32),
+    /// A job could not start (message, whether another vehicle could run it).
+    Refused(String, String, bool),
 }
 
 /// One generated token as kept in memory: id, released text, logprob, top alternatives.
@@ -226,6 +231,21 @@ impl Core {
                 let _ = reply.send(hello);
             }
             CoreMsg::Engine(job_id, event) => self.on_engine(job_id, event),
+            CoreMsg::Started(job_id, prompt_tokens) => {
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    job.prompt_tokens = prompt_tokens;
+                }
+            }
+            CoreMsg::Refused(job_id, message, retryable) => {
+                if self.remove_job(&job_id).is_some() {
+                    tracing::warn!(job = %job_id, %message, "cannot run assigned job");
+                    let _ = self.send(AgentMsg::Failed(v1::JobFailed {
+                        job_id,
+                        message,
+                        retryable,
+                    }));
+                }
+            }
             CoreMsg::FromCoordinator(msg) => self.on_coordinator(msg),
         }
     }
@@ -266,72 +286,33 @@ impl Core {
 
     fn assign(&mut self, a: v1::Assign) {
         let job_id = a.job_id.clone();
-        let fail = |core: &Core, message: String, retryable: bool| {
-            tracing::warn!(job = %job_id, %message, "cannot run assigned job");
-            let _ = core.send(AgentMsg::Failed(v1::JobFailed {
-                job_id: job_id.clone(),
-                message,
-                retryable,
-            }));
-        };
         if self.draining || self.status.borrow().must_evict {
-            return fail(self, "vehicle is leaving".into(), true);
+            tracing::warn!(job = %job_id, "cannot run assigned job: vehicle is leaving");
+            let _ = self.send(AgentMsg::Failed(v1::JobFailed {
+                job_id,
+                message: "vehicle is leaving".into(),
+                retryable: true,
+            }));
+            return;
         }
-        let prompt = match a.prompt {
-            Some(v1::assign::Prompt::Chat(c)) => {
-                let messages: Vec<ChatMessage> = c
-                    .messages
-                    .into_iter()
-                    .map(|m| ChatMessage::new(m.role, m.content))
-                    .collect();
-                match self.engine.chat_prompt(&messages) {
-                    Ok(tokens) => tokens,
-                    Err(e) => return fail(self, e.to_string(), false),
-                }
-            }
-            Some(v1::assign::Prompt::Text(t)) => self.engine.text_prompt(&t),
-            Some(v1::assign::Prompt::Tokens(t)) => t.ids,
-            None => return fail(self, "Assign without a prompt".into(), false),
-        };
-        let sampling = a.sampling.unwrap_or_default();
-        let request = GenerationRequest {
-            prompt,
-            resume: a.resume_token_ids.clone(),
-            max_tokens: a.max_tokens,
-            sampling: SamplingParams {
-                temperature: sampling.temperature,
-                top_p: if sampling.top_p > 0.0 {
-                    sampling.top_p
-                } else {
-                    1.0
-                },
-                top_k: sampling.top_k,
-                seed: sampling.seed,
-            },
-            stop: a.stop,
-            logprobs: a.logprobs,
-            top_logprobs: a.top_logprobs.min(20) as u8,
-            ignore_eos: a.ignore_eos,
-            interactive: a.interactive,
-        };
-        let prompt_tokens = request.prompt.len() as u32;
-        let base = request.resume.len() as u32;
-        let mut stream = match self.engine.generate(request) {
-            Ok(s) => s,
-            Err(e) => {
-                let retryable = matches!(e, EngineError::Overloaded(_) | EngineError::Shutdown);
-                let message = match e {
-                    EngineError::ContextOverflow { .. } => {
-                        format!("This model's maximum context length is exceeded: {e}")
-                    }
-                    other => other.to_string(),
-                };
-                return fail(self, message, retryable);
-            }
-        };
+        let base = a.resume_token_ids.len() as u32;
+        let top_logprobs = a.top_logprobs > 0;
+        // Rendering and tokenizing the prompt is CPU work (milliseconds for a long prompt): the
+        // job's own task does it off the executor, then streams the engine's events here.
+        let engine = self.engine.clone();
         let tx = self.tx.clone();
         let id = job_id.clone();
         let task = tokio::spawn(async move {
+            let mut stream = match start_generation(&engine, a).await {
+                Ok((stream, prompt_tokens)) => {
+                    let _ = tx.send(CoreMsg::Started(id.clone(), prompt_tokens)).await;
+                    stream
+                }
+                Err((message, retryable)) => {
+                    let _ = tx.send(CoreMsg::Refused(id, message, retryable)).await;
+                    return;
+                }
+            };
             while let Some(ev) = stream.next().await {
                 let last = !matches!(ev, GenerationEvent::Token(_));
                 if tx.send(CoreMsg::Engine(id.clone(), ev)).await.is_err() || last {
@@ -352,10 +333,10 @@ impl Core {
             job_id,
             RunningJob {
                 base,
-                prompt_tokens,
+                prompt_tokens: 0,
                 history: Vec::new(),
                 sent: 0,
-                top_logprobs: a.top_logprobs > 0,
+                top_logprobs,
                 task,
             },
         );
@@ -440,4 +421,70 @@ impl Core {
             self.flush_job(&id);
         }
     }
+}
+
+/// An `Assign`'s prompt as the engine takes it.
+pub fn prompt_input(prompt: v1::assign::Prompt) -> PromptInput {
+    match prompt {
+        v1::assign::Prompt::Chat(c) => PromptInput::Chat(
+            c.messages
+                .into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect(),
+        ),
+        v1::assign::Prompt::Text(t) => PromptInput::Text(t),
+        v1::assign::Prompt::Tokens(t) => PromptInput::Tokens(t.ids),
+    }
+}
+
+/// Tokenizes an assigned job's prompt (off the executor) and queues its generation; the
+/// stream and the prompt's token count, or why it cannot run and whether another vehicle
+/// could.
+async fn start_generation(
+    engine: &Engine,
+    a: v1::Assign,
+) -> Result<(GenerationStream, u32), (String, bool)> {
+    let prompt = a
+        .prompt
+        .map(prompt_input)
+        .ok_or_else(|| ("Assign without a prompt".to_string(), false))?;
+    let prompt = engine
+        .prompt_tokens_async(prompt)
+        .await
+        .map_err(|e| (e.to_string(), false))?;
+    let sampling = a.sampling.unwrap_or_default();
+    let request = GenerationRequest {
+        prompt,
+        resume: a.resume_token_ids,
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: sampling.temperature,
+            top_p: if sampling.top_p > 0.0 {
+                sampling.top_p
+            } else {
+                1.0
+            },
+            top_k: sampling.top_k,
+            seed: sampling.seed,
+        },
+        stop: a.stop,
+        logprobs: a.logprobs,
+        top_logprobs: a.top_logprobs.min(20) as u8,
+        ignore_eos: a.ignore_eos,
+        interactive: a.interactive,
+    };
+    let prompt_tokens = request.prompt.len() as u32;
+    engine
+        .generate(request)
+        .map(|stream| (stream, prompt_tokens))
+        .map_err(|e| {
+            let retryable = matches!(e, EngineError::Overloaded(_) | EngineError::Shutdown);
+            let message = match e {
+                EngineError::ContextOverflow { .. } => {
+                    format!("This model's maximum context length is exceeded: {e}")
+                }
+                other => other.to_string(),
+            };
+            (message, retryable)
+        })
 }

@@ -28,6 +28,7 @@ pub mod status;
 pub mod vehicle;
 
 pub use config::AgentConfig;
+pub use core::prompt_input;
 pub use session::SessionStatus;
 pub use status::{StatusSender, VehicleStatus};
 

@@ -9,6 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
 
+/// What a request's prompt is before it is tokenized (see `Engine::prompt_tokens`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptInput {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// A plain completion prompt.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<crate::TokenId>),
+}
+
 /// One chat message as the template sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

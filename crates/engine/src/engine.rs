@@ -12,7 +12,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, watch};
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate, PromptInput};
 use crate::gguf::check_gguf_file;
 use crate::request::{GenerationEvent, GenerationRequest};
 use crate::sampling::TokenId;
@@ -315,16 +315,29 @@ impl Engine {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// The prompt tokens of a conversation: the chat template rendered, then tokenized with the
-    /// model's special tokens. The one definition agents generate from and the coordinator's
-    /// verifier scores against (two copies drifted apart would fail honest nodes).
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EngineError> {
-        Ok(self.tokenize(&self.render_chat(messages)?, true))
+    /// The prompt tokens of a request: a conversation is rendered with the chat template, then
+    /// tokenized with the model's special tokens; a plain prompt is tokenized; token ids pass
+    /// through. The one definition agents generate from, the coordinator's verifier scores
+    /// against and its edge counts with (two copies drifted apart would fail honest nodes).
+    /// Blocking (a long prompt takes milliseconds): on an async executor use
+    /// [`Engine::prompt_tokens_async`].
+    pub fn prompt_tokens(&self, prompt: &PromptInput) -> Result<Vec<TokenId>, EngineError> {
+        match prompt {
+            PromptInput::Chat(messages) => Ok(self.tokenize(&self.render_chat(messages)?, true)),
+            PromptInput::Text(text) => Ok(self.tokenize(text, true)),
+            PromptInput::Tokens(ids) => Ok(ids.clone()),
+        }
     }
 
-    /// The prompt tokens of a plain completion prompt (see [`Engine::chat_prompt`]).
-    pub fn text_prompt(&self, text: &str) -> Vec<TokenId> {
-        self.tokenize(text, true)
+    /// [`Engine::prompt_tokens`] on a blocking thread, off the async executor.
+    pub async fn prompt_tokens_async(
+        &self,
+        prompt: PromptInput,
+    ) -> Result<Vec<TokenId>, EngineError> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.prompt_tokens(&prompt))
+            .await
+            .map_err(|_| EngineError::Shutdown)?
     }
 
     /// Renders a conversation with the model's chat template.

@@ -28,7 +28,7 @@ pub mod score;
 pub mod token_text;
 mod worker;
 
-pub use chat::ChatMessage;
+pub use chat::{ChatMessage, PromptInput};
 pub use engine::{
     Completion, Engine, EngineConfig, EngineStats, GenerationStream, Limits, ModelInfo,
 };

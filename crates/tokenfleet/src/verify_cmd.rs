@@ -27,8 +27,8 @@ use tokenfleet_coordinator::verify::check::{
     self, Claims, Finding, NodeWindow, Segment, Thresholds,
 };
 use tokenfleet_engine::{
-    ChatMessage, Engine, EngineConfig, GenerationRequest, SamplingParams, ScoreMode, ScoreRequest,
-    ScoreResult,
+    ChatMessage, Engine, EngineConfig, GenerationRequest, PromptInput, SamplingParams, ScoreMode,
+    ScoreRequest, ScoreResult,
 };
 
 #[derive(Debug, Subcommand)]
@@ -406,7 +406,10 @@ async fn honest_job(
             )
         }
         _ => {
-            let prompt = engine.chat_prompt(&[ChatMessage::new("user", prompt_text(k))])?;
+            let prompt = engine.prompt_tokens(&PromptInput::Chat(vec![ChatMessage::new(
+                "user",
+                prompt_text(k),
+            )]))?;
             let sampling = if k % 2 == 0 {
                 SamplingParams::default()
             } else {

@@ -30,8 +30,8 @@ use std::time::Instant;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 use tokenfleet_engine::{
-    ChatMessage, Engine, EngineConfig, SamplingParams, ScoreMode, ScoreRequest, ScoreResult,
-    TokenTable,
+    ChatMessage, Engine, EngineConfig, PromptInput, SamplingParams, ScoreMode, ScoreRequest,
+    ScoreResult, TokenTable,
 };
 use tokio::sync::mpsc;
 
@@ -270,13 +270,8 @@ impl PromptCounter {
     /// The prompt's token count as an agent would tokenize it, on a blocking thread; None when
     /// the coordinator holds no trusted copy of `model`.
     pub async fn count(&self, model: &str, prompt: &Prompt) -> Option<Result<usize, String>> {
-        let engine = self.engines.get(model)?.clone();
-        let prompt = prompt.clone();
-        let counted =
-            tokio::task::spawn_blocking(move || prompt_tokens(&engine, &prompt).map(|t| t.len()))
-                .await
-                .unwrap_or_else(|e| Err(format!("tokenizer task failed: {e}")));
-        Some(counted)
+        let engine = self.engines.get(model)?;
+        Some(prompt_tokens(engine, prompt).await.map(|t| t.len()))
     }
 }
 
@@ -501,15 +496,9 @@ impl Verifier {
                 format!("no trusted model with sha256 {}", job.model_sha256),
             );
         };
-        // Rendering and tokenizing are CPU work: off the executor threads.
-        let prompt = {
-            let engine = engine.clone();
-            let prompt = job.prompt.clone();
-            match tokio::task::spawn_blocking(move || prompt_tokens(&engine, &prompt)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => return fail("error", e),
-                Err(e) => return fail("error", e.to_string()),
-            }
+        let prompt = match prompt_tokens(&engine, &job.prompt).await {
+            Ok(p) => p,
+            Err(e) => return fail("error", e),
         };
         if prompt.len() + job.tokens.len() >= engine.info().ctx_per_slot as usize {
             return fail(
@@ -634,17 +623,21 @@ pub fn merge_scores(fast: &ScoreResult, slow: &ScoreResult) -> ScoreResult {
 }
 
 /// A job's prompt tokens, through the same engine functions an agent generates from.
-pub fn prompt_tokens(engine: &Engine, prompt: &Prompt) -> Result<Vec<i32>, String> {
-    match prompt {
-        Prompt::Chat(messages) => {
-            let messages: Vec<ChatMessage> = messages
+/// Off the async executor.
+pub async fn prompt_tokens(engine: &Engine, prompt: &Prompt) -> Result<Vec<i32>, String> {
+    let input = match prompt {
+        Prompt::Chat(messages) => PromptInput::Chat(
+            messages
                 .iter()
                 .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect();
-            engine.chat_prompt(&messages).map_err(|e| e.to_string())
-        }
-        Prompt::Text(t) => Ok(engine.text_prompt(t)),
-    }
+                .collect(),
+        ),
+        Prompt::Text(t) => PromptInput::Text(t.clone()),
+    };
+    engine
+        .prompt_tokens_async(input)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

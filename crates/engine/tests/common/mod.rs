@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use tokenfleet_engine::{ChatMessage, Engine, EngineConfig};
+use tokenfleet_engine::{ChatMessage, Engine, EngineConfig, PromptInput};
 
 /// The test model: `$TOKENFLEET_MODEL`, or where `scripts/fetch-model.sh` puts it.
 pub fn model_path() -> PathBuf {
@@ -27,10 +27,9 @@ pub fn engine(slots: u32, ctx_per_slot: u32) -> Engine {
 }
 
 pub fn chat_prompt(engine: &Engine, user: &str) -> Vec<i32> {
-    let text = engine
-        .render_chat(&[ChatMessage::new("user", user)])
-        .expect("render chat");
-    engine.tokenize(&text, true)
+    engine
+        .prompt_tokens(&PromptInput::Chat(vec![ChatMessage::new("user", user)]))
+        .expect("render chat")
 }
 
 /// A crude coherence check: mostly letters and spaces, several distinct words.

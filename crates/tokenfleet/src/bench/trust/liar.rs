@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenfleet_engine::token_text::{Release, TextReleaser};
-use tokenfleet_engine::{
-    ChatMessage, Engine, FinishReason, GenerationEvent, GenerationRequest, SamplingParams,
-};
+use tokenfleet_engine::{Engine, FinishReason, GenerationEvent, GenerationRequest, SamplingParams};
 use tokenfleet_protocol::v1::node_session_client::NodeSessionClient;
 use tokenfleet_protocol::v1::{self, AgentMessage};
 use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
@@ -208,19 +206,10 @@ async fn run_job(
 ) {
     let job_key = a.job_id.parse::<u64>().unwrap_or(0);
     let draw = |i: u64| tokenfleet_engine::sampling::uniform(seed ^ job_key.rotate_left(17), i);
-    let prompt = match &a.prompt {
-        Some(v1::assign::Prompt::Chat(c)) => {
-            let messages: Vec<ChatMessage> = c
-                .messages
-                .iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect();
-            engine.chat_prompt(&messages).unwrap_or_default()
-        }
-        Some(v1::assign::Prompt::Text(t)) => engine.text_prompt(t),
-        Some(v1::assign::Prompt::Tokens(t)) => t.ids.clone(),
-        None => return,
+    let Some(prompt) = a.prompt.clone().map(tokenfleet_agent::prompt_input) else {
+        return;
     };
+    let prompt = engine.prompt_tokens_async(prompt).await.unwrap_or_default();
     let s = a.sampling.unwrap_or_default();
     let mut sampling = SamplingParams {
         temperature: s.temperature,
