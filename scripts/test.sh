@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the machine (packages, model, the pinned OpenAI client) and runs the checks CI runs,
-# in CI's order: formatting, clippy with warnings as errors, every Rust test on the real model,
+# in CI's order: the coordinator's layout (scripts/check-layout.py), formatting, clippy with warnings as errors, every Rust test on the real model,
 # then the official `openai` Python client against a real fleet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
+python3 scripts/check-layout.py
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -1,5 +1,5 @@
 //! The OpenAI request edge: a raw JSON body, as `POST /v1/chat/completions` and
-//! `POST /v1/completions` receive it, becomes a `ValidRequest` or an `ApiError`, never a panic.
+//! `POST /v1/completions` receive it, becomes a `ValidRequest` or a `RequestError`, never a panic.
 //! What passes must hold what the code behind the edge relies on without re-checking, and must
 //! survive the job store's JSON round trip unchanged.
 #![no_main]
@@ -7,11 +7,10 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use tokenfleet_coordinator::error::ApiError;
-use tokenfleet_coordinator::openai::{ChatCompletionRequest, CompletionRequest};
-use tokenfleet_coordinator::validation::{
-    validate_chat, validate_completion, Prompt, ValidRequest,
-};
+use tokenfleet_coordinator::domain::request::{Prompt, ValidRequest};
+use tokenfleet_coordinator::http::error::{status, RequestError};
+use tokenfleet_coordinator::openai::wire::{ChatCompletionRequest, CompletionRequest};
+use tokenfleet_coordinator::openai::validation::{validate_chat, validate_completion};
 use tokenfleet_coordinator::CoordinatorConfig;
 
 static CONFIG: LazyLock<CoordinatorConfig> = LazyLock::new(CoordinatorConfig::default);
@@ -41,8 +40,8 @@ fn check_valid(v: &ValidRequest, config: &CoordinatorConfig) {
     assert_eq!(&back, v);
 }
 
-fn check_error(e: &ApiError) {
-    assert!(e.status.is_client_error(), "{e:?}");
+fn check_error(e: &RequestError) {
+    assert!(status(e.kind).is_client_error(), "{e:?}");
     assert!(!e.message.is_empty());
 }
 

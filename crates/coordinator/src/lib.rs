@@ -1,61 +1,37 @@
-//! `tokenfleet-coordinator`: the fleet's single control point.
+//! `tokenfleet-coordinator`: the fleet's control point.
 //!
 //! It owns the OpenAI-compatible HTTP API, the agents' gRPC sessions, the durable job store
-//! and the dispatch loop that asks the scheduler where each job should run.
+//! (through `tokenfleet-store`'s traits) and the dispatch loop that asks the scheduler where
+//! each job should run.
 //!
-//! Layout:
-//! - [`config`]: [`CoordinatorConfig`] (TOML).
-//! - [`api`], [`generate`], [`responses`], [`openai`]: the HTTP API and its wire types.
-//! - [`http_server`]: the API's connections: connection cap, header-read timeout.
-//! - [`validation`]: raw requests → [`validation::ValidRequest`] or a 400.
-//! - [`files`], [`batches`], [`batch_types`]: the Batch API (`/v1/files`, `/v1/batches`).
-//! - [`batch_input`]: a batch's JSONL input, checked on upload and validated line by line.
-//! - [`batch_runner`]: the task that moves batches through their lifecycle.
-//! - [`batch_store`]: files and batches to and from the batch store's records.
-//! - [`error`]: [`error::ApiError`], the one place errors become OpenAI error bodies.
-//! - [`manager`]: the task that owns jobs, queue and fleet view; dispatch and continuation.
-//! - [`jobs`], [`nodes`]: what the manager keeps per job and per vehicle.
-//! - [`session`]: the `tokenfleet.v1` NodeSession gRPC service.
-//! - [`store`], [`writer`]: the durable stores (`tokenfleet-store` traits, SQLite backend)
-//!   with the coordinator's types; ordered writes.
-//! - [`regions`]: residency regions (polygons, countries) and which a vehicle is in.
-//! - [`tenants`]: per-tenant residency and OpenAI-style rate limits.
-//! - [`metrics`]: Prometheus metrics (`tokenfleet_` prefix).
-//! - [`decision_log`]: the optional JSON-lines log of every scheduler round (replayable).
-//! - [`model_binding`]: the canonical model hash and the operator's name→hash bindings.
-//! - [`security`]: fleet CA, enrollment, mutual TLS, revocation, TPM attestation.
-//! - [`verify`], [`reputation`]: result verification (a trusted engine re-scores finished
-//!   jobs) and per-node reputation, quarantine and adaptive spot-check rates.
+//! # Layout
+//! Parts, bottom-up; each may import only parts listed before it (the allowed graph is in
+//! `scripts/check-layout.py`, which CI runs; each part's doc names its own arrows):
+//! - [`clock`], [`config`], [`metrics`]: shared vocabulary (time, the TOML configuration and
+//!   its sections, Prometheus metrics); import nothing above them.
+//! - [`domain`]: `ValidRequest`, jobs, their stored form, `RequestError`.
+//! - [`openai`]: OpenAI wire types, validation, response shapes.
+//! - [`policy`]: tenants (limits, quotas, residency) and residency regions.
+//! - [`trust`]: enrollment, mTLS, attestation, result verification, reputation.
+//! - [`fleet`]: the manager (single owner of jobs), dispatch, leases, node events.
+//! - [`batch`]: files and batches, the batch runner.
+//! - [`http`]: router, auth, the one error mapping, handlers.
+//! - [`transport`]: the agents' gRPC service and the listeners.
+//!
+//! This file wires them together: [`start`] opens the store, recovers jobs, spawns the
+//! manager and the batch runner and serves until shutdown.
 
-pub mod api;
-pub mod batch_input;
-pub mod batch_runner;
-pub mod batch_store;
-pub mod batch_types;
-pub mod batches;
+pub mod batch;
+pub mod clock;
 pub mod config;
-pub mod decision_log;
-pub mod error;
-pub mod files;
-pub mod generate;
-pub mod http_server;
-pub mod jobs;
-mod listeners;
-pub mod manager;
+pub mod domain;
+pub mod fleet;
+pub mod http;
 pub mod metrics;
-pub mod model_binding;
-pub mod nodes;
 pub mod openai;
-pub mod regions;
-pub mod reputation;
-pub mod responses;
-pub mod security;
-pub mod session;
-pub mod store;
-pub mod tenants;
-pub mod validation;
-pub mod verify;
-pub mod writer;
+pub mod policy;
+pub mod transport;
+pub mod trust;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,7 +46,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] domain::store::StoreError),
     #[error("job store keys: {0}")]
     Keys(#[from] tokenfleet_store::SealError),
     #[error("cannot listen: {0}")]
@@ -80,11 +56,15 @@ pub enum CoordinatorError {
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
-    DecisionLog(#[from] decision_log::DecisionLogError),
+    DecisionLog(#[from] fleet::decision_log::DecisionLogError),
     #[error(transparent)]
-    Security(#[from] security::SecurityError),
+    Security(#[from] trust::security::SecurityError),
     #[error(transparent)]
-    Verify(#[from] verify::VerifyError),
+    Verify(#[from] trust::verify::VerifyError),
+    #[error(transparent)]
+    Regions(#[from] policy::regions::RegionError),
+    #[error(transparent)]
+    Listen(#[from] transport::listeners::ListenError),
 }
 
 /// Addresses the coordinator actually listens on (ports may have been 0).
@@ -97,7 +77,7 @@ pub struct Bound {
 }
 
 /// Purges finished jobs older than `retention`, now and then periodically.
-fn spawn_retention(store: store::Store, retention: std::time::Duration) {
+fn spawn_retention(store: domain::store::Store, retention: std::time::Duration) {
     let every = (retention / 10).clamp(
         std::time::Duration::from_secs(10),
         std::time::Duration::from_secs(3600),
@@ -106,11 +86,11 @@ fn spawn_retention(store: store::Store, retention: std::time::Duration) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let cutoff = manager::unix_ms().saturating_sub(retention.as_millis() as u64);
+            let cutoff = clock::unix_ms().saturating_sub(retention.as_millis() as u64);
             match store.jobs().purge_finished_before(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "purged finished jobs past retention"),
-                Err(store::StoreError::Closed) => return,
+                Err(domain::store::StoreError::Closed) => return,
                 Err(e) => tracing::error!(cause = %e, "retention purge failed"),
             }
         }
@@ -121,7 +101,7 @@ fn spawn_retention(store: store::Store, retention: std::time::Duration) {
 pub struct Running {
     pub bound: Bound,
     /// The fleet CA, registry and revocations, with `[security]`.
-    pub security: Option<Arc<security::Security>>,
+    pub security: Option<Arc<trust::security::Security>>,
     pub task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
 
@@ -132,10 +112,10 @@ pub async fn start(
 ) -> Result<Running, CoordinatorError> {
     config.validate()?;
     let config = Arc::new(config);
-    let store = store::Store::open(&config.db_path, config.store_sealer()?)?;
+    let store = domain::store::Store::open(&config.db_path, config.store_sealer()?)?;
     spawn_retention(store.clone(), config.retention);
     // Jobs of batches that were being cancelled or ran out of time must not start again.
-    let settled = store.settle_ending_batches(batch_types::unix_s()).await?;
+    let settled = store.settle_ending_batches(clock::unix_s()).await?;
     if settled > 0 {
         tracing::info!(jobs = settled, "stopped the jobs of ending batches");
     }
@@ -147,24 +127,24 @@ pub async fn start(
         );
     }
     let security = match &config.security {
-        Some(sc) => Some(security::Security::open(sc.clone(), store.clone()).await?),
+        Some(sc) => Some(trust::security::Security::open(sc.clone(), store.clone()).await?),
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let verification = if config.verification.enabled {
         let vc = config.verification.clone();
-        let models = tokio::task::spawn_blocking(move || verify::TrustedModels::load(&vc))
+        let models = tokio::task::spawn_blocking(move || trust::verify::TrustedModels::load(&vc))
             .await
-            .map_err(|e| verify::VerifyError::Start(e.to_string()))??;
+            .map_err(|e| trust::verify::VerifyError::Start(e.to_string()))??;
         let thresholds = config
             .verification
             .load_thresholds()
-            .map_err(verify::VerifyError::Start)?;
-        Some(verify::Setup {
+            .map_err(trust::verify::VerifyError::Start)?;
+        Some(trust::verify::Setup {
             config: config.verification.clone(),
             thresholds,
             models,
-            reputation: reputation::Reputation::load(store.clone()).await?,
+            reputation: trust::reputation::Reputation::load(store.clone()).await?,
         })
     } else {
         None
@@ -176,23 +156,26 @@ pub async fn start(
     let mut scheduler =
         Scheduler::with_config(config.policy_kind()?, 0x007f_1ee7, config.scheduler.clone());
     if let Some(path) = &config.decision_log {
-        decision_log::attach(&mut scheduler, path)?;
+        fleet::decision_log::attach(&mut scheduler, path)?;
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (manager, manager_task) = manager::Manager::spawn(
-        Arc::clone(&config),
-        store.clone(),
-        Arc::clone(&metrics),
-        scheduler,
+    let regions = Arc::new(policy::regions::RegionMap::load(&config)?);
+    let (manager, manager_task) = fleet::manager::Manager::spawn(
+        fleet::manager::Deps {
+            config: Arc::clone(&config),
+            store: store.clone(),
+            metrics: Arc::clone(&metrics),
+            scheduler,
+            regions: Arc::clone(&regions),
+            verification,
+        },
         recovered,
         stop_rx.clone(),
-        verification,
     );
     let flush_store = store.clone();
-    let tenants = Arc::new(tenants::Tenants::new(&config.tenants));
-    let regions = Arc::new(config.region_map()?);
-    let (batches, batch_task) = batch_runner::BatchRunner::spawn(
-        batch_runner::Deps {
+    let tenants = Arc::new(policy::tenants::Tenants::new(&config.tenants));
+    let (batches, batch_task) = batch::runner::BatchRunner::spawn(
+        batch::runner::Deps {
             config: Arc::clone(&config),
             store: store.clone(),
             manager: manager.clone(),
@@ -202,7 +185,7 @@ pub async fn start(
         stop_rx.clone(),
     );
     let session_metrics = Arc::clone(&metrics);
-    let state = Arc::new(api::AppState {
+    let state = Arc::new(http::api::AppState {
         manager: manager.clone(),
         batches,
         store,
@@ -243,8 +226,8 @@ pub async fn start(
                 .identity(tonic::transport::Identity::from_pem(cert, key)),
         )?;
     }
-    let service = session::NodeSessionServer::new(
-        session::NodeService {
+    let service = transport::session::NodeSessionServer::new(
+        transport::session::NodeService {
             manager,
             config: Arc::clone(&config),
             security: security.clone(),
@@ -252,14 +235,15 @@ pub async fn start(
         },
         4 << 20,
     );
-    let listeners = listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
+    let listeners =
+        transport::listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
     tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
     let revocations = security.as_ref().map(|s| s.watch_revocations());
     let task = tokio::spawn(async move {
         let servers = listeners.serve(
             builder,
             service,
-            api::router(Arc::clone(&state)),
+            http::api::router(Arc::clone(&state)),
             &state.metrics,
             stop_rx.clone(),
         );
@@ -267,7 +251,7 @@ pub async fn start(
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let result = servers.await;
+        let result = servers.await.map_err(CoordinatorError::from);
         if let Some(r) = revocations {
             r.abort();
         }

@@ -4,7 +4,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokenfleet_coordinator::batch_input::parse_input;
+use tokenfleet_coordinator::batch::input::parse_input;
 
 struct Counting;
 

@@ -18,9 +18,9 @@ use clap::{Args, Subcommand};
 use tokenfleet_agent::attest::tpm::TpmAttestor;
 use tokenfleet_agent::attest::{Attestor, Measured};
 use tokenfleet_agent::identity::{enroll, Enrolled, IdentityDir};
-use tokenfleet_coordinator::security::registry::Registry;
-use tokenfleet_coordinator::security::Security;
-use tokenfleet_coordinator::store::Store;
+use tokenfleet_coordinator::domain::store::Store;
+use tokenfleet_coordinator::trust::security::registry::Registry;
+use tokenfleet_coordinator::trust::security::Security;
 
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
@@ -125,7 +125,7 @@ async fn open_registry(db: &Path) -> anyhow::Result<Registry> {
 }
 
 async fn quarantine(cmd: QuarantineCommand) -> anyhow::Result<()> {
-    use tokenfleet_coordinator::reputation::{decide, operator_states, Decision};
+    use tokenfleet_coordinator::trust::reputation::{decide, operator_states, Decision};
     let (db, node, decision) = match &cmd {
         QuarantineCommand::List(a) => {
             let store = open_store(&a.db).await?;

@@ -15,7 +15,7 @@ use clap::Args;
 use tokenfleet_agent::attest::tpm::TpmAttestor;
 use tokenfleet_agent::attest::{Attestor, Measured};
 use tokenfleet_coordinator::config::ApiKey;
-use tokenfleet_coordinator::security::SecurityConfig;
+use tokenfleet_coordinator::config::SecurityConfig;
 use tokenfleet_coordinator::CoordinatorConfig;
 
 use crate::cli::{default_cache_dir, EngineArgs};
@@ -103,11 +103,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         // coordinator re-scores their finished jobs (every job of a new vehicle, fewer as it
         // earns trust).
         // The one name the demo's vehicles serve, bound to the one file they must load.
-        models: vec![tokenfleet_coordinator::model_binding::ModelBinding {
+        models: vec![tokenfleet_coordinator::config::models::ModelBinding {
             name: model_name_of(&args.engine.model),
-            sha256: tokenfleet_coordinator::model_binding::Sha256Hex::parse(&model_sha)?,
+            sha256: tokenfleet_coordinator::config::models::Sha256Hex::parse(&model_sha)?,
         }],
-        verification: tokenfleet_coordinator::verify::VerificationConfig {
+        verification: tokenfleet_coordinator::config::verification::VerificationConfig {
             enabled: true,
             models: vec![args.engine.model.clone()],
             ..Default::default()

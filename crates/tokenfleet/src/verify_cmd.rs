@@ -7,7 +7,7 @@
 //! threads, three context sizes and 1 to 8 concurrent sequences; then the verifier's own
 //! configuration (one slot, `--verifier-threads`, `--verifier-ctx`) re-scores every job as it
 //! would in production. The measured distributions go to
-//! `tokenfleet_coordinator::verify::calibrate::derive`; the derived thresholds are then
+//! `tokenfleet_coordinator::trust::verify::calibrate::derive`; the derived thresholds are then
 //! applied to the same honest jobs, as the verifier would (per job, in each configuration's
 //! window, failures confirmed token by token), and `honest_failures` counts what still fails.
 //!
@@ -22,10 +22,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde::Serialize;
-use tokenfleet_coordinator::verify::calibrate::{derive, Derivation, HonestSample};
-use tokenfleet_coordinator::verify::check::{
-    self, Claims, Finding, NodeWindow, Segment, Thresholds,
-};
+use tokenfleet_coordinator::config::verification::Thresholds;
+use tokenfleet_coordinator::trust::verify::calibrate::{derive, Derivation, HonestSample};
+use tokenfleet_coordinator::trust::verify::check::{self, Claims, Finding, NodeWindow, Segment};
 use tokenfleet_engine::{
     ChatMessage, Engine, EngineConfig, GenerationRequest, PromptInput, SamplingParams, ScoreMode,
     ScoreRequest, ScoreResult,
@@ -258,7 +257,7 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
             Some(why) => {
                 fast_failures += 1;
                 let slow = score(&trusted, job, ScoreMode::Stepwise).await?;
-                let merged = tokenfleet_coordinator::verify::merge_scores(s, &slow);
+                let merged = tokenfleet_coordinator::trust::verify::merge_scores(s, &slow);
                 let confirmed = check::evidence(&merged, &whole(job), &claims(job), &thresholds);
                 if let Some(again) = failure(&confirmed, window, &thresholds) {
                     honest_failures += 1;

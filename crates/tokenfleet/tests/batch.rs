@@ -684,7 +684,7 @@ async fn a_tenants_files_and_active_batches_are_limited() {
         c.max_files_per_tenant = 2;
         c.max_active_batches_per_tenant = 1;
         // A region no vehicle is in keeps a batch's lines queued: the batch stays active.
-        c.regions = vec![tokenfleet_coordinator::regions::RegionConfig {
+        c.regions = vec![tokenfleet_coordinator::config::policy::RegionConfig {
             name: "EU".into(),
             polygon: vec![[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]],
             ..Default::default()

@@ -8,8 +8,8 @@ use common::{chat_stream_text, greedy_chat, metric, model_path, sse_events, Flee
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokenfleet_agent::VehicleStatus;
-use tokenfleet_coordinator::regions::RegionConfig;
-use tokenfleet_coordinator::verify::VerificationConfig;
+use tokenfleet_coordinator::config::policy::RegionConfig;
+use tokenfleet_coordinator::config::verification::VerificationConfig;
 
 const STORY: &str = "Write a long essay about the history of electric cars.";
 

@@ -62,7 +62,7 @@ async fn a_live_coordinator_run_replays_through_the_simulator_driver() {
     }
     fleet.agents[busy].agent.take();
 
-    let trace = tokenfleet_coordinator::decision_log::read(&log).expect("decision log");
+    let trace = tokenfleet_coordinator::fleet::decision_log::read(&log).expect("decision log");
     assert_eq!(trace.policy.to_string(), "tokenfleet");
     assert!(trace.steps.len() >= 2, "{} rounds", trace.steps.len());
     let assigned: usize = trace

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use tokenfleet_coordinator::config::policy::RegionConfig;
+use tokenfleet_coordinator::config::policy::TenantConfig;
 use tokenfleet_coordinator::config::ApiKey;
-use tokenfleet_coordinator::regions::RegionConfig;
-use tokenfleet_coordinator::tenants::TenantConfig;
 
 const EU_KEY: &str = "eu-bank-key-0123456789";
 const LIMITED_KEY: &str = "limited-key-0123456789";

@@ -19,7 +19,7 @@ use tokenfleet_agent::attest::tpm::TpmAttestor;
 use tokenfleet_agent::attest::{AttestError, Attestor, Evidence, Measured};
 use tokenfleet_agent::config::SharedAttestor;
 use tokenfleet_agent::{Agent, SessionStatus};
-use tokenfleet_coordinator::security::SecurityConfig;
+use tokenfleet_coordinator::config::SecurityConfig;
 use tokenfleet_engine::Engine;
 use tokenfleet_protocol::v1::MeasurementKind;
 

@@ -17,10 +17,10 @@ use common::secure::{
     wait_connected_nodes, wait_serving, wait_status, SecureFleet, UNMEASURED_SHA,
 };
 use tokenfleet_agent::identity::{IdentityDir, PendingKey};
-use tokenfleet_coordinator::security::ca::FleetCa;
-use tokenfleet_coordinator::security::registry::Registry;
-use tokenfleet_coordinator::security::SecurityConfig;
-use tokenfleet_coordinator::store::Store;
+use tokenfleet_coordinator::config::SecurityConfig;
+use tokenfleet_coordinator::domain::store::Store;
+use tokenfleet_coordinator::trust::security::ca::FleetCa;
+use tokenfleet_coordinator::trust::security::registry::Registry;
 
 fn unattested_ok() -> SecurityConfig {
     SecurityConfig {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::liar::RandomTokenLiar;
 use common::{greedy_chat, model_path, start_agent_with, Fleet, MODEL};
 use tokenfleet::bench::trust::perturb::perturbed_copy;
-use tokenfleet_coordinator::verify::VerificationConfig;
+use tokenfleet_coordinator::config::verification::VerificationConfig;
 
 /// Sum of every sample of `name` (any labels) whose label set contains `labels`.
 fn metric(text: &str, name: &str, labels: &str) -> f64 {
@@ -458,7 +458,7 @@ async fn issue13_honest_vehicles_under_concurrent_load_keep_their_standing() {
 /// the store as `tokenfleet fleet quarantine` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue13_the_circuit_breaker_holds_failures_beyond_its_share_for_an_operator() {
-    use tokenfleet_coordinator::reputation::{decide, operator_states, Decision};
+    use tokenfleet_coordinator::trust::reputation::{decide, operator_states, Decision};
     let fleet = verifying_fleet().await;
     let sha = real_sha().await;
     let table = token_table().await;
@@ -498,7 +498,7 @@ async fn issue13_the_circuit_breaker_holds_failures_beyond_its_share_for_an_oper
         1.0,
         "the breaker let a second quarantine through"
     );
-    let store = tokenfleet_coordinator::store::Store::open(
+    let store = tokenfleet_coordinator::domain::store::Store::open(
         &fleet.db,
         tokenfleet_coordinator::config::store_sealer(&fleet.db, None).unwrap(),
     )

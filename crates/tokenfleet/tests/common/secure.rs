@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokenfleet_agent::config::SharedAttestor;
 use tokenfleet_agent::identity::IdentityDir;
 use tokenfleet_agent::{Agent, AgentConfig, SessionStatus, VehicleStatus};
-use tokenfleet_coordinator::security::{Security, SecurityConfig};
+use tokenfleet_coordinator::{config::SecurityConfig, trust::security::Security};
 use tokenfleet_engine::{Engine, EngineConfig};
 
 use super::{test_config, KEY, MODEL};

@@ -217,7 +217,7 @@ impl NullAgent {
                     None => return Ok(()),
                 },
                 _ = heartbeat.tick() => {
-                    let sent_unix_ms = tokenfleet_coordinator::manager::unix_ms();
+                    let sent_unix_ms = tokenfleet_coordinator::clock::unix_ms();
                     let _ = out.try_send(AgentMessage::new(AgentMsg::Heartbeat(v1::Heartbeat { sent_unix_ms })));
                 }
                 _ = stop.changed() => return Ok(()),

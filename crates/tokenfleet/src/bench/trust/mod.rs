@@ -30,8 +30,8 @@ use clap::Args;
 use futures::StreamExt;
 use serde::Serialize;
 use tokenfleet_agent::{Agent, AgentConfig, VehicleStatus};
+use tokenfleet_coordinator::config::verification::VerificationConfig;
 use tokenfleet_coordinator::config::ApiKey;
-use tokenfleet_coordinator::verify::VerificationConfig;
 use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_engine::{Engine, EngineConfig};
 

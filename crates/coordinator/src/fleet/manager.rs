@@ -1,0 +1,643 @@
+//! The job manager: one task that owns the jobs, the queue and the fleet view.
+//!
+//! HTTP handlers and node sessions talk to it through a bounded channel ([`Manager`]). It
+//! hands the scheduler the fleet view and the queue, sends `Assign`s over node sessions, folds
+//! token chunks into jobs, takes jobs back from nodes that leave or go silent (they resume
+//! elsewhere from their tokens), and writes progress to the store through an ordered writer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::clock::unix_ms;
+
+use tokenfleet_protocol::v1::{self};
+use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
+use tokenfleet_scheduler::{JobClass, NodeId, Scheduler};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::CoordinatorConfig;
+use crate::domain::error::RequestError;
+use crate::domain::job::{Job, JobHandle, JobOutcome, JobText, JobView, Placement};
+use crate::domain::request::ValidRequest;
+use crate::domain::store::{JobState, Outcome, Store, StoredJob, StoredToken};
+use crate::fleet::nodes::{LastSeen, Node, NodeSender};
+use crate::fleet::writer::{StoreWriter, WriteOp};
+use crate::metrics::Metrics;
+
+mod dispatch;
+mod handback;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
+mod leases;
+mod node_events;
+mod verdicts;
+
+/// A job accepted by the API and already in the store.
+pub struct NewJob {
+    pub id: u64,
+    pub public_id: String,
+    pub tenant: String,
+    pub request: ValidRequest,
+    pub created_ms: u64,
+}
+
+/// What a node session learns when it registers.
+pub struct Registered {
+    pub node: NodeId,
+    pub conn: u64,
+    /// Jobs leased to the node that its Hello does not hold (requeued by the manager).
+    pub stranded: Vec<u64>,
+}
+
+enum Cmd {
+    Submit(NewJob, oneshot::Sender<Result<JobHandle, RequestError>>),
+    Attach(u64, oneshot::Sender<Option<JobHandle>>),
+    Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
+    Adopt(Vec<StoredJob>, oneshot::Sender<()>),
+    Cancel(u64),
+    QueueLen(oneshot::Sender<usize>),
+    NodeUp(
+        Box<v1::Hello>,
+        /// Whether the session verified a TPM quote (sensitive requests need it).
+        bool,
+        NodeSender,
+        LastSeen,
+        oneshot::Sender<Result<Registered, NodeRefusal>>,
+    ),
+    NodeMsg(NodeId, u64, AgentMsg),
+    NodeDown(NodeId, u64),
+}
+
+/// Handle to the manager task; cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    tx: mpsc::Sender<Cmd>,
+    /// Models held by at least one connected node, with the largest context one offers; kept
+    /// current by the manager so that requests check a model without a round trip to its task.
+    models: watch::Receiver<Arc<crate::fleet::nodes::ServedModels>>,
+}
+
+/// Commands the manager handles before it runs the scheduler once (bounded, so ticks and
+/// dispatch still come round under a flood of messages).
+const MAX_CMDS_PER_DISPATCH: usize = 256;
+
+/// Why the manager refuses a node's session; the transport maps it to its own status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeRefusal {
+    #[error("coordinator shutting down")]
+    ShuttingDown,
+    #[error("Hello.node_id is empty")]
+    EmptyNodeId,
+    #[error("protocol version {offered} is not supported (this coordinator speaks {spoken})")]
+    ProtocolVersion { offered: u32, spoken: u32 },
+    #[error("this node is quarantined: its outputs failed result verification; an operator must release it (tokenfleet fleet quarantine release)")]
+    Quarantined,
+}
+
+/// What the manager is built from.
+pub struct Deps {
+    pub config: Arc<CoordinatorConfig>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub scheduler: Scheduler,
+    /// Residency regions, loaded once for the coordinator.
+    pub regions: Arc<crate::policy::regions::RegionMap>,
+    /// Result verification, when enabled.
+    pub verification: Option<crate::trust::verify::Setup>,
+}
+
+impl Manager {
+    /// Starts the manager with the jobs recovered from the store.
+    pub fn spawn(
+        deps: Deps,
+        recovered: Vec<StoredJob>,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Manager, tokio::task::JoinHandle<()>) {
+        let Deps {
+            config,
+            store,
+            metrics,
+            scheduler,
+            regions,
+            verification,
+        } = deps;
+        let (tx, rx) = mpsc::channel(8192);
+        let (models_tx, models) = watch::channel(Arc::default());
+        let manager = Manager { tx, models };
+        // The verifier reports on its own channel, which the manager's loop reads next to its
+        // commands.
+        let (verify, reports) = match verification {
+            Some(setup) => {
+                let (reports_tx, reports) = mpsc::channel(setup.config.queue_capacity.max(1));
+                let verify =
+                    verdicts::Verification::start(setup, store.clone(), &metrics, reports_tx);
+                (Some(verify), Some(reports))
+            }
+            None => (None, None),
+        };
+        let writer = StoreWriter::new(store);
+        let mut state = State {
+            config,
+            metrics,
+            scheduler,
+            writer,
+            jobs: HashMap::new(),
+            queue: BTreeMap::new(),
+            nodes: HashMap::new(),
+            node_names: HashMap::new(),
+            next_node: 1,
+            next_conn: 1,
+            dirty_nodes: HashSet::new(),
+            wants_dispatch: true,
+            model_sessions: HashMap::new(),
+            models_tx,
+            node_gauges_dirty: true,
+            regions,
+            verify,
+        };
+        for job in recovered {
+            state.recover(job);
+        }
+        let task = tokio::spawn(state.run(rx, reports, shutdown));
+        (manager, task)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn submit(&self, job: NewJob) -> Result<JobHandle, RequestError> {
+        self.ask(|tx| Cmd::Submit(job, tx))
+            .await
+            .unwrap_or_else(|| {
+                Err(RequestError::unavailable(
+                    "the coordinator is shutting down",
+                ))
+            })
+    }
+
+    /// A handle on a job the manager still runs (None when it has ended or never existed).
+    pub async fn attach(&self, job: u64) -> Option<JobHandle> {
+        self.ask(|tx| Cmd::Attach(job, tx)).await.flatten()
+    }
+
+    /// Runs a stored job again (queued, continuing from its stored tokens) and returns a
+    /// handle on it; a handle on the running job when the manager already has it.
+    pub async fn resume(&self, job: StoredJob) -> Option<JobHandle> {
+        self.ask(|tx| Cmd::Resume(Box::new(job), tx)).await
+    }
+
+    /// Queues stored jobs that nobody follows (a batch's requests); not bounded by
+    /// `max_queued_jobs`, which limits what clients of the HTTP API queue.
+    pub async fn adopt(&self, jobs: Vec<StoredJob>) {
+        let _ = self.ask(|tx| Cmd::Adopt(jobs, tx)).await;
+    }
+
+    pub async fn cancel(&self, job: u64) {
+        let _ = self.tx.send(Cmd::Cancel(job)).await;
+    }
+
+    /// Names of models held by at least one connected node, sorted.
+    pub async fn models(&self) -> Vec<String> {
+        self.models.borrow().keys().cloned().collect()
+    }
+
+    /// Whether at least one connected node holds `model`.
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models.borrow().contains_key(model)
+    }
+
+    /// The largest context (prompt plus generated tokens) a connected node holding `model`
+    /// offers; None when no connected node holds it.
+    pub fn context_limit(&self, model: &str) -> Option<u32> {
+        self.models.borrow().get(model).copied()
+    }
+
+    pub async fn queue_len(&self) -> usize {
+        self.ask(Cmd::QueueLen).await.unwrap_or(0)
+    }
+
+    pub(crate) async fn node_up(
+        &self,
+        hello: v1::Hello,
+        attested: bool,
+        sender: NodeSender,
+        last_seen: LastSeen,
+    ) -> Result<Registered, NodeRefusal> {
+        self.ask(|tx| Cmd::NodeUp(Box::new(hello), attested, sender, last_seen, tx))
+            .await
+            .unwrap_or(Err(NodeRefusal::ShuttingDown))
+    }
+
+    pub(crate) async fn node_msg(&self, node: NodeId, conn: u64, msg: AgentMsg) -> bool {
+        self.tx.send(Cmd::NodeMsg(node, conn, msg)).await.is_ok()
+    }
+
+    pub(crate) async fn node_down(&self, node: NodeId, conn: u64) {
+        let _ = self.tx.send(Cmd::NodeDown(node, conn)).await;
+    }
+}
+
+struct State {
+    config: Arc<CoordinatorConfig>,
+    metrics: Arc<Metrics>,
+    scheduler: Scheduler,
+    writer: StoreWriter,
+    jobs: HashMap<u64, Job>,
+    /// Jobs waiting for a vehicle, oldest first.
+    queue: BTreeMap<u64, ()>,
+    nodes: HashMap<NodeId, Node>,
+    node_names: HashMap<String, NodeId>,
+    next_node: u64,
+    next_conn: u64,
+    /// Nodes whose view changed since the scheduler last saw them.
+    dirty_nodes: HashSet<NodeId>,
+    wants_dispatch: bool,
+    /// Connected sessions per model name (the source of [`Manager::models`]).
+    model_sessions: crate::fleet::nodes::ModelSessions,
+    models_tx: watch::Sender<Arc<crate::fleet::nodes::ServedModels>>,
+    /// A session opened or closed or a governor state changed since the node gauges were
+    /// counted (counting walks the whole fleet, so it is skipped when nothing changed).
+    node_gauges_dirty: bool,
+    /// Residency regions; a node's are recomputed from each `State`'s position.
+    regions: Arc<crate::policy::regions::RegionMap>,
+    /// Result verification, when enabled.
+    verify: Option<verdicts::Verification>,
+}
+
+impl State {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Cmd>,
+        mut reports: Option<mpsc::Receiver<crate::trust::verify::Report>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick =
+            tokio::time::interval(self.config.persist_interval.min(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => {
+                        self.handle(cmd).await;
+                        // Take what else is waiting, then run the scheduler once for all.
+                        for _ in 1..MAX_CMDS_PER_DISPATCH {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                report = next_report(&mut reports) => match report {
+                    Some(report) => self.on_verified(report).await,
+                    // The verifier stopped: its queue is closed, offers are dropped.
+                    None => reports = None,
+                },
+                _ = tick.tick() => {
+                    self.on_tick().await;
+                    self.poll_operator().await;
+                }
+                _ = shutdown.changed() => break,
+            }
+            if self.wants_dispatch {
+                self.dispatch().await;
+            }
+        }
+        self.flush_tokens().await;
+        tracing::info!("job manager stopped");
+    }
+
+    fn recover(&mut self, stored: StoredJob) {
+        let (view, _) = watch::channel(JobView {
+            prompt_tokens: stored.prompt_tokens,
+            tokens: stored.tokens,
+            outcome: None,
+            restarts: 0,
+        });
+        let persisted = view.borrow().tokens.len();
+        let text = {
+            let ids: Vec<i32> = view.borrow().tokens.iter().map(|t| t.id).collect();
+            self.job_text(&stored.request, &ids)
+        };
+        tracing::debug!(
+            job = stored.id,
+            tokens = persisted,
+            "job queued from the store"
+        );
+        self.jobs.insert(
+            stored.id,
+            Job {
+                id: stored.id,
+                public_id: stored.public_id,
+                tenant: stored.tenant,
+                request: stored.request,
+                created_ms: stored.created_ms,
+                accepted: Instant::now(),
+                view,
+                placement: Placement::Queued {
+                    since: Instant::now(),
+                },
+                persisted,
+                first_token_seen: persisted > 0,
+                attempts: 0,
+                producers: Vec::new(),
+                text,
+                followed: false,
+            },
+        );
+        self.queue.insert(stored.id, ());
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit(new, reply) => {
+                let result = self.submit(new);
+                let _ = reply.send(result);
+            }
+            Cmd::Attach(id, reply) => {
+                let _ = reply.send(self.jobs.get(&id).map(Job::handle));
+            }
+            Cmd::Resume(stored, reply) => {
+                let id = stored.id;
+                if !self.jobs.contains_key(&id) {
+                    self.recover(*stored);
+                    self.wants_dispatch = true;
+                }
+                if let Some(job) = self.jobs.get(&id) {
+                    let _ = reply.send(job.handle());
+                }
+            }
+            Cmd::Adopt(jobs, reply) => {
+                for job in jobs {
+                    if !self.jobs.contains_key(&job.id) {
+                        self.recover(job);
+                    }
+                }
+                self.wants_dispatch = true;
+                let _ = reply.send(());
+            }
+            Cmd::Cancel(id) => self.cancel(id, "client went away").await,
+            Cmd::QueueLen(reply) => {
+                let _ = reply.send(self.queue.len());
+            }
+            Cmd::NodeUp(hello, attested, sender, last_seen, reply) => {
+                let registered = self.node_up(*hello, attested, sender, last_seen);
+                if let Ok(r) = &registered {
+                    for &job in &r.stranded {
+                        tracing::warn!(node = %self.nodes[&r.node].name, job, "job not held by the reconnected node; requeued");
+                        self.requeue(job, r.node).await;
+                    }
+                }
+                let _ = reply.send(registered);
+            }
+            Cmd::NodeMsg(node, conn, msg) => self.node_msg(node, conn, msg).await,
+            Cmd::NodeDown(node, conn) => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    if n.conn == conn {
+                        tracing::debug!(node = %n.name, "node session closed; its jobs stay leased until the lease runs out");
+                        self.close_session(node);
+                        self.scheduler.remove_node(node);
+                        self.dirty_nodes.remove(&node);
+                        self.node_gauges_dirty = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Jobs waiting that count against `max_queued_jobs`: interactive ones, and every request
+    /// a client sent through the HTTP API whatever its class (issue 13: `"class": "batch"` on
+    /// a chat request escaped the cap). Batch API lines wait for their window and do not
+    /// count, so a large batch never locks interactive clients out.
+    fn queued_admitted(&self) -> usize {
+        self.queue
+            .keys()
+            .filter(|id| {
+                let job = &self.jobs[id];
+                job.followed || job.request.class == JobClass::Interactive
+            })
+            .count()
+    }
+
+    fn submit(&mut self, new: NewJob) -> Result<JobHandle, RequestError> {
+        if self.queue.len() >= self.config.max_queued_jobs
+            && self.queued_admitted() >= self.config.max_queued_jobs
+        {
+            self.metrics
+                .rejected
+                .with_label_values(&["queue_full"])
+                .inc();
+            return Err(RequestError::overloaded(format!(
+                "the fleet's queue is full ({} requests waiting); retry later",
+                self.config.max_queued_jobs
+            )));
+        }
+        let (view, _) = watch::channel(JobView::default());
+        let text = self.job_text(&new.request, &[]);
+        let job = Job {
+            id: new.id,
+            public_id: new.public_id,
+            tenant: new.tenant,
+            request: new.request,
+            created_ms: new.created_ms,
+            accepted: Instant::now(),
+            view,
+            placement: Placement::Queued {
+                since: Instant::now(),
+            },
+            persisted: 0,
+            first_token_seen: false,
+            attempts: 0,
+            producers: Vec::new(),
+            text,
+            followed: true,
+        };
+        let handle = job.handle();
+        self.queue.insert(job.id, ());
+        self.jobs.insert(job.id, job);
+        self.wants_dispatch = true;
+        Ok(handle)
+    }
+
+    /// The coordinator's text release for a job of `request`'s model, when it holds the
+    /// model's token table.
+    fn job_text(&self, request: &ValidRequest, ids: &[i32]) -> Option<JobText> {
+        let table = self.verify.as_ref()?.token_tables.get(&request.model)?;
+        Some(JobText::new(Arc::clone(table), &request.stop, ids))
+    }
+
+    /// Removes a job from a node's books.
+    fn detach(&mut self, job: u64, node: NodeId) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.jobs.remove(&job);
+            self.dirty_nodes.insert(node);
+            // A slot came free: jobs still waiting may take it now rather than at the tick.
+            if !self.queue.is_empty() {
+                self.wants_dispatch = true;
+            }
+        }
+    }
+
+    /// Puts a job back in the queue with the tokens it has, to continue on another vehicle.
+    async fn requeue(&mut self, id: u64, from: NodeId) {
+        self.detach(id, from);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let generated = job.generated() as u32;
+        if generated >= job.request.max_tokens {
+            let prompt_tokens = job.view.borrow().prompt_tokens;
+            self.end(
+                id,
+                JobOutcome::Done {
+                    finish_reason: "length".into(),
+                    text_tail: String::new(),
+                    prompt_tokens,
+                },
+            )
+            .await;
+            return;
+        }
+        if generated > 0 {
+            self.metrics.resumes.inc();
+        }
+        job.placement = Placement::Queued {
+            since: Instant::now(),
+        };
+        self.queue.insert(id, ());
+        self.wants_dispatch = true;
+    }
+
+    async fn cancel(&mut self, id: u64, reason: &str) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
+            if let Some(n) = self.nodes.get(&node) {
+                n.send(CoordinatorMsg::Cancel(v1::Cancel {
+                    job_id: id.to_string(),
+                    reason: reason.into(),
+                    hand_back: false,
+                }));
+            }
+            self.detach(id, node);
+        }
+        self.end(id, JobOutcome::Cancelled).await;
+    }
+
+    /// Ends a job: publishes the outcome to its clients and writes it to the store.
+    async fn end(&mut self, id: u64, outcome: JobOutcome) {
+        self.queue.remove(&id);
+        let Some(mut job) = self.jobs.remove(&id) else {
+            return;
+        };
+        job.placement = Placement::Ended;
+        let (state, label, finish_reason, text_tail, prompt_tokens, error) = match &outcome {
+            JobOutcome::Done {
+                finish_reason,
+                text_tail,
+                prompt_tokens,
+            } => (
+                JobState::Done,
+                "done",
+                Some(finish_reason.clone()),
+                text_tail.clone(),
+                *prompt_tokens,
+                None,
+            ),
+            JobOutcome::Failed(e) => (
+                JobState::Failed,
+                "failed",
+                None,
+                String::new(),
+                0,
+                Some(e.message.clone()),
+            ),
+            JobOutcome::Cancelled => (
+                JobState::Cancelled,
+                "cancelled",
+                None,
+                String::new(),
+                0,
+                None,
+            ),
+        };
+        self.metrics.jobs_finished.with_label_values(&[label]).inc();
+        self.persist_tokens(&mut job).await;
+        if let JobOutcome::Done { finish_reason, .. } = &outcome {
+            self.offer_verification(&job, finish_reason).await;
+        }
+        self.writer
+            .send(WriteOp::Finish(
+                job.id,
+                Outcome {
+                    state,
+                    finished_ms: unix_ms(),
+                    finish_reason,
+                    text_tail,
+                    prompt_tokens,
+                    error,
+                },
+            ))
+            .await;
+        job.view.send_modify(|v| {
+            if prompt_tokens > 0 {
+                v.prompt_tokens = prompt_tokens;
+            }
+            v.outcome = Some(outcome);
+        });
+    }
+
+    async fn persist_tokens(&mut self, job: &mut Job) {
+        let tokens: Vec<StoredToken> = job.view.borrow().tokens[job.persisted..].to_vec();
+        if tokens.is_empty() {
+            return;
+        }
+        let start = job.persisted as u32;
+        job.persisted += tokens.len();
+        self.writer
+            .send(WriteOp::Tokens(job.id, start, tokens))
+            .await;
+    }
+
+    async fn flush_tokens(&mut self) {
+        let ids: Vec<u64> = self
+            .jobs
+            .values()
+            .filter(|j| j.generated() > j.persisted)
+            .map(|j| j.id)
+            .collect();
+        for id in ids {
+            if let Some(mut job) = self.jobs.remove(&id) {
+                self.persist_tokens(&mut job).await;
+                self.jobs.insert(id, job);
+            }
+        }
+    }
+}
+
+/// Eviction reasons become a bounded label set (an agent cannot grow the metric's cardinality).
+fn eviction_label(reason: &str) -> &'static str {
+    const KNOWN: [&str; 5] = ["departure", "drain", "shutdown", "governor", "preempted"];
+    let head = reason.split(':').next().unwrap_or("").trim();
+    KNOWN
+        .iter()
+        .copied()
+        .find(|k| *k == head)
+        .unwrap_or("other")
+}
+
+/// The verifier's next report; never, without a verifier.
+async fn next_report(
+    reports: &mut Option<mpsc::Receiver<crate::trust::verify::Report>>,
+) -> Option<crate::trust::verify::Report> {
+    match reports {
+        Some(reports) => reports.recv().await,
+        None => std::future::pending().await,
+    }
+}
