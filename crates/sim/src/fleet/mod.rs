@@ -1,18 +1,279 @@
-//! Vehicles inside the simulation: energy and SoC integration, governor eligibility (with
-//! evictions when a vehicle stops being eligible), the SoC-floor timer and the `NodeView` the
-//! scheduler sees.
+//! The vehicles inside a simulation: who they are ([`Roster`], built once per run from the seed
+//! with each vehicle's pre-history), and their state while the simulation runs ([`Fleet`]):
+//! stays, arrivals and departures, link outages, energy and SoC, each vehicle's governor, the
+//! slots its jobs hold, its departure forecast and the `NodeView` the scheduler sees.
+//!
+//! Submodules: `roster` (building the vehicles), `view` (the scheduler's view of them).
+//!
+//! Owns: `Roster`, `Fleet` and its `Vehicle`s (with their dwell histories and governors), the
+//! vehicle events' random stream, and the fleet's counters (parked, eligible, busy slots, slots
+//! freed since the last dispatch).
+//! May import: `event`, `window`, `driver`, `metrics`, `rng`, `scenario`, `vehicle_model`,
+//! `options`. Jobs are only ids here: this module knows nothing of the job table.
 
-use tokenfleet_scheduler::{DepartureForecast, DepartureHints, JobId, Millis, NodeId, NodeView};
+use tokenfleet_scheduler::hint::prefetch;
+use tokenfleet_scheduler::{DepartureForecast, DwellHistory, JobId, Millis};
+use tokenfleet_vehicle::{Governor, GovernorDecision};
 
-use crate::engine::{Ev, Sim};
-use crate::vehicle_model::{self, Place, Signals, CHARGE_LIMIT_PCT, HOUR, HYSTERESIS_PCT};
+use crate::event::{Ev, Events};
+use crate::metrics::Metrics;
+use crate::rng::Rng;
+use crate::scenario::Scenario;
+use crate::vehicle_model::{
+    self, Place, Signals, Stay, CHARGE_LIMIT_PCT, HOUR, HYSTERESIS_PCT, MIN,
+};
+use crate::window::Window;
 
-impl Sim<'_> {
-    /// Integrate energy and SoC from the vehicle's last update to now.
-    pub fn settle(&mut self, v: u32) {
-        let sc = self.sc;
+mod roster;
+mod view;
+
+use view::tariff;
+
+pub(crate) use roster::Roster;
+
+/// How long a departure forecast is reused before it is recomputed.
+pub const FORECAST_REFRESH_MS: u64 = 30 * 60_000;
+
+struct Vehicle {
+    arch: u8,
+    class: u8,
+    region: u16,
+    stay: Stay,
+    parked: bool,
+    link_up: bool,
+    eligible: bool,
+    /// The governor allows computing (Eligible, Computing or Throttled).
+    gov_allowed: bool,
+    /// When the governor's current dwell ends (0: not dwelling).
+    gov_wake: Millis,
+    soc: f32,
+    last_t: Millis,
+    busy: u32,
+    epoch: u32,
+    stay_no: u32,
+    slot_h: f32,
+    rtt_ms: f32,
+    /// Jobs running on the vehicle, in start order, each with whether it is a batch job (the
+    /// node view lists those without touching the job records).
+    running: Vec<(u32, bool)>,
+    forecast: DepartureForecast,
+    /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
+    forecast_stay: u32,
+}
+
+/// A partition's vehicles while it is simulated. Vehicle `v` is node `NodeId(v)`.
+pub(crate) struct Fleet {
+    vehicles: Vec<Vehicle>,
+    histories: Vec<DwellHistory>,
+    governors: Vec<Governor>,
+    /// Vehicles the scheduler knows (later changes go through the cheap `update` path).
+    registered: Vec<bool>,
+    /// Reused for a node view's running batch jobs.
+    scratch: Vec<JobId>,
+    /// The vehicle events' stream (RTTs, outages, hand-backs, next stays).
+    rng: Rng,
+    parked: u32,
+    eligible: u32,
+    slots_busy: u64,
+    /// Slots that became free on eligible vehicles since the last [`Fleet::take_freed`].
+    freed: usize,
+    calib_cursor: usize,
+}
+
+/// How the eligibility of a vehicle changed in [`Fleet::apply_governor`].
+pub(crate) struct Eligibility {
+    pub was: bool,
+    pub now: bool,
+}
+
+impl Fleet {
+    /// The roster's vehicles, with the partition's seed for their events.
+    pub fn new(roster: Roster, seed: u64) -> Fleet {
+        let n = roster.vehicles.len();
+        Fleet {
+            vehicles: roster.vehicles,
+            histories: roster.histories,
+            governors: roster.governors,
+            registered: vec![false; n],
+            scratch: Vec::new(),
+            rng: Rng::derive(seed, 2),
+            parked: 0,
+            eligible: 0,
+            slots_busy: 0,
+            freed: 0,
+            calib_cursor: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vehicles.len()
+    }
+
+    pub fn parked(&self) -> u32 {
+        self.parked
+    }
+
+    pub fn eligible_count(&self) -> u32 {
+        self.eligible
+    }
+
+    pub fn slots_busy(&self) -> u64 {
+        self.slots_busy
+    }
+
+    /// Slots freed on eligible vehicles since the last call (a hint for the dispatch window).
+    pub fn take_freed(&mut self) -> usize {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// When the vehicle's current (or next) stay begins.
+    pub fn arrival(&self, v: u32) -> Millis {
+        self.vehicles[v as usize].stay.arrive
+    }
+
+    /// The vehicle's epoch: a `Check` event made in another epoch is stale.
+    pub fn epoch(&self, v: u32) -> u32 {
+        self.vehicles[v as usize].epoch
+    }
+
+    /// The jobs running on the vehicle, in start order.
+    pub fn running(&self, v: u32) -> Vec<u32> {
+        self.vehicles[v as usize]
+            .running
+            .iter()
+            .map(|&(j, _)| j)
+            .collect()
+    }
+
+    /// The jobs running on every vehicle, vehicle by vehicle.
+    pub fn all_running(&self) -> Vec<u32> {
+        self.vehicles
+            .iter()
+            .flat_map(|veh| veh.running.iter().map(|&(j, _)| j))
+            .collect()
+    }
+
+    /// Start loading vehicle `v`'s record (a hint).
+    pub fn prefetch(&self, v: usize) {
+        if let Some(veh) = self.vehicles.get(v) {
+            prefetch(veh);
+        }
+    }
+
+    /// Start loading vehicle `v`'s running list (a hint).
+    pub fn prefetch_running(&self, v: usize) {
+        if let Some(first) = self.vehicles.get(v).and_then(|veh| veh.running.first()) {
+            prefetch(first);
+        }
+    }
+
+    /// The vehicle arrives for its current stay: link up, a round trip for the place, its
+    /// departure and maybe a link outage scheduled.
+    pub fn arrive(&mut self, sc: &Scenario, now: Millis, v: u32, events: &mut Events) {
         let veh = &mut self.vehicles[v as usize];
-        let now = self.now;
+        veh.parked = true;
+        veh.link_up = true;
+        veh.last_t = now.max(veh.stay.arrive);
+        veh.epoch += 1;
+        veh.stay_no += 1;
+        veh.rtt_ms = match veh.stay.place {
+            Place::Home => sc.link.rtt_ms_home,
+            Place::Work => sc.link.rtt_ms_work,
+            Place::Depot => sc.link.rtt_ms_depot,
+            Place::Public => sc.link.rtt_ms_public,
+        } * self.rng.lognormal(1.0, 0.3) as f32;
+        let (dep, epoch) = (veh.stay.depart, veh.stay_no);
+        let dur_h = (dep - veh.stay.arrive) as f64 / HOUR as f64;
+        self.parked += 1;
+        events.push(dep, Ev::Depart(v));
+        if self
+            .rng
+            .chance(1.0 - (-sc.link.outages_per_hour * dur_h).exp())
+        {
+            let at = now + (self.rng.unit() * (dep - now) as f64) as u64;
+            events.push(at, Ev::OutageStart(v, epoch));
+        }
+    }
+
+    /// The driver is back: the gear leaves Park. Returns whether the vehicle hands its work
+    /// back gracefully.
+    pub fn leave(&mut self, sc: &Scenario, v: u32) -> bool {
+        let graceful = self.rng.chance(sc.link.graceful_handback);
+        self.vehicles[v as usize].parked = false;
+        graceful
+    }
+
+    /// After [`Fleet::leave`]: record the stay, drive to the next one and schedule its arrival.
+    pub fn drive_on(
+        &mut self,
+        sc: &Scenario,
+        w: &Window,
+        now: Millis,
+        v: u32,
+        events: &mut Events,
+    ) {
+        let veh = &mut self.vehicles[v as usize];
+        let a = &sc.archetypes[veh.arch as usize];
+        self.histories[v as usize].record(veh.stay.arrive, veh.stay.depart);
+        veh.epoch += 1;
+        self.parked -= 1;
+        let next = vehicle_model::next_stay(
+            a.kind,
+            &a.plug_prob,
+            &mut self.rng,
+            &w.clock,
+            now,
+            veh.stay.place,
+            veh.slot_h as f64,
+        );
+        let drive_kwh = vehicle_model::trip_kwh(next.arrive - now);
+        veh.soc = (veh.soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
+        veh.stay = next;
+        events.push(next.arrive, Ev::Arrive(v));
+    }
+
+    /// A link outage starts if the vehicle is still in stay `stay_no`; schedules its end.
+    pub fn outage_start(
+        &mut self,
+        sc: &Scenario,
+        now: Millis,
+        v: u32,
+        stay_no: u32,
+        events: &mut Events,
+    ) -> bool {
+        let veh = &mut self.vehicles[v as usize];
+        if !(veh.parked && veh.stay_no == stay_no) {
+            return false;
+        }
+        veh.link_up = false;
+        let mins = self.rng.exp(sc.link.outage_minutes).max(0.5);
+        events.push(now + (mins * MIN as f64) as u64, Ev::OutageEnd(v));
+        true
+    }
+
+    pub fn link_restored(&mut self, v: u32) {
+        self.vehicles[v as usize].link_up = true;
+    }
+
+    /// Step the governor of every vehicle parked before measurement once, at its arrival (at
+    /// most an hour back): dwells already served are then not served again at the start.
+    pub fn warm_up_governors(&mut self, t_start: Millis) {
+        for (veh, gov) in self.vehicles.iter().zip(&mut self.governors) {
+            if veh.parked {
+                let at = veh.stay.arrive.max(t_start.saturating_sub(HOUR));
+                let signals = Signals {
+                    parked: true,
+                    plugged: veh.stay.plugged,
+                    soc_pct: veh.soc,
+                };
+                vehicle_model::step_governor(gov, signals, at, false);
+            }
+        }
+    }
+
+    /// Integrate energy and SoC from the vehicle's last update to now.
+    pub fn settle(&mut self, sc: &Scenario, now: Millis, v: u32, m: &mut Metrics) {
+        let veh = &mut self.vehicles[v as usize];
         if !veh.parked || now <= veh.last_t {
             veh.last_t = veh.last_t.max(now);
             return;
@@ -32,46 +293,44 @@ impl Sim<'_> {
         let kwh = compute_kw * dt_h;
         if veh.stay.plugged {
             let tariff = tariff(sc, veh.stay.place) as f64;
-            self.m.grid_kwh += kwh;
-            self.m.energy_cost += kwh * tariff;
+            m.grid_kwh += kwh;
+            m.energy_cost += kwh * tariff;
             let charge_kw = vehicle_model::charger_kw(a.kind, veh.stay.place) as f64;
             let gain = 100.0 * charge_kw * dt_h / a.battery_kwh as f64;
             if veh.soc < CHARGE_LIMIT_PCT {
                 veh.soc = (veh.soc + gain as f32).min(CHARGE_LIMIT_PCT);
             }
         } else {
-            self.m.battery_kwh += kwh;
-            self.m.energy_cost +=
+            m.battery_kwh += kwh;
+            m.energy_cost +=
                 kwh * (sc.economics.tariff_home / sc.economics.charge_efficiency) as f64;
             veh.soc = (veh.soc - (100.0 * kwh / a.battery_kwh as f64) as f32).max(0.0);
         }
         veh.last_t = now;
     }
 
-    /// Step the vehicle's governor with its current signals; hand work back when the governor
-    /// drains (or the link is down); schedule the next check; upsert when live.
-    pub fn reevaluate(&mut self, v: u32, graceful: bool) {
-        let sc = self.sc;
-        let now = self.now;
+    /// Step the vehicle's governor with its current signals (`must_evict`: hand work back).
+    pub fn step_governor(&mut self, v: u32, now: Millis) -> GovernorDecision {
         let veh = &self.vehicles[v as usize];
         let signals = Signals {
             parked: veh.parked,
             plugged: veh.stay.plugged,
             soc_pct: veh.soc,
         };
-        let gov = &mut self.governors[v as usize];
-        let mut d = vehicle_model::step_governor(gov, signals, now, veh.busy > 0);
-        let must_evict = d.must_evict;
-        if must_evict {
-            // In-flight work is handed back now; with nothing left the governor stops draining.
-            if self.live {
-                self.evict_all(v, graceful);
-            }
-            let busy = self.vehicles[v as usize].busy > 0;
-            d = vehicle_model::step_governor(&mut self.governors[v as usize], signals, now, busy);
-        }
+        vehicle_model::step_governor(&mut self.governors[v as usize], signals, now, veh.busy > 0)
+    }
+
+    /// Take the governor's decision: whether it allows computing, when its dwell ends, and so
+    /// whether the vehicle is eligible (the free slots of a newly eligible one count as freed).
+    pub fn apply_governor(
+        &mut self,
+        sc: &Scenario,
+        v: u32,
+        now: Millis,
+        d: &GovernorDecision,
+    ) -> Eligibility {
         let allowed = vehicle_model::allows_compute(d.state);
-        let wake = vehicle_model::dwell_remaining_ms(&d).map_or(0, |ms| now + ms);
+        let wake = vehicle_model::dwell_remaining_ms(d).map_or(0, |ms| now + ms);
         let veh = &mut self.vehicles[v as usize];
         veh.gov_allowed = allowed;
         veh.gov_wake = wake;
@@ -79,34 +338,21 @@ impl Sim<'_> {
         let was = veh.eligible;
         veh.eligible = eligible;
         if was && !eligible {
-            self.eligible_count -= 1;
+            self.eligible -= 1;
         } else if !was && eligible {
-            self.eligible_count += 1;
+            self.eligible += 1;
             let free = sc.classes[veh.class as usize]
                 .slots
                 .saturating_sub(veh.busy);
             self.freed += free as usize;
         }
-        if !self.live {
-            return;
-        }
-        if was && !eligible && !must_evict {
-            // The link went down: the coordinator loses the node and requeues its work.
-            self.evict_all(v, graceful);
-        }
-        self.schedule_check(v);
-        self.upsert(v);
-        if !was && eligible {
-            self.want_dispatch();
-        }
+        Eligibility { was, now: eligible }
     }
 
     /// Schedule the next time the vehicle's governor must look again by itself: the end of a
     /// dwell, the SoC reaching the reserve while computing on battery, or charging reaching the
     /// start SoC. Earlier checks are superseded (`epoch`).
-    pub fn schedule_check(&mut self, v: u32) {
-        let sc = self.sc;
-        let now = self.now;
+    pub fn schedule_check(&mut self, sc: &Scenario, now: Millis, v: u32, events: &mut Events) {
         let veh = &mut self.vehicles[v as usize];
         veh.epoch += 1;
         if !veh.parked {
@@ -136,243 +382,66 @@ impl Sim<'_> {
         }
         let e = veh.epoch;
         if at < veh.stay.depart {
-            self.push(at, Ev::Check(v, e));
+            events.push(at, Ev::Check(v, e));
         }
     }
 
-    /// Tell the scheduler about vehicle `v`: a full view the first time, then only the dynamic
-    /// fields through `Driver::update` (no allocation on the per-job path).
-    pub fn upsert(&mut self, v: u32) {
-        let d = self.dynamic(v);
-        if !self.registered[v as usize] {
-            self.registered[v as usize] = true;
-            let mut view = self.static_view(v);
-            d.apply(&mut view, &self.scratch);
-            self.driver.upsert(view);
-        } else {
-            let scratch = &self.scratch;
-            self.driver
-                .update(NodeId(v as u64), |view| d.apply(view, scratch));
-        }
-    }
-
-    fn static_view(&self, v: u32) -> NodeView {
-        let sc = self.sc;
-        let veh = &self.vehicles[v as usize];
-        let a = &sc.archetypes[veh.arch as usize];
-        let class = &sc.classes[veh.class as usize];
-        NodeView {
-            id: NodeId(v as u64),
-            models: vec![class.model.clone()],
-            slots_total: class.slots,
-            slots_busy: 0,
-            decode_tps_single: class.decode_tps_single,
-            decode_tps_batched: class.decode_tps_batched,
-            prefill_tps: class.prefill_tps,
-            eligible: false,
-            soc_pct: None,
-            soc_reserve_pct: a.soc_reserve_pct,
-            plugged_in: false,
-            regions: sc.regions[veh.region as usize].names.clone(),
-            tariff_per_kwh: 0.0,
-            power_w: sc.economics.awake_w + class.power_max_w,
-            link_rtt_ms: 0.0,
-            reputation: 1.0,
-            attested: true,
-            departure: DepartureForecast::unknown(self.now),
-            running_batch: Vec::new(),
-            oracle_departure: None,
-        }
-    }
-
-    /// The departure forecast for the current stay: made at arrival and refreshed every
-    /// [`FORECAST_REFRESH_MS`] (survival is conditional on the time already parked, so a forecast
-    /// stays valid for a while; the refresh picks up the charging time to complete).
-    pub fn forecast(&mut self, v: u32) -> DepartureForecast {
-        let sc = self.sc;
-        let now = self.now;
+    /// Job `j` starts on a slot of vehicle `v`: returns the vehicle's compute class (index into
+    /// the scenario's classes) and its round trip, ms.
+    pub fn occupy(&mut self, v: u32, j: u32, batch: bool) -> (usize, f32) {
         let veh = &mut self.vehicles[v as usize];
-        if !veh.parked {
-            return DepartureForecast::certain(now, now);
-        }
-        if veh.forecast_stay == veh.stay_no
-            && now.saturating_sub(veh.forecast.made_at) < FORECAST_REFRESH_MS
-        {
-            return veh.forecast;
-        }
-        let a = &sc.archetypes[veh.arch as usize];
-        let ttc = if veh.stay.plugged && veh.soc < 90.0 {
-            let kw = vehicle_model::charger_kw(a.kind, veh.stay.place);
-            Some(((90.0 - veh.soc) / 100.0 * a.battery_kwh / kw * 3600.0) as u32)
-        } else {
-            None
-        };
-        let hints = DepartureHints {
-            scheduled_departure: veh.stay.scheduled_departure,
-            charge_time_to_complete_s: ttc,
-        };
-        veh.forecast = self.histories[v as usize].forecast(veh.stay.arrive, now, &hints);
-        veh.forecast_stay = veh.stay_no;
-        veh.forecast
+        veh.busy += 1;
+        veh.running.push((j, batch));
+        self.slots_busy += 1;
+        (veh.class as usize, veh.rtt_ms)
     }
 
-    fn dynamic(&mut self, v: u32) -> Dynamic {
-        let departure = self.forecast(v);
-        let sc = self.sc;
-        let veh = &self.vehicles[v as usize];
-        self.scratch.clear();
-        self.scratch.extend(
-            veh.running
-                .iter()
-                .filter(|&&(_, batch)| batch)
-                .map(|&(j, _)| JobId(j as u64)),
-        );
-        Dynamic {
-            slots_busy: veh.busy,
-            eligible: veh.eligible,
-            soc_pct: veh.soc,
-            plugged_in: veh.parked && veh.stay.plugged,
-            tariff_per_kwh: tariff(sc, veh.stay.place),
-            link_rtt_ms: veh.rtt_ms,
-            departure,
-            oracle_departure: veh.parked.then_some(veh.stay.depart),
+    /// Job `j` leaves its slot on vehicle `v`.
+    pub fn release(&mut self, v: u32, j: u32) {
+        let veh = &mut self.vehicles[v as usize];
+        veh.busy = veh.busy.saturating_sub(1);
+        if let Some(pos) = veh.running.iter().position(|&(x, _)| x == j) {
+            veh.running.swap_remove(pos);
+        }
+        self.slots_busy -= 1;
+        if veh.eligible {
+            self.freed += 1;
         }
     }
 }
 
-/// How long a departure forecast is reused before it is recomputed.
-pub const FORECAST_REFRESH_MS: u64 = 30 * 60_000;
-
-/// Tariff where a vehicle is parked.
-pub fn tariff(sc: &crate::Scenario, place: Place) -> f32 {
-    match place {
-        Place::Home => sc.economics.tariff_home,
-        Place::Work => sc.economics.tariff_work,
-        Place::Depot => sc.economics.tariff_depot,
-        Place::Public => sc.economics.tariff_public,
-    }
-}
-
-/// The fields of a vehicle's `NodeView` that change while it is registered.
-struct Dynamic {
-    slots_busy: u32,
-    eligible: bool,
-    soc_pct: f32,
-    plugged_in: bool,
-    tariff_per_kwh: f32,
-    link_rtt_ms: f32,
-    departure: DepartureForecast,
-    oracle_departure: Option<tokenfleet_scheduler::Millis>,
-}
-
-impl Dynamic {
-    fn apply(&self, v: &mut NodeView, running_batch: &[JobId]) {
-        v.slots_busy = self.slots_busy;
-        v.eligible = self.eligible;
-        v.soc_pct = Some(self.soc_pct);
-        v.plugged_in = self.plugged_in;
-        v.tariff_per_kwh = self.tariff_per_kwh;
-        v.link_rtt_ms = self.link_rtt_ms;
-        v.departure = self.departure;
-        v.oracle_departure = self.oracle_departure;
-        v.running_batch.clear();
-        v.running_batch.extend_from_slice(running_batch);
-    }
-}
-
+/// For tests elsewhere in the crate: set up a vehicle's state and read it back.
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use tokenfleet_scheduler::{JobClass, JobId, PolicyKind, QueuedJob};
-    use tokenfleet_vehicle::{GovernorState, Policy};
-
-    use crate::engine::Sim;
-    use crate::vehicle_model::{self, HYSTERESIS_PCT, MIN};
-    use crate::{RunOptions, Scenario};
-
-    fn interactive(model: &str, now: u64) -> QueuedJob {
-        QueuedJob {
-            id: JobId(1),
-            class: JobClass::Interactive,
-            model: model.to_string(),
-            prompt_tokens: 100,
-            max_tokens: 50,
-            generated_tokens: 0,
-            deadline: None,
-            residency: None,
-            tenant: "t".into(),
-            sensitive: false,
-            enqueued_at: now,
-            running_on: None,
-        }
+impl Fleet {
+    /// Vehicle `v` parked with its link up since `arrive`, leaving at `depart`.
+    pub fn park_for_test(&mut self, v: u32, now: Millis, arrive: Millis, depart: Millis) {
+        let veh = &mut self.vehicles[v as usize];
+        veh.parked = true;
+        veh.link_up = true;
+        veh.last_t = now;
+        veh.stay.arrive = arrive;
+        veh.stay.depart = depart;
     }
 
-    /// The simulator's vehicles are governed by `tokenfleet-vehicle`'s governor: a vehicle
-    /// below its SoC reserve and unplugged gets no work; plugged in below the start SoC it
-    /// still gets none (the governor's start threshold, which the old stand-in did not have);
-    /// above it, only after the governor's eligibility dwell.
-    #[test]
-    fn vehicles_are_governed_by_the_vehicle_crates_governor() {
-        let mut sc = Scenario::from_name("city-mixed").expect("shipped");
-        sc.warmup_days = 1;
-        for a in &mut sc.archetypes {
-            a.compute_on_battery = true;
-        }
-        let opts = RunOptions {
-            vehicles: Some(1),
-            days: Some(1.0),
-            ..RunOptions::default()
-        };
-        let policies: Vec<Arc<Policy>> = sc
-            .archetypes
-            .iter()
-            .map(|a| Arc::new(vehicle_model::governor_policy(a, sc.utc_offset_min).unwrap()))
-            .collect();
-        let part = crate::partition::split(&sc, &opts, &policies, Vec::new())
-            .into_iter()
-            .find(|p| !p.vehicles.is_empty())
-            .expect("the vehicle's partition");
-        let mut sim = Sim::new(&sc, PolicyKind::Tokenfleet, &opts, part, None);
-        sim.live = true;
-        let now = sim.t_start;
-        sim.now = now;
-        let reserve = sc.archetypes[sim.vehicles[0].arch as usize].soc_reserve_pct;
-        let model = sc.classes[sim.vehicles[0].class as usize].model.clone();
-        {
-            let veh = &mut sim.vehicles[0];
-            veh.parked = true;
-            veh.link_up = true;
-            veh.last_t = now;
-            veh.stay.arrive = now - 2 * 60 * MIN;
-            veh.stay.depart = now + 10 * 60 * MIN;
-            veh.stay.plugged = false;
-            veh.soc = reserve - 1.0;
-        }
-        let offer = |sim: &mut Sim, at: u64| {
-            sim.now = at;
-            sim.reevaluate(0, true);
-            sim.driver.decide(at, &[interactive(&model, at)])
-        };
-        // Below the reserve, unplugged: never given work, however long it waits.
-        for k in 0..5 {
-            let d = offer(&mut sim, now + k * 10 * MIN);
-            assert!(d.assignments.is_empty(), "{d:?}");
-            assert!(!sim.vehicles[0].eligible);
-            assert_eq!(sim.governors[0].state(), GovernorState::Unavailable);
-        }
-        // Plugged in, still below the start SoC: the governor keeps it unavailable.
-        sim.vehicles[0].stay.plugged = true;
-        let t = now + 60 * MIN;
-        assert!(offer(&mut sim, t).assignments.is_empty());
-        // Above the start SoC: eligible once the governor's dwell has passed.
-        sim.vehicles[0].soc = reserve + HYSTERESIS_PCT + 1.0;
-        assert!(offer(&mut sim, t + 1).assignments.is_empty());
-        assert_eq!(sim.governors[0].state(), GovernorState::Unavailable);
-        let dwell = sim.governors[0].policy().timing.eligible_dwell.as_millis() as u64;
-        let d = offer(&mut sim, t + 1 + dwell);
-        assert_eq!(d.assignments.len(), 1, "{d:?}");
-        assert!(sim.vehicles[0].eligible);
-        assert_eq!(sim.governors[0].state(), GovernorState::Eligible);
+    pub fn set_plugged_for_test(&mut self, v: u32, plugged: bool) {
+        self.vehicles[v as usize].stay.plugged = plugged;
+    }
+
+    pub fn set_soc_for_test(&mut self, v: u32, soc: f32) {
+        self.vehicles[v as usize].soc = soc;
+    }
+
+    /// (archetype, compute class) indices.
+    pub fn kind_of(&self, v: u32) -> (usize, usize) {
+        let veh = &self.vehicles[v as usize];
+        (veh.arch as usize, veh.class as usize)
+    }
+
+    pub fn is_eligible(&self, v: u32) -> bool {
+        self.vehicles[v as usize].eligible
+    }
+
+    pub fn governor(&self, v: u32) -> &Governor {
+        &self.governors[v as usize]
     }
 }
