@@ -1,4 +1,6 @@
 //! Compute classes: data files under `crates/sim/data/` (embedded), each with its sources.
+//!
+//! Owns: `ComputeClass` and its data files. May import: no simulator module.
 
 use serde::{Deserialize, Serialize};
 

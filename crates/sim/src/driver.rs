@@ -2,6 +2,8 @@
 //! record every input and output as a [`SchedulerTrace`] (through the scheduler's own recorder,
 //! the one the live coordinator's decision log uses), and replay a trace, recorded here or by the
 //! live coordinator, through the same path.
+//!
+//! Owns: `Driver` (the scheduler and its trace recorder). May import: no simulator module.
 
 use std::sync::{Arc, Mutex, PoisonError};
 

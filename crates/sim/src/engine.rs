@@ -1,299 +1,182 @@
-//! The discrete-event core: virtual time, a calendar event queue, vehicles (stays, energy, governor,
-//! links) and the measurement window. Job execution lives in [`crate::jobs`].
+//! The discrete-event core: one partition's simulation. [`Sim`] pops events in virtual time and
+//! carries each out over its parts: the fleet (vehicles), the job table (jobs and queues), the
+//! arrivals (workload) and the scheduler driver, with the dispatch timers and the measurement.
+//!
+//! Owns: [`Sim`] (the partition's clock, event queue, parts and metrics, the dispatch and sweep
+//! timers) and [`Outcome`].
+//! May import: `fleet`, `jobs`, `arrivals`, `partition` (the [`Part`] it is built from),
+//! `event`, `window`, `progress`, `driver`, `metrics`, `scenario`, `vehicle_model`, `workload`,
+//! `options`. Nothing imports it but `parallel`.
 
-use std::collections::{BTreeSet, VecDeque};
+use tokenfleet_scheduler::{Millis, NodeId, PolicyKind, SchedulerTrace};
 
-use tokenfleet_scheduler::forecast::LEVELS;
-use tokenfleet_scheduler::hint::prefetch;
-use tokenfleet_scheduler::{DepartureForecast, DwellHistory, Millis, PolicyKind};
-use tokenfleet_vehicle::Governor;
-
+use crate::arrivals::Arrivals;
 use crate::driver::Driver;
-use crate::jobs::Job;
+use crate::event::{Ev, Events};
+use crate::fleet::Fleet;
+use crate::jobs::JobTable;
 use crate::metrics::{Metrics, SeriesPoint};
+use crate::options::RunOptions;
 use crate::partition::Part;
-use crate::queue::EventQueue;
-use crate::rng::Rng;
+use crate::progress::SharedProgress;
 use crate::scenario::Scenario;
-use crate::vehicle_model::{self, Clock, Place, Signals, Stay, DAY, HOUR, MIN};
-use crate::workload::{InteractiveGen, TraceRequest};
-use crate::RunOptions;
+use crate::vehicle_model::{HOUR, MIN};
+use crate::window::Window;
+use crate::workload::TraceRequest;
 
-/// 2024-01-01 00:00 UTC, a Monday.
-pub const EPOCH_MONDAY: Millis = 1_704_067_200_000;
 const SAMPLE_MS: u64 = 15 * MIN;
-/// Vehicles looked at per calibration sample.
-const CALIB_PER_SAMPLE: usize = 1000;
-pub(crate) const SWEEP_MS: u64 = 60_000;
+const SWEEP_MS: u64 = 60_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Ev {
-    Begin,
-    Arrive(u32),
-    Depart(u32),
-    /// The vehicle's governor looks again (dwell over, SoC at the reserve or at start).
-    Check(u32, u32),
-    OutageStart(u32, u32),
-    OutageEnd(u32),
-    JobDone(u32, u32),
-    Interactive,
-    Dump(u32, u32),
-    TraceNext,
-    Dispatch,
-    Sweep,
-    Sample,
-    End,
-}
-
-pub struct Vehicle {
-    pub arch: u8,
-    pub class: u8,
-    pub region: u16,
-    pub stay: Stay,
-    pub parked: bool,
-    pub link_up: bool,
-    pub eligible: bool,
-    /// The governor allows computing (Eligible, Computing or Throttled).
-    pub gov_allowed: bool,
-    /// When the governor's current dwell ends (0: not dwelling).
-    pub gov_wake: Millis,
-    pub soc: f32,
-    pub last_t: Millis,
-    pub busy: u32,
-    pub epoch: u32,
-    pub stay_no: u32,
-    pub slot_h: f32,
-    pub rtt_ms: f32,
-    /// Jobs running on the vehicle, in start order, each with whether it is a batch job (the
-    /// node view lists those without touching the job records).
-    pub running: Vec<(u32, bool)>,
-    pub forecast: DepartureForecast,
-    /// `stay_no` the forecast was made for (`u32::MAX`: none yet).
-    pub forecast_stay: u32,
-}
-
-pub struct Sim<'a> {
-    pub sc: &'a Scenario,
-    pub policy: PolicyKind,
-    pub clock: Clock,
-    pub t_start: Millis,
-    pub t_end: Millis,
-    pub now: Millis,
-    pub live: bool,
-    events: EventQueue<Ev>,
-    pub rng: Rng,
-    pub vehicles: Vec<Vehicle>,
-    /// Each vehicle's dwell history, apart from [`Vehicle`]: it is read only at arrival and
-    /// departure and when a forecast is refreshed, while the vehicle's hot fields are touched on
-    /// every job start and finish (a million vehicles do not fit in cache; small records do
-    /// better).
-    pub histories: Vec<DwellHistory>,
-    /// Each vehicle's governor (`tokenfleet-vehicle`), under its archetype's shared policy.
-    pub governors: Vec<Governor>,
-    pub jobs: Vec<Job>,
-    /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
-    pub free_jobs: Vec<u32>,
-    /// Run ids: every start of a job gets a fresh one, so a stale completion never matches.
-    pub next_run: u32,
-    /// Vehicles the scheduler knows (later changes go through the cheap `update` path).
-    pub registered: Vec<bool>,
-    pub scratch: Vec<tokenfleet_scheduler::JobId>,
-    /// Reused between dispatches (no per-job allocation on the hot path).
-    pub queue_buf: Vec<tokenfleet_scheduler::QueuedJob>,
-    pub ids_buf: Vec<u32>,
-    pub touched_buf: Vec<u32>,
-    calib_cursor: usize,
-    pub pending_int: VecDeque<u32>,
-    pub pending_batch: BTreeSet<(Millis, Millis, u32)>,
-    /// The batch jobs of `pending_batch` that were evicted with acknowledged output (same keys).
-    /// Every dispatch offers them besides the head of the queue: the coordinator hands the
-    /// scheduler its whole queue, and the window is only the simulator's shortcut for it.
-    pub pending_resumed: BTreeSet<(Millis, Millis, u32)>,
-    pub driver: Driver,
-    pub m: Metrics,
-    pub dispatch_at: Option<Millis>,
-    pub sweep_at: Option<Millis>,
-    pub freed: usize,
-    pub last_sweep: Millis,
-    inter: InteractiveGen,
-    trace: Vec<TraceRequest>,
-    trace_pos: usize,
-    from_trace: bool,
-    pub model_ids: Vec<String>,
-    pub parked: u32,
-    pub eligible_count: u32,
-    pub slots_busy: u64,
+pub(crate) struct Sim<'a> {
+    sc: &'a Scenario,
+    policy: PolicyKind,
+    w: Window,
+    now: Millis,
+    /// Measurement has begun (before it, vehicles only arrive).
+    live: bool,
+    events: Events,
+    fleet: Fleet,
+    jobs: JobTable,
+    arrivals: Arrivals,
+    driver: Driver,
+    m: Metrics,
+    /// When the next dispatch and the next sweep are due (one pending event each at most).
+    dispatch_at: Option<Millis>,
+    sweep_at: Option<Millis>,
+    last_sweep: Millis,
+    /// Vehicles touched by a dispatch (reused).
+    touched_buf: Vec<u32>,
     /// Where this partition reports its progress (shared with the other partitions).
-    progress: Option<&'a crate::partition::SharedProgress>,
+    progress: Option<&'a SharedProgress>,
     part_index: usize,
-    /// The model this partition serves (`None`: all).
-    part_model: Option<String>,
 }
 
-/// The run's clock and measurement window.
-pub(crate) struct Window {
-    pub clock: Clock,
-    pub t_start: Millis,
-    pub t_end: Millis,
-}
-
-impl Window {
-    pub fn of(sc: &Scenario, opts: &RunOptions) -> Self {
-        let days = opts.days.unwrap_or(sc.days);
-        let t0 = (EPOCH_MONDAY as i64 - sc.utc_offset_min as i64 * 60_000) as Millis;
-        let t_start = t0
-            + sc.warmup_days as u64 * DAY
-            + (sc.start_hour.clamp(0.0, 24.0) * HOUR as f64) as u64;
-        let t_end = t_start + (days * DAY as f64) as u64;
-        Window {
-            clock: Clock { t0 },
-            t_start,
-            t_end,
-        }
-    }
+/// What a finished partition hands back.
+pub(crate) struct Outcome {
+    pub metrics: Metrics,
+    pub vehicles: u32,
+    pub trace: Option<SchedulerTrace>,
 }
 
 impl<'a> Sim<'a> {
-    pub(crate) fn new(
+    pub fn new(
         sc: &'a Scenario,
         policy: PolicyKind,
         opts: &'a RunOptions,
         part: Part,
-        progress: Option<&'a crate::partition::SharedProgress>,
+        progress: Option<&'a SharedProgress>,
     ) -> Self {
-        let Window {
-            clock,
-            t_start,
-            t_end,
-        } = Window::of(sc, opts);
-        let seed = part.seed;
-        let vehicles = part.vehicles;
-        let histories = part.histories;
-        let governors = part.governors;
-        let vehicles_n = vehicles.len();
-        let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
-        model_ids.dedup();
+        let w = Window::of(sc, opts);
+        let config = opts
+            .scheduler
+            .clone()
+            .unwrap_or_else(|| sc.scheduler.clone());
         let mut sim = Sim {
             sc,
             policy,
-            clock,
-            t_start,
-            t_end,
-            now: t_start,
+            w,
+            now: w.t_start,
             live: false,
-            events: EventQueue::new(t_start),
-            rng: Rng::derive(seed, 2),
-            vehicles,
-            histories,
-            governors,
-            jobs: Vec::new(),
-            free_jobs: Vec::new(),
-            next_run: 0,
-            registered: vec![false; vehicles_n],
-            scratch: Vec::new(),
-            queue_buf: Vec::new(),
-            ids_buf: Vec::new(),
-            touched_buf: Vec::new(),
-            calib_cursor: 0,
-            pending_int: VecDeque::new(),
-            pending_batch: BTreeSet::new(),
-            pending_resumed: BTreeSet::new(),
-            driver: Driver::new(
-                policy,
-                seed,
-                opts.scheduler
-                    .clone()
-                    .unwrap_or_else(|| sc.scheduler.clone()),
-                opts.record_trace,
-            ),
+            events: Events::new(w.t_start),
+            fleet: part.fleet,
+            jobs: JobTable::new(sc),
+            arrivals: part.arrivals,
+            driver: Driver::new(policy, part.seed, config, opts.record_trace),
             m: Metrics::default(),
             dispatch_at: None,
             sweep_at: None,
-            freed: 0,
             last_sweep: 0,
-            inter: InteractiveGen::new(sc, seed, part.interactive_peak_rps, part.model.as_deref()),
-            trace: part.trace,
-            from_trace: part.from_trace,
-            trace_pos: 0,
-            model_ids,
-            parked: 0,
-            eligible_count: 0,
-            slots_busy: 0,
+            touched_buf: Vec::new(),
             progress,
             part_index: part.index,
-            part_model: part.model,
         };
-        for v in 0..sim.vehicles.len() {
-            let s = sim.vehicles[v].stay;
-            if s.arrive <= t_start {
-                sim.arrive(v as u32);
+        for v in 0..sim.fleet.len() as u32 {
+            let at = sim.fleet.arrival(v);
+            if at <= w.t_start {
+                sim.arrive(v);
             } else {
-                sim.push(s.arrive, Ev::Arrive(v as u32));
+                sim.events.push(at, Ev::Arrive(v));
             }
         }
-        sim.push(t_start, Ev::Begin);
-        sim.push(t_end, Ev::End);
+        sim.events.push(w.t_start, Ev::Begin);
+        sim.events.push(w.t_end, Ev::End);
         sim
     }
 
-    pub fn push(&mut self, t: Millis, ev: Ev) {
-        self.events.push(t, ev);
-    }
-
-    pub fn run(&mut self) {
-        let span = (self.t_end - self.t_start).max(1) as f64;
-        let mut next_progress = self.t_start;
+    /// Simulate to the end of the window; hand back the metrics and the scheduler trace.
+    pub fn run(mut self) -> Outcome {
+        let span = (self.w.t_end - self.w.t_start).max(1) as f64;
+        let mut next_progress = self.w.t_start;
         while let Some((t, ev)) = self.events.pop() {
             self.now = t;
             self.m.events += 1;
             self.prefetch_ahead();
             if self.live && t >= next_progress {
                 if let Some(p) = self.progress {
-                    p.report(
-                        self.part_index,
-                        self.policy,
-                        ((t - self.t_start) as f64 / span).min(1.0),
-                    );
+                    let fraction = ((t - self.w.t_start) as f64 / span).min(1.0);
+                    p.report(self.part_index, self.policy, fraction);
                 }
                 next_progress = t + HOUR;
             }
-            match ev {
-                Ev::Begin => self.begin(),
-                Ev::End => {
-                    self.finish();
-                    break;
-                }
-                Ev::Arrive(v) => self.arrive(v),
-                Ev::Depart(v) => self.depart(v),
-                Ev::Check(v, e) => {
-                    if self.vehicles[v as usize].epoch == e {
-                        self.settle(v);
-                        self.reevaluate(v, true);
-                    }
-                }
-                Ev::OutageStart(v, e) => {
-                    let veh = &mut self.vehicles[v as usize];
-                    if veh.parked && veh.stay_no == e {
-                        veh.link_up = false;
-                        let mins = self.rng.exp(self.sc.link.outage_minutes).max(0.5);
-                        self.push(t + (mins * MIN as f64) as u64, Ev::OutageEnd(v));
-                        self.settle(v);
-                        self.reevaluate(v, false);
-                    }
-                }
-                Ev::OutageEnd(v) => {
-                    self.vehicles[v as usize].link_up = true;
+            if ev == Ev::End {
+                self.finish();
+                break;
+            }
+            self.handle(ev);
+        }
+        Outcome {
+            vehicles: self.fleet.len() as u32,
+            metrics: self.m,
+            trace: self.driver.into_trace(),
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let (sc, now) = (self.sc, self.now);
+        match ev {
+            Ev::Begin => self.begin(),
+            Ev::End => {}
+            Ev::Arrive(v) => self.arrive(v),
+            Ev::Depart(v) => self.depart(v),
+            Ev::Check(v, e) => {
+                if self.fleet.epoch(v) == e {
                     self.settle(v);
                     self.reevaluate(v, true);
                 }
-                Ev::JobDone(j, attempt) => self.job_done(j, attempt),
-                Ev::Interactive => self.interactive_arrival(),
-                Ev::Dump(d, day) => self.batch_dump(d as usize, day),
-                Ev::TraceNext => self.trace_arrival(),
-                Ev::Dispatch => self.dispatch(false),
-                Ev::Sweep => self.dispatch(true),
-                Ev::Sample => self.sample(),
             }
+            Ev::OutageStart(v, e) => {
+                if self.fleet.outage_start(sc, now, v, e, &mut self.events) {
+                    self.settle(v);
+                    self.reevaluate(v, false);
+                }
+            }
+            Ev::OutageEnd(v) => {
+                self.fleet.link_restored(v);
+                self.settle(v);
+                self.reevaluate(v, true);
+            }
+            Ev::JobDone(j, run) => self.job_done(j, run),
+            Ev::Interactive => {
+                if let Some(r) = self.arrivals.take_interactive() {
+                    self.enqueue(r);
+                }
+                self.arrivals
+                    .schedule_interactive(sc, &self.w, now, &mut self.events);
+            }
+            Ev::Dump(d, _day) => {
+                for r in self.arrivals.dump(sc, d as usize, &self.w, now) {
+                    self.enqueue(r);
+                }
+            }
+            Ev::TraceNext => {
+                while let Some(r) = self.arrivals.next_from_trace(&self.w, now) {
+                    self.enqueue(r);
+                }
+                self.arrivals.schedule_trace(&self.w, &mut self.events);
+            }
+            Ev::Dispatch => self.dispatch(false),
+            Ev::Sweep => self.dispatch(true),
+            Ev::Sample => self.sample(),
         }
     }
 
@@ -307,206 +190,55 @@ impl<'a> Sim<'a> {
         const VEHICLE_AHEAD: usize = 8;
         const SETS_AHEAD: usize = 3;
         if let Some(&Ev::JobDone(j, _)) = self.events.ahead(JOB_AHEAD) {
-            if let Some(job) = self.jobs.get(j as usize) {
-                prefetch(job);
-            }
+            self.jobs.prefetch(j as usize);
         }
         if let Some(&Ev::JobDone(j, _)) = self.events.ahead(VEHICLE_AHEAD) {
-            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
-                if let Some(veh) = self.vehicles.get(v as usize) {
-                    prefetch(veh);
-                }
-                self.driver.prefetch(tokenfleet_scheduler::NodeId(v as u64));
+            if let Some(v) = self.jobs.node_of(j) {
+                self.fleet.prefetch(v as usize);
+                self.driver.prefetch(NodeId(v as u64));
             }
         }
         if let Some(&Ev::JobDone(j, _)) = self.events.ahead(SETS_AHEAD) {
-            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
-                if let Some(veh) = self.vehicles.get(v as usize) {
-                    if let Some(first) = veh.running.first() {
-                        prefetch(first);
-                    }
-                }
-                self.driver
-                    .prefetch_sets(tokenfleet_scheduler::NodeId(v as u64));
+            if let Some(v) = self.jobs.node_of(j) {
+                self.fleet.prefetch_running(v as usize);
+                self.driver.prefetch_sets(NodeId(v as u64));
             }
         }
     }
 
     fn begin(&mut self) {
-        // Vehicles parked before measurement have had their governors running: step each once
-        // at its arrival (at most an hour back), so that dwells already served are not served
-        // again at the start.
-        for v in 0..self.vehicles.len() {
-            let veh = &self.vehicles[v];
-            if veh.parked {
-                let at = veh.stay.arrive.max(self.t_start.saturating_sub(HOUR));
-                let signals = Signals {
-                    parked: true,
-                    plugged: veh.stay.plugged,
-                    soc_pct: veh.soc,
-                };
-                vehicle_model::step_governor(&mut self.governors[v], signals, at, false);
-            }
-        }
+        // Vehicles parked before measurement have had their governors running.
+        self.fleet.warm_up_governors(self.w.t_start);
         self.live = true;
-        for v in 0..self.vehicles.len() as u32 {
+        for v in 0..self.fleet.len() as u32 {
             self.settle(v);
             self.reevaluate(v, true);
             self.upsert(v);
         }
-        if !self.from_trace {
-            self.interactive_arrival_schedule();
-            let days = ((self.t_end - self.t_start) as f64 / DAY as f64).ceil() as u32 + 1;
-            for (i, d) in self.sc.workload.batch.iter().enumerate() {
-                for day in 0..days {
-                    let t = self.clock.at(self.t_start, day as u64, d.at_hour);
-                    if (self.t_start..self.t_end).contains(&t) {
-                        self.push(t, Ev::Dump(i as u32, day));
-                    }
-                }
-            }
-        } else if let Some(r) = self.trace.first() {
-            let t = self.t_start + r.t_ms;
-            self.push(t, Ev::TraceNext);
-        }
-        self.push(self.t_start + SAMPLE_MS, Ev::Sample);
-    }
-
-    fn interactive_arrival_schedule(&mut self) {
-        let clock_t0 = self.clock.t0;
-        let next = self
-            .inter
-            .next(self.sc, self.now.max(self.t_start), self.t_end, |t| {
-                ((t.saturating_sub(clock_t0) % DAY) / HOUR) as usize
-            });
-        if let Some(r) = next {
-            self.push(r.t_ms, Ev::Interactive);
-            self.trace.clear();
-            self.trace.push(r);
-        }
-    }
-
-    fn interactive_arrival(&mut self) {
-        if let Some(r) = self.trace.pop() {
-            self.enqueue(r);
-        }
-        self.interactive_arrival_schedule();
-    }
-
-    fn trace_arrival(&mut self) {
-        while self.trace_pos < self.trace.len()
-            && self.t_start + self.trace[self.trace_pos].t_ms <= self.now
-        {
-            let mut r = self.trace[self.trace_pos].clone();
-            r.t_ms += self.t_start;
-            r.deadline_ms = r.deadline_ms.map(|d| d + self.t_start);
-            self.trace_pos += 1;
-            self.enqueue(r);
-        }
-        if let Some(r) = self.trace.get(self.trace_pos) {
-            let t = self.t_start + r.t_ms;
-            self.push(t, Ev::TraceNext);
-        }
-    }
-
-    fn batch_dump(&mut self, d: usize, _day: u32) {
-        let dump = &self.sc.workload.batch[d];
-        if self.part_model.as_ref().is_some_and(|m| *m != dump.model) {
-            return;
-        }
-        if dump.weekdays_only && self.clock.weekday(self.now) >= 5 {
-            return;
-        }
-        let shard = dump.shard.max(1) as u64;
-        let n_jobs = dump.requests.div_ceil(shard);
-        let model: std::sync::Arc<str> = dump.model.as_str().into();
-        let residency: Option<std::sync::Arc<[String]>> = dump.residency.as_deref().map(Into::into);
-        for i in 0..n_jobs {
-            let reqs = shard.min(dump.requests - i * shard) as u32;
-            self.enqueue(TraceRequest {
-                t_ms: self.now,
-                class: tokenfleet_scheduler::JobClass::Batch,
-                model: std::sync::Arc::clone(&model),
-                prompt_tokens: dump.prompt_tokens,
-                max_tokens: dump.max_tokens,
-                deadline_ms: dump
-                    .deadline_hours
-                    .map(|h| self.now + (h * HOUR as f64) as u64),
-                residency: residency.clone(),
-                sensitive: false,
-                shard: reqs,
-            });
-        }
+        self.arrivals
+            .begin(self.sc, &self.w, self.now, &mut self.events);
+        self.events.push(self.w.t_start + SAMPLE_MS, Ev::Sample);
     }
 
     fn sample(&mut self) {
-        self.sample_calibration();
+        self.fleet
+            .sample_calibration(self.sc, self.now, &mut self.m);
         self.m.series.push(SeriesPoint {
-            t_h: (self.now - self.t_start) as f64 / HOUR as f64,
-            vehicles_parked: self.parked,
-            vehicles_eligible: self.eligible_count,
-            slots_busy: self.slots_busy,
+            t_h: (self.now - self.w.t_start) as f64 / HOUR as f64,
+            vehicles_parked: self.fleet.parked(),
+            vehicles_eligible: self.fleet.eligible_count(),
+            slots_busy: self.fleet.slots_busy(),
             tokens: std::mem::take(&mut self.m.tokens_in_bucket),
         });
-        if self.now + SAMPLE_MS <= self.t_end {
-            self.push(self.now + SAMPLE_MS, Ev::Sample);
-        }
-    }
-
-    /// Forecast calibration over parked, eligible vehicles (not over placements, which would be
-    /// biased towards vehicles whose forecast happened to be long): the probability integral
-    /// transform `u = 1 - S(true remaining)` is counted against each quantile level.
-    fn sample_calibration(&mut self) {
-        let n = self.vehicles.len();
-        if n == 0 {
-            return;
-        }
-        let stride = (n / CALIB_PER_SAMPLE).max(1);
-        self.calib_cursor = (self.calib_cursor + 1) % stride;
-        for v in (self.calib_cursor..n).step_by(stride) {
-            let veh = &self.vehicles[v];
-            if !(veh.parked && veh.eligible) {
-                continue;
-            }
-            let remaining = veh.stay.depart.saturating_sub(self.now);
-            let f = self.forecast(v as u32);
-            let u = 1.0 - f.survival(self.now, remaining);
-            for (i, level) in LEVELS.iter().enumerate() {
-                if u <= *level + 1e-6 {
-                    self.m.calib_hits[i] += 1;
-                }
-            }
-            self.m.calib_n += 1;
+        if self.now + SAMPLE_MS <= self.w.t_end {
+            self.events.push(self.now + SAMPLE_MS, Ev::Sample);
         }
     }
 
     // ---- vehicles ----
 
     fn arrive(&mut self, v: u32) {
-        let sc = self.sc;
-        let veh = &mut self.vehicles[v as usize];
-        veh.parked = true;
-        veh.link_up = true;
-        veh.last_t = self.now.max(veh.stay.arrive);
-        veh.epoch += 1;
-        veh.stay_no += 1;
-        veh.rtt_ms = match veh.stay.place {
-            Place::Home => sc.link.rtt_ms_home,
-            Place::Work => sc.link.rtt_ms_work,
-            Place::Depot => sc.link.rtt_ms_depot,
-            Place::Public => sc.link.rtt_ms_public,
-        } * self.rng.lognormal(1.0, 0.3) as f32;
-        let (dep, epoch) = (veh.stay.depart, veh.stay_no);
-        let dur_h = (dep - veh.stay.arrive) as f64 / HOUR as f64;
-        self.parked += 1;
-        self.push(dep, Ev::Depart(v));
-        if self
-            .rng
-            .chance(1.0 - (-sc.link.outages_per_hour * dur_h).exp())
-        {
-            let at = self.now + (self.rng.unit() * (dep - self.now) as f64) as u64;
-            self.push(at, Ev::OutageStart(v, epoch));
-        }
+        self.fleet.arrive(self.sc, self.now, v, &mut self.events);
         if self.live {
             self.reevaluate(v, true);
         }
@@ -514,40 +246,288 @@ impl<'a> Sim<'a> {
 
     fn depart(&mut self, v: u32) {
         self.settle(v);
-        let graceful = self.rng.chance(self.sc.link.graceful_handback);
         // The driver is back: the gear leaves Park and the governor drains (work handed back).
-        self.vehicles[v as usize].parked = false;
+        let graceful = self.fleet.leave(self.sc, v);
         self.reevaluate(v, graceful);
-        let sc = self.sc;
-        let veh = &mut self.vehicles[v as usize];
-        let a = &sc.archetypes[veh.arch as usize];
-        self.histories[v as usize].record(veh.stay.arrive, veh.stay.depart);
-        veh.epoch += 1;
-        self.parked -= 1;
-        let next = vehicle_model::next_stay(
-            a.kind,
-            &a.plug_prob,
-            &mut self.rng,
-            &self.clock,
-            self.now,
-            veh.stay.place,
-            veh.slot_h as f64,
-        );
-        let drive_kwh = vehicle_model::trip_kwh(next.arrive - self.now);
-        veh.soc = (veh.soc - 100.0 * drive_kwh / a.battery_kwh).max(5.0);
-        veh.stay = next;
-        self.push(next.arrive, Ev::Arrive(v));
+        self.fleet
+            .drive_on(self.sc, &self.w, self.now, v, &mut self.events);
         if self.live {
             self.upsert(v);
         }
     }
 
-    pub fn want_dispatch(&mut self) {
+    fn settle(&mut self, v: u32) {
+        self.fleet.settle(self.sc, self.now, v, &mut self.m);
+    }
+
+    /// Step the vehicle's governor with its current signals; hand work back when the governor
+    /// drains (or the link is down); schedule the next check; upsert when live.
+    fn reevaluate(&mut self, v: u32, graceful: bool) {
+        let mut d = self.fleet.step_governor(v, self.now);
+        let must_evict = d.must_evict;
+        if must_evict {
+            // In-flight work is handed back now; with nothing left the governor stops draining.
+            if self.live {
+                self.evict_all(v, graceful);
+            }
+            d = self.fleet.step_governor(v, self.now);
+        }
+        let e = self.fleet.apply_governor(self.sc, v, self.now, &d);
+        if !self.live {
+            return;
+        }
+        if e.was && !e.now && !must_evict {
+            // The link went down: the coordinator loses the node and requeues its work.
+            self.evict_all(v, graceful);
+        }
+        self.schedule_check(v);
+        self.upsert(v);
+        if !e.was && e.now {
+            self.want_dispatch();
+        }
+    }
+
+    fn schedule_check(&mut self, v: u32) {
+        self.fleet
+            .schedule_check(self.sc, self.now, v, &mut self.events);
+    }
+
+    fn upsert(&mut self, v: u32) {
+        self.fleet.upsert(self.sc, self.now, v, &mut self.driver);
+    }
+
+    // ---- jobs ----
+
+    fn enqueue(&mut self, r: TraceRequest) {
+        self.jobs.enqueue(r, self.now, self.w.t_end, &mut self.m);
+        self.want_dispatch();
+    }
+
+    fn want_dispatch(&mut self) {
         if self.dispatch_at.is_none() && self.live {
             let ms = self.sc.dispatch_ms;
             let at = (self.now / ms + 1) * ms;
             self.dispatch_at = Some(at);
-            self.push(at, Ev::Dispatch);
+            self.events.push(at, Ev::Dispatch);
         }
+    }
+
+    /// `sweep`: the periodic pass that offers a large batch window (declined jobs get retried).
+    fn dispatch(&mut self, sweep: bool) {
+        if sweep {
+            self.sweep_at = None;
+        } else {
+            self.dispatch_at = None;
+        }
+        if !self.jobs.has_pending() {
+            return;
+        }
+        let sweep = sweep || self.now >= self.last_sweep + SWEEP_MS;
+        let freed = self.fleet.take_freed();
+        let window = if sweep {
+            self.last_sweep = self.now;
+            8192
+        } else {
+            (freed + 64).min(65_536)
+        };
+        self.m.scheduler_calls += 1;
+        let d = self.driver.decide(self.now, self.jobs.offer(window));
+        // Start loading every placed job's record and vehicle before working through them.
+        for a in &d.assignments {
+            self.jobs.prefetch(a.job.0 as usize);
+            self.fleet.prefetch(a.node.0 as usize);
+        }
+        let mut touched = std::mem::take(&mut self.touched_buf);
+        touched.clear();
+        for p in &d.preemptions {
+            let j = p.job.0 as u32;
+            if let Some(v) = self.jobs.node_of(j) {
+                self.settle(v);
+                self.evict(j, true);
+                self.m.preemptions += 1;
+                touched.push(v);
+            }
+        }
+        for a in &d.assignments {
+            let j = a.job.0 as u32;
+            let v = a.node.0 as u32;
+            self.jobs.unqueue(j);
+            self.start(j, v);
+            touched.push(v);
+        }
+        for r in &d.rejections {
+            let j = r.job.0 as u32;
+            self.jobs.unqueue(j);
+            self.jobs.reject(j, r.reason, &mut self.m);
+        }
+        self.jobs.prune_interactive();
+        touched.sort_unstable();
+        touched.dedup();
+        for &v in &touched {
+            self.schedule_check(v);
+            self.upsert(v);
+        }
+        self.touched_buf = touched;
+        // Still waiting: look again soon (interactive) or on the next sweep (batch).
+        if self.jobs.interactive_waiting() {
+            self.want_dispatch();
+        }
+        if self.jobs.batch_waiting() && self.sweep_at.is_none() {
+            let at = self.last_sweep + SWEEP_MS;
+            self.sweep_at = Some(at);
+            self.events.push(at, Ev::Sweep);
+        }
+    }
+
+    fn start(&mut self, j: u32, v: u32) {
+        self.settle(v);
+        let batch = self.jobs.is_batch(j);
+        let (class, rtt) = self.fleet.occupy(v, j, batch);
+        let class = &self.sc.classes[class];
+        let (done_at, run) = self
+            .jobs
+            .start(self.sc, j, v, self.now, class, rtt, &mut self.m);
+        self.events.push(done_at, Ev::JobDone(j, run));
+    }
+
+    fn job_done(&mut self, j: u32, run: u32) {
+        let Some(v) = self.jobs.running_on(j, run) else {
+            return;
+        };
+        self.settle(v);
+        self.jobs.complete(j, self.now, self.w.t_end, &mut self.m);
+        self.fleet.release(v, j);
+        self.schedule_check(v);
+        self.upsert(v);
+        self.want_dispatch();
+    }
+
+    /// Take job `j` off its node; keep acknowledged tokens, count the rest as wasted, requeue.
+    fn evict(&mut self, j: u32, graceful: bool) {
+        let Some(v) = self.jobs.evict(self.sc, j, graceful, self.now, &mut self.m) else {
+            return;
+        };
+        self.fleet.release(v, j);
+        self.jobs.requeue(j, self.now);
+        self.want_dispatch();
+    }
+
+    fn evict_all(&mut self, v: u32, graceful: bool) {
+        if !self.live {
+            return;
+        }
+        for j in self.fleet.running(v) {
+            self.evict(j, graceful);
+        }
+    }
+
+    /// End of the measurement window: settle energy, credit acknowledged progress of running
+    /// jobs (they would continue), close the books.
+    fn finish(&mut self) {
+        for v in 0..self.fleet.len() as u32 {
+            self.settle(v);
+        }
+        for j in self.fleet.all_running() {
+            self.jobs.credit_at_end(self.sc, j, self.now, &mut self.m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokenfleet_scheduler::{JobClass, JobId, PolicyKind, QueuedJob};
+    use tokenfleet_vehicle::{GovernorState, Policy};
+
+    use super::Sim;
+    use crate::vehicle_model::{self, HYSTERESIS_PCT, MIN};
+    use crate::{RunOptions, Scenario};
+
+    fn interactive(model: &str, now: u64) -> QueuedJob {
+        QueuedJob {
+            id: JobId(1),
+            class: JobClass::Interactive,
+            model: model.to_string(),
+            prompt_tokens: 100,
+            max_tokens: 50,
+            generated_tokens: 0,
+            deadline: None,
+            residency: None,
+            tenant: "t".into(),
+            sensitive: false,
+            enqueued_at: now,
+            running_on: None,
+        }
+    }
+
+    /// The simulator's vehicles are governed by `tokenfleet-vehicle`'s governor: a vehicle
+    /// below its SoC reserve and unplugged gets no work; plugged in below the start SoC it
+    /// still gets none (the governor's start threshold, which the old stand-in did not have);
+    /// above it, only after the governor's eligibility dwell.
+    #[test]
+    fn vehicles_are_governed_by_the_vehicle_crates_governor() {
+        let mut sc = Scenario::from_name("city-mixed").expect("shipped");
+        sc.warmup_days = 1;
+        for a in &mut sc.archetypes {
+            a.compute_on_battery = true;
+        }
+        let opts = RunOptions {
+            vehicles: Some(1),
+            days: Some(1.0),
+            ..RunOptions::default()
+        };
+        let policies: Vec<Arc<Policy>> = sc
+            .archetypes
+            .iter()
+            .map(|a| Arc::new(vehicle_model::governor_policy(a, sc.utc_offset_min).unwrap()))
+            .collect();
+        let part = crate::partition::split(&sc, &opts, &policies, Vec::new())
+            .into_iter()
+            .find(|p| p.fleet.len() > 0)
+            .expect("the vehicle's partition");
+        let mut sim = Sim::new(&sc, PolicyKind::Tokenfleet, &opts, part, None);
+        sim.live = true;
+        let now = sim.w.t_start;
+        sim.now = now;
+        let (arch, class) = sim.fleet.kind_of(0);
+        let reserve = sc.archetypes[arch].soc_reserve_pct;
+        let model = sc.classes[class].model.clone();
+        sim.fleet
+            .park_for_test(0, now, now - 2 * 60 * MIN, now + 10 * 60 * MIN);
+        sim.fleet.set_plugged_for_test(0, false);
+        sim.fleet.set_soc_for_test(0, reserve - 1.0);
+        let offer = |sim: &mut Sim, at: u64| {
+            sim.now = at;
+            sim.reevaluate(0, true);
+            sim.driver.decide(at, &[interactive(&model, at)])
+        };
+        // Below the reserve, unplugged: never given work, however long it waits.
+        for k in 0..5 {
+            let d = offer(&mut sim, now + k * 10 * MIN);
+            assert!(d.assignments.is_empty(), "{d:?}");
+            assert!(!sim.fleet.is_eligible(0));
+            assert_eq!(sim.fleet.governor(0).state(), GovernorState::Unavailable);
+        }
+        // Plugged in, still below the start SoC: the governor keeps it unavailable.
+        sim.fleet.set_plugged_for_test(0, true);
+        let t = now + 60 * MIN;
+        assert!(offer(&mut sim, t).assignments.is_empty());
+        // Above the start SoC: eligible once the governor's dwell has passed.
+        sim.fleet
+            .set_soc_for_test(0, reserve + HYSTERESIS_PCT + 1.0);
+        assert!(offer(&mut sim, t + 1).assignments.is_empty());
+        assert_eq!(sim.fleet.governor(0).state(), GovernorState::Unavailable);
+        let dwell = sim
+            .fleet
+            .governor(0)
+            .policy()
+            .timing
+            .eligible_dwell
+            .as_millis() as u64;
+        let d = offer(&mut sim, t + 1 + dwell);
+        assert_eq!(d.assignments.len(), 1, "{d:?}");
+        assert!(sim.fleet.is_eligible(0));
+        assert_eq!(sim.fleet.governor(0).state(), GovernorState::Eligible);
     }
 }

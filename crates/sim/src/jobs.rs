@@ -1,5 +1,6 @@
-//! Job execution in the simulator: queueing, dispatch through the driver, running on a vehicle,
-//! completion, eviction with continuation, and the end-of-run accounting.
+//! The job table: every job of a partition from arrival to its end, the queues they wait in, the
+//! window of them offered to the scheduler, and the accounting of their tokens, time to first
+//! token, SLOs, waste and refusals.
 //!
 //! Execution model: a job on a vehicle decodes at the class's per-stream speed
 //! (`decode_tps_batched / slots`, what the scheduler plans with), after one round trip and the
@@ -7,50 +8,60 @@
 //! requests run back to back on one slot. On eviction the coordinator keeps every acknowledged
 //! token; a graceful hand-back loses only the tokens in flight (one RTT), an abrupt one (link
 //! outage, unannounced departure) loses everything since the last acknowledged checkpoint.
+//!
+//! Owns: [`JobTable`] and its `Job`s, the interactive and batch queues, the reusable buffers of
+//! the offered queue, run ids and the model ids jobs are interned by.
+//! May import: `metrics`, `compute`, `scenario`, `workload`. Vehicles are only ids here: this
+//! module knows nothing of the fleet, the events or the scheduler driver.
+
+use std::collections::{BTreeSet, VecDeque};
 
 use tokenfleet_scheduler::hint::prefetch;
 use tokenfleet_scheduler::{JobClass, JobId, Millis, QueuedJob, RejectReason};
 
-use crate::engine::{Ev, Sim, SWEEP_MS};
+use crate::compute::ComputeClass;
+use crate::metrics::Metrics;
+use crate::scenario::Scenario;
+use crate::workload::TraceRequest;
 
-pub struct Job {
-    pub class: JobClass,
-    pub model: u16,
-    pub sensitive: bool,
-    pub shard: u32,
+struct Job {
+    class: JobClass,
+    model: u16,
+    sensitive: bool,
+    shard: u32,
     /// Per request.
-    pub prompt: u32,
-    pub max_per_req: u32,
-    pub generated: u32,
-    pub deadline: Option<Millis>,
-    pub arrived: Millis,
-    pub enqueued: Millis,
-    pub residency: Option<std::sync::Arc<[String]>>,
-    pub node: Option<u32>,
-    pub attempt: u32,
+    prompt: u32,
+    max_per_req: u32,
+    generated: u32,
+    deadline: Option<Millis>,
+    arrived: Millis,
+    enqueued: Millis,
+    residency: Option<std::sync::Arc<[String]>>,
+    node: Option<u32>,
+    attempt: u32,
     /// When decoding starts on the current node.
-    pub decode_from: Millis,
-    pub rate: f32,
-    pub rtt_ms: f32,
-    pub ttft_done: bool,
+    decode_from: Millis,
+    rate: f32,
+    rtt_ms: f32,
+    ttft_done: bool,
     /// Interactive: the first TTFT met the SLO and no departure has cut the answer since.
-    pub slo_ok: bool,
+    slo_ok: bool,
     /// Interactive: when a departure (or outage, SoC floor) cut the answer being streamed.
-    pub cut_at: Option<Millis>,
-    pub finished: bool,
+    cut_at: Option<Millis>,
+    finished: bool,
     /// Run id of the current placement (matches its `JobDone` event).
-    pub run: u32,
-    /// Waiting in `pending_int` (interactive jobs leave it lazily, see `dispatch`).
-    pub queued: bool,
+    run: u32,
+    /// Waiting in `pending_int` (interactive jobs leave it lazily, see `prune_interactive`).
+    queued: bool,
 }
 
 impl Job {
-    pub fn max_total(&self) -> u32 {
+    fn max_total(&self) -> u32 {
         self.max_per_req.saturating_mul(self.shard)
     }
 
     /// Prompt tokens still to process, including re-prefill of a partial request.
-    pub fn prefill_tokens(&self) -> u32 {
+    fn prefill_tokens(&self) -> u32 {
         let m = self.max_per_req.max(1);
         let done_reqs = self.generated / m;
         let partial = self.generated % m;
@@ -80,8 +91,47 @@ fn clone_into_vec(src: &[String], dst: &mut Vec<String>) {
     dst.extend(src[common..].iter().cloned());
 }
 
-impl Sim<'_> {
-    pub fn enqueue(&mut self, r: crate::workload::TraceRequest) {
+/// Key of a batch job in the batch queues: deadline (none last), enqueue time, id.
+type BatchKey = (Millis, Millis, u32);
+
+pub(crate) struct JobTable {
+    jobs: Vec<Job>,
+    /// Finished job slots for reuse (a million-vehicle day has ~10^8 requests).
+    free: Vec<u32>,
+    /// Run ids: every start of a job gets a fresh one, so a stale completion never matches.
+    next_run: u32,
+    /// Model names, indexed by `Job::model`.
+    model_ids: Vec<String>,
+    pending_int: VecDeque<u32>,
+    pending_batch: BTreeSet<BatchKey>,
+    /// The batch jobs of `pending_batch` that were evicted with acknowledged output (same keys).
+    /// Every dispatch offers them besides the head of the queue: the coordinator hands the
+    /// scheduler its whole queue, and the window is only the simulator's shortcut for it.
+    pending_resumed: BTreeSet<BatchKey>,
+    /// Reused between dispatches (no per-job allocation on the hot path).
+    queue_buf: Vec<QueuedJob>,
+    ids_buf: Vec<u32>,
+}
+
+impl JobTable {
+    pub fn new(sc: &Scenario) -> Self {
+        let mut model_ids: Vec<String> = sc.classes.iter().map(|c| c.model.clone()).collect();
+        model_ids.dedup();
+        Self {
+            jobs: Vec::new(),
+            free: Vec::new(),
+            next_run: 0,
+            model_ids,
+            pending_int: VecDeque::new(),
+            pending_batch: BTreeSet::new(),
+            pending_resumed: BTreeSet::new(),
+            queue_buf: Vec::new(),
+            ids_buf: Vec::new(),
+        }
+    }
+
+    /// A new job for request `r`, queued at `now`.
+    pub fn enqueue(&mut self, r: TraceRequest, now: Millis, t_end: Millis, m: &mut Metrics) {
         let model = match self.model_ids.iter().position(|m| **m == *r.model) {
             Some(i) => i,
             None => {
@@ -98,8 +148,8 @@ impl Sim<'_> {
             max_per_req: r.max_tokens.max(1),
             generated: 0,
             deadline: r.deadline_ms,
-            arrived: self.now,
-            enqueued: self.now,
+            arrived: now,
+            enqueued: now,
             residency: r.residency,
             node: None,
             attempt: 0,
@@ -113,7 +163,7 @@ impl Sim<'_> {
             run: 0,
             queued: true,
         };
-        let id = match self.free_jobs.pop() {
+        let id = match self.free.pop() {
             Some(id) => {
                 self.jobs[id as usize] = job;
                 id
@@ -125,19 +175,60 @@ impl Sim<'_> {
         };
         match r.class {
             JobClass::Interactive => {
-                self.m.int_jobs += 1;
+                m.int_jobs += 1;
                 self.pending_int.push_back(id);
             }
             JobClass::Batch => {
-                self.m.batch_jobs += 1;
-                if r.deadline_ms.is_some_and(|d| d <= self.t_end) {
-                    self.m.batch_due += 1;
+                m.batch_jobs += 1;
+                if r.deadline_ms.is_some_and(|d| d <= t_end) {
+                    m.batch_due += 1;
                 }
                 self.pending_batch
-                    .insert((r.deadline_ms.unwrap_or(Millis::MAX), self.now, id));
+                    .insert((r.deadline_ms.unwrap_or(Millis::MAX), now, id));
             }
         }
-        self.want_dispatch();
+    }
+
+    /// Any job waiting.
+    pub fn has_pending(&self) -> bool {
+        !(self.pending_int.is_empty() && self.pending_batch.is_empty())
+    }
+
+    pub fn interactive_waiting(&self) -> bool {
+        !self.pending_int.is_empty()
+    }
+
+    pub fn batch_waiting(&self) -> bool {
+        !self.pending_batch.is_empty()
+    }
+
+    /// The queue offered to the scheduler: every waiting interactive job, the first `window`
+    /// batch jobs and up to `window` resumed batch jobs beyond those.
+    pub fn offer(&mut self, window: usize) -> &[QueuedJob] {
+        let mut ids = std::mem::take(&mut self.ids_buf);
+        ids.clear();
+        ids.extend(self.pending_int.iter().copied());
+        let head = ids.len();
+        ids.extend(self.pending_batch.iter().take(window).map(|&(_, _, j)| j));
+        if ids.len() > head {
+            // Resumed jobs beyond the head (they were requeued behind fresh jobs due at the
+            // same time).
+            let last = ids[ids.len() - 1];
+            let job = &self.jobs[last as usize];
+            let last_key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, last);
+            ids.extend(
+                self.pending_resumed
+                    .range((
+                        std::ops::Bound::Excluded(last_key),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take(window)
+                    .map(|&(_, _, j)| j),
+            );
+        }
+        let n = self.build_queue(&ids);
+        self.ids_buf = ids;
+        &self.queue_buf[..n]
     }
 
     /// Write job `j` into `q`, reusing `q`'s string and vector allocations (`clone_from`): a
@@ -194,106 +285,29 @@ impl Sim<'_> {
         n
     }
 
-    /// `sweep`: the periodic pass that offers a large batch window (declined jobs get retried).
-    pub fn dispatch(&mut self, sweep: bool) {
-        if sweep {
-            self.sweep_at = None;
-        } else {
-            self.dispatch_at = None;
-        }
-        if self.pending_int.is_empty() && self.pending_batch.is_empty() {
-            return;
-        }
-        let sweep = sweep || self.now >= self.last_sweep + SWEEP_MS;
-        let window = if sweep {
-            self.last_sweep = self.now;
-            8192
-        } else {
-            (self.freed + 64).min(65_536)
-        };
-        self.freed = 0;
-        let mut ids = std::mem::take(&mut self.ids_buf);
-        ids.clear();
-        ids.extend(self.pending_int.iter().copied());
-        let head = ids.len();
-        ids.extend(self.pending_batch.iter().take(window).map(|&(_, _, j)| j));
-        if ids.len() > head {
-            // Resumed jobs beyond the head (they were requeued behind fresh jobs due at the
-            // same time).
-            let last = ids[ids.len() - 1];
-            let job = &self.jobs[last as usize];
-            let last_key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, last);
-            ids.extend(
-                self.pending_resumed
-                    .range((
-                        std::ops::Bound::Excluded(last_key),
-                        std::ops::Bound::Unbounded,
-                    ))
-                    .take(window)
-                    .map(|&(_, _, j)| j),
-            );
-        }
-        let n = self.build_queue(&ids);
-        self.ids_buf = ids;
-        self.m.scheduler_calls += 1;
-        let d = self.driver.decide(self.now, &self.queue_buf[..n]);
-        // Start loading every placed job's record and vehicle before working through them.
-        for a in &d.assignments {
-            if let Some(job) = self.jobs.get(a.job.0 as usize) {
-                prefetch(job);
-            }
-            if let Some(veh) = self.vehicles.get(a.node.0 as usize) {
-                prefetch(veh);
-            }
-        }
-        let mut touched = std::mem::take(&mut self.touched_buf);
-        touched.clear();
-        for p in &d.preemptions {
-            let j = p.job.0 as u32;
-            if let Some(v) = self.jobs.get(j as usize).and_then(|job| job.node) {
-                self.settle(v);
-                self.evict(j, true);
-                self.m.preemptions += 1;
-                touched.push(v);
-            }
-        }
-        for a in &d.assignments {
-            let j = a.job.0 as u32;
-            let v = a.node.0 as u32;
-            self.unqueue(j);
-            self.start(j, v);
-            touched.push(v);
-        }
-        for r in &d.rejections {
-            let j = r.job.0 as u32;
-            self.unqueue(j);
-            self.reject(j, r.reason);
-        }
-        let jobs = &self.jobs;
-        self.pending_int.retain(|&j| jobs[j as usize].queued);
-        touched.sort_unstable();
-        touched.dedup();
-        for &v in &touched {
-            self.schedule_check(v);
-            self.upsert(v);
-        }
-        self.touched_buf = touched;
-        // Still waiting: look again soon (interactive) or on the next sweep (batch).
-        if !self.pending_int.is_empty() {
-            self.want_dispatch();
-        }
-        if !self.pending_batch.is_empty() && self.sweep_at.is_none() {
-            let at = self.last_sweep + SWEEP_MS;
-            self.sweep_at = Some(at);
-            self.push(at, Ev::Sweep);
+    /// The vehicle job `j` runs on, if any.
+    pub fn node_of(&self, j: u32) -> Option<u32> {
+        self.jobs.get(j as usize).and_then(|job| job.node)
+    }
+
+    /// Start loading job `j`'s record (a hint).
+    pub fn prefetch(&self, j: usize) {
+        if let Some(job) = self.jobs.get(j) {
+            prefetch(job);
         }
     }
 
-    fn unqueue(&mut self, j: u32) {
+    pub fn is_batch(&self, j: u32) -> bool {
+        self.jobs[j as usize].class == JobClass::Batch
+    }
+
+    /// Job `j` leaves its queue (placed or refused).
+    pub fn unqueue(&mut self, j: u32) {
         let job = &self.jobs[j as usize];
         match job.class {
             // Removed from `pending_int` in one pass after the decisions (a job refused or left
-            // waiting ahead of many placed ones made a per-job search quadratic).
+            // waiting ahead of many placed ones made a per-job search quadratic), by
+            // `prune_interactive`.
             JobClass::Interactive => self.jobs[j as usize].queued = false,
             JobClass::Batch => {
                 let key = (job.deadline.unwrap_or(Millis::MAX), job.enqueued, j);
@@ -303,8 +317,14 @@ impl Sim<'_> {
         }
     }
 
-    fn requeue(&mut self, j: u32) {
-        let now = self.now;
+    /// Drop the interactive jobs `unqueue` took off the queue.
+    pub fn prune_interactive(&mut self) {
+        let jobs = &self.jobs;
+        self.pending_int.retain(|&j| jobs[j as usize].queued);
+    }
+
+    /// Job `j`, off its vehicle, waits again from `now`.
+    pub fn requeue(&mut self, j: u32, now: Millis) {
         let job = &mut self.jobs[j as usize];
         job.node = None;
         job.enqueued = now;
@@ -319,20 +339,21 @@ impl Sim<'_> {
                 }
             }
         }
-        self.want_dispatch();
     }
 
-    fn start(&mut self, j: u32, v: u32) {
-        self.settle(v);
-        let now = self.now;
-        let sc = self.sc;
-        let veh = &mut self.vehicles[v as usize];
-        let class = &sc.classes[veh.class as usize];
-        veh.busy += 1;
-        veh.running
-            .push((j, self.jobs[j as usize].class == JobClass::Batch));
-        self.slots_busy += 1;
-        let rtt = veh.rtt_ms;
+    /// Job `j` starts at `now` on vehicle `v` of compute class `class` with round trip `rtt`
+    /// ms: returns when it will be done and its run id (for its `JobDone` event).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &mut self,
+        sc: &Scenario,
+        j: u32,
+        v: u32,
+        now: Millis,
+        class: &ComputeClass,
+        rtt: f32,
+        m: &mut Metrics,
+    ) -> (Millis, u32) {
         let job = &mut self.jobs[j as usize];
         let rate = class.stream_tps();
         let first_prefill = if job.generated > 0 {
@@ -343,11 +364,11 @@ impl Sim<'_> {
         if job.attempt > 0 && job.generated % job.max_per_req.max(1) > 0 {
             // A resume re-prefills the prompt and the partial answer: slot time spent again,
             // counted as waste in decode-token equivalents of that time.
-            self.m.reprefill += first_prefill as u64;
+            m.reprefill += first_prefill as u64;
             let equiv =
                 (first_prefill as f64 * rate as f64 / class.prefill_tps as f64).ceil() as u64;
-            self.m.wasted += equiv;
-            self.m.waste.reprefill += equiv;
+            m.wasted += equiv;
+            m.waste.reprefill += equiv;
         }
         let prefill_ms = |tokens: u32| (tokens as f64 / class.prefill_tps as f64 * 1000.0) as u64;
         // The job's input (prompts, and on a resume the tokens already generated) goes to the
@@ -364,133 +385,116 @@ impl Sim<'_> {
         if !job.ttft_done && job.class == JobClass::Interactive {
             job.ttft_done = true;
             let ttft = job.decode_from - job.arrived;
-            self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
+            m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
             if ttft <= sc.workload.ttft_slo_ms {
-                self.m.int_slo_ok += 1;
+                m.int_slo_ok += 1;
                 job.slo_ok = true;
             }
         } else if let Some(cut) = job.cut_at.take() {
             // The user waits a second time for the answer to continue.
             let ttft = job.decode_from - cut;
-            self.m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
+            m.ttft_ms.push(ttft.min(u32::MAX as u64) as u32);
         }
         let remaining_tokens = job.max_total().saturating_sub(job.generated);
         let other_prefill = prefill_total.saturating_sub(first_prefill);
         let done_at = job.decode_from
             + prefill_ms(other_prefill)
             + (remaining_tokens as f64 / rate as f64 * 1000.0) as u64;
-        let run = job.run;
-        self.push(done_at, Ev::JobDone(j, run));
+        (done_at, job.run)
     }
 
-    fn release_slot(&mut self, j: u32, v: u32) {
-        let veh = &mut self.vehicles[v as usize];
-        veh.busy = veh.busy.saturating_sub(1);
-        if let Some(pos) = veh.running.iter().position(|&(x, _)| x == j) {
-            veh.running.swap_remove(pos);
-        }
-        self.slots_busy -= 1;
-        if veh.eligible {
-            self.freed += 1;
-        }
-    }
-
-    fn credit(&mut self, j: u32, tokens: u64) {
-        match self.jobs[j as usize].class {
-            JobClass::Interactive => self.m.delivered_int += tokens,
-            JobClass::Batch => self.m.delivered_batch += tokens,
-        }
-        self.m.tokens_in_bucket += tokens;
-    }
-
-    pub fn job_done(&mut self, j: u32, run: u32) {
+    /// The vehicle job `j` is running on in run `run`; `None` for a stale completion.
+    pub fn running_on(&self, j: u32, run: u32) -> Option<u32> {
         let job = &self.jobs[j as usize];
         if job.run != run || job.finished {
-            return;
+            return None;
         }
-        let Some(v) = job.node else { return };
+        job.node
+    }
+
+    /// Job `j` is done at `now`: every token delivered, its slot in the table free again.
+    pub fn complete(&mut self, j: u32, now: Millis, t_end: Millis, m: &mut Metrics) {
+        let job = &self.jobs[j as usize];
         let remaining = job.max_total().saturating_sub(job.generated) as u64;
         let (class, deadline) = (job.class, job.deadline);
-        self.settle(v);
-        self.credit(j, remaining);
+        self.credit(j, remaining, m);
         let job = &mut self.jobs[j as usize];
         job.generated = job.max_total();
         job.finished = true;
         job.node = None;
         if class == JobClass::Batch {
-            self.m.batch_completed += 1;
-            if deadline.is_some_and(|d| self.now <= d && d <= self.t_end) {
-                self.m.batch_on_time += 1;
+            m.batch_completed += 1;
+            if deadline.is_some_and(|d| now <= d && d <= t_end) {
+                m.batch_on_time += 1;
             }
         }
-        self.release_slot(j, v);
-        self.free_jobs.push(j);
-        self.schedule_check(v);
-        self.upsert(v);
-        self.want_dispatch();
+        self.free.push(j);
+    }
+
+    fn credit(&self, j: u32, tokens: u64, m: &mut Metrics) {
+        match self.jobs[j as usize].class {
+            JobClass::Interactive => m.delivered_int += tokens,
+            JobClass::Batch => m.delivered_batch += tokens,
+        }
+        m.tokens_in_bucket += tokens;
     }
 
     /// Tokens produced so far by a running job on its current node (bounded by what is left).
-    fn produced(&self, j: u32) -> u64 {
+    fn produced(&self, j: u32, now: Millis) -> u64 {
         let job = &self.jobs[j as usize];
         let left = job.max_total().saturating_sub(job.generated) as u64;
-        if self.now <= job.decode_from {
+        if now <= job.decode_from {
             return 0;
         }
-        (((self.now - job.decode_from) as f64 / 1000.0 * job.rate as f64) as u64).min(left)
+        (((now - job.decode_from) as f64 / 1000.0 * job.rate as f64) as u64).min(left)
     }
 
-    /// Take job `j` off its node; keep acknowledged tokens, count the rest as wasted, requeue.
-    pub fn evict(&mut self, j: u32, graceful: bool) {
-        let Some(v) = self.jobs[j as usize].node else {
-            return;
-        };
-        let produced = self.produced(j);
+    /// Take job `j` off its node: keep acknowledged tokens, count the rest as wasted. Returns
+    /// the vehicle it was on (`None`: it was not running); the caller frees the slot and
+    /// requeues the job.
+    pub fn evict(
+        &mut self,
+        sc: &Scenario,
+        j: u32,
+        graceful: bool,
+        now: Millis,
+        m: &mut Metrics,
+    ) -> Option<u32> {
+        let v = self.jobs[j as usize].node?;
+        let produced = self.produced(j, now);
         let job = &self.jobs[j as usize];
         let lost = if graceful {
             ((job.rate as f64 * job.rtt_ms as f64 / 1000.0).ceil() as u64).min(produced)
         } else {
             let ack = match job.class {
-                JobClass::Interactive => self.sc.link.ack_interval_s_interactive,
-                JobClass::Batch => self.sc.link.ack_interval_s_batch,
+                JobClass::Interactive => sc.link.ack_interval_s_interactive,
+                JobClass::Batch => sc.link.ack_interval_s_batch,
             };
             let chunk = ((job.rate as f64 * ack).ceil() as u64).max(1);
             produced % chunk
         };
         let acked = produced - lost;
-        let now = self.now;
         let job = &mut self.jobs[j as usize];
         if job.class == JobClass::Interactive && job.ttft_done {
             // A cut answer stalls for at least a round trip, the queue wait and the re-prefill,
             // and the user sees a second TTFT: the request no longer meets its SLO.
             job.cut_at = Some(now);
-            self.m.int_cut += 1;
+            m.int_cut += 1;
             if std::mem::take(&mut job.slo_ok) {
-                self.m.int_slo_ok -= 1;
+                m.int_slo_ok -= 1;
             }
         }
-        self.credit(j, acked);
-        self.m.wasted += lost;
-        self.m.waste.lost_on_eviction += lost;
-        self.m.evictions += 1;
+        self.credit(j, acked, m);
+        m.wasted += lost;
+        m.waste.lost_on_eviction += lost;
+        m.evictions += 1;
         self.jobs[j as usize].generated += acked as u32;
-        self.release_slot(j, v);
-        self.requeue(j);
+        Some(v)
     }
 
-    pub fn evict_all(&mut self, v: u32, graceful: bool) {
-        if !self.live {
-            return;
-        }
-        let running = std::mem::take(&mut self.vehicles[v as usize].running);
-        self.vehicles[v as usize].running = running.clone();
-        for (j, _) in running {
-            self.evict(j, graceful);
-        }
-    }
-
-    fn reject(&mut self, j: u32, reason: RejectReason) {
-        self.free_jobs.push(j);
+    /// The scheduler refused job `j`.
+    pub fn reject(&mut self, j: u32, reason: RejectReason, m: &mut Metrics) {
+        self.free.push(j);
         let job = &mut self.jobs[j as usize];
         job.finished = true;
         // Tokens already delivered for a request that is then refused are wasted after all. A
@@ -503,41 +507,30 @@ impl Sim<'_> {
         } as u64;
         match class {
             JobClass::Interactive => {
-                self.m.int_rejected += 1;
-                self.m.delivered_int -= partial.min(self.m.delivered_int);
+                m.int_rejected += 1;
+                m.delivered_int -= partial.min(m.delivered_int);
             }
             JobClass::Batch => {
-                self.m.batch_rejected += 1;
-                self.m.delivered_batch -= partial.min(self.m.delivered_batch);
+                m.batch_rejected += 1;
+                m.delivered_batch -= partial.min(m.delivered_batch);
             }
         }
-        self.m.wasted += partial;
-        self.m.waste.refused_partial += partial;
+        m.wasted += partial;
+        m.waste.refused_partial += partial;
         let key = serde_json::to_value(reason)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_else(|| format!("{reason:?}"));
-        *self.m.rejections.entry(key).or_default() += 1;
+        *m.rejections.entry(key).or_default() += 1;
     }
 
-    /// End of the measurement window: settle energy, credit acknowledged progress of running
-    /// jobs (they would continue), close the books.
-    pub fn finish(&mut self) {
-        for v in 0..self.vehicles.len() as u32 {
-            self.settle(v);
-        }
-        let running: Vec<u32> = self
-            .vehicles
-            .iter()
-            .flat_map(|veh| veh.running.iter().map(|&(j, _)| j))
-            .collect();
-        for j in running {
-            let produced = self.produced(j);
-            let job = &self.jobs[j as usize];
-            let chunk =
-                ((job.rate as f64 * self.sc.link.ack_interval_s_batch).ceil() as u64).max(1);
-            let acked = produced - produced % chunk;
-            self.credit(j, acked);
-        }
+    /// End of the measurement window: credit the acknowledged progress of running job `j` (it
+    /// would continue).
+    pub fn credit_at_end(&self, sc: &Scenario, j: u32, now: Millis, m: &mut Metrics) {
+        let produced = self.produced(j, now);
+        let job = &self.jobs[j as usize];
+        let chunk = ((job.rate as f64 * sc.link.ack_interval_s_batch).ceil() as u64).max(1);
+        let acked = produced - produced % chunk;
+        self.credit(j, acked, m);
     }
 }

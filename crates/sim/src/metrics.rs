@@ -1,4 +1,7 @@
 //! Run metrics and the serialised reports (`RunReport`, `CompareReport`).
+//!
+//! Owns: `Metrics` (a run's accumulators), `RunReport`, `CompareReport`. May import: no
+//! simulator module.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -1,5 +1,7 @@
 //! Plots with plotters (PNG via the bitmap backend with a bundled DejaVu Sans font, and SVG):
 //! tokens over the day against vehicles parked/eligible, and a per-policy comparison.
+//!
+//! Owns: the plots. May import: `metrics`.
 
 use std::path::{Path, PathBuf};
 

@@ -7,6 +7,8 @@
 //! into it while it drains go to a small binary heap, and each pop takes the earlier of the
 //! two. Events further out wait in an overflow heap and move into the ring as it advances. With a million vehicles
 //! the queue holds millions of events; a heap pop then costs ~22 cache misses, a bucket push one.
+//!
+//! Owns: `EventQueue`. May import: no simulator module (its tests use `rng`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

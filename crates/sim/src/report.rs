@@ -1,4 +1,6 @@
 //! Building the [`RunReport`] from a finished simulation, and the readable text report.
+//!
+//! Owns: building and printing reports. May import: `metrics`, `scenario`, `vehicle_model`.
 
 use std::fmt::Write;
 

@@ -1,5 +1,7 @@
 //! Deterministic random numbers for the simulator (SplitMix64 from the scheduler crate) with the
 //! few distributions the models need.
+//!
+//! Owns: `Rng`. May import: no simulator module (the generator is the scheduler crate's).
 
 use tokenfleet_scheduler::rng::SplitMix64;
 

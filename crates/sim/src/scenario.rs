@@ -1,7 +1,12 @@
 //! Scenario files (TOML): fleet composition, links, workload and economics.
+//!
+//! Owns: `Scenario` and its parts, their loading and validation (with each archetype's
+//! governor policy). May import: `compute`.
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+use tokenfleet_vehicle::{Policy, PolicyError};
 
 use crate::compute::{ComputeClass, ComputeError};
 
@@ -52,6 +57,33 @@ pub struct Archetype {
     /// the fields above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub governor: Option<String>,
+}
+
+/// Start SoC above the archetype's reserve (the governor's SoC hysteresis band), percentage
+/// points: a vehicle stopped at its reserve starts again only this far above it.
+pub const HYSTERESIS_PCT: f32 = 5.0;
+
+impl Archetype {
+    /// The operator policy of this archetype, as `tokenfleet-vehicle` reads it: the departure
+    /// reserve is the stop SoC, start is [`HYSTERESIS_PCT`] above it, `compute_on_battery =
+    /// false` requires the cable; `governor` (extra policy TOML: quiet hours, budgets,
+    /// `[timing]`) is appended.
+    pub fn governor_policy(&self, utc_offset_min: i32) -> Result<Policy, PolicyError> {
+        let off = utc_offset_min.unsigned_abs();
+        let sign = if utc_offset_min < 0 { '-' } else { '+' };
+        let toml = format!(
+            "pack_capacity_kwh = {}\nutc_offset = \"{sign}{:02}:{:02}\"\nrequire_plugged_in = {}\n\
+             soc = {{ start = {}, stop = {} }}\n{}\n",
+            self.battery_kwh,
+            off / 60,
+            off % 60,
+            !self.compute_on_battery,
+            (self.soc_reserve_pct + HYSTERESIS_PCT).min(100.0),
+            self.soc_reserve_pct,
+            self.governor.as_deref().unwrap_or(""),
+        );
+        Policy::fleet_defaults_from_toml_str(&toml)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -362,7 +394,7 @@ impl Scenario {
             return invalid("dispatch_ms must be > 0");
         }
         for a in &self.archetypes {
-            if let Err(e) = crate::vehicle_model::governor_policy(a, self.utc_offset_min) {
+            if let Err(e) = a.governor_policy(self.utc_offset_min) {
                 return Err(ScenarioError::Invalid(format!(
                     "archetype {:?}: governor policy: {e}",
                     a.kind

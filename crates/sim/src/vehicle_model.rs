@@ -9,6 +9,8 @@
 //! Dwell figures (FIELD-NOTES, ElaadNL-derived data in ev2gym): home arrivals 15-18 h stay
 //! 13.9-15.5 h; work arrivals 7-8:30 stay 7.6-8.5 h; public stays about 3 h; cars are parked
 //! about 95% of the time. Van, ride-hail and car-share patterns are ASSUMPTIONS built around them.
+//!
+//! Owns: dwell, charging, trip energy, wear, governor signals. May import: `scenario`, `rng`.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +47,7 @@ pub struct Stay {
 }
 
 /// Local calendar helpers; `t0` is Monday 00:00 local.
+#[derive(Clone, Copy)]
 pub struct Clock {
     pub t0: Millis,
 }
@@ -212,9 +215,7 @@ pub fn trip_kwh(duration_ms: u64) -> f32 {
     15.0 * duration_ms as f32 / HOUR as f32
 }
 
-/// Start SoC above the archetype's reserve (the governor's SoC hysteresis band), percentage
-/// points: a vehicle stopped at its reserve starts again only this far above it.
-pub const HYSTERESIS_PCT: f32 = 5.0;
+pub use crate::scenario::HYSTERESIS_PCT;
 
 /// Battery, compute-unit and 12 V readings the simulator reports to every governor. The
 /// simulator does not model temperatures or the 12 V battery; these nominal values keep the
@@ -225,24 +226,9 @@ const LOW_VOLTAGE_V: f64 = 12.6;
 /// VSS `SelectedGear` while driving (any gear but Park, 126).
 const GEAR_DRIVE: i64 = 1;
 
-/// The operator policy of an archetype, as `tokenfleet-vehicle` reads it: the departure reserve
-/// is the stop SoC, start is [`HYSTERESIS_PCT`] above it, `compute_on_battery = false` requires
-/// the cable; `governor` (extra policy TOML: quiet hours, budgets, `[timing]`) is appended.
+/// The operator policy of an archetype (see [`Archetype::governor_policy`]).
 pub fn governor_policy(a: &Archetype, utc_offset_min: i32) -> Result<Policy, PolicyError> {
-    let off = utc_offset_min.unsigned_abs();
-    let sign = if utc_offset_min < 0 { '-' } else { '+' };
-    let toml = format!(
-        "pack_capacity_kwh = {}\nutc_offset = \"{sign}{:02}:{:02}\"\nrequire_plugged_in = {}\n\
-         soc = {{ start = {}, stop = {} }}\n{}\n",
-        a.battery_kwh,
-        off / 60,
-        off % 60,
-        !a.compute_on_battery,
-        (a.soc_reserve_pct + HYSTERESIS_PCT).min(100.0),
-        a.soc_reserve_pct,
-        a.governor.as_deref().unwrap_or(""),
-    );
-    Policy::fleet_defaults_from_toml_str(&toml)
+    a.governor_policy(utc_offset_min)
 }
 
 /// What the simulator knows about a vehicle, as the VSS signals its governor reads.

@@ -5,6 +5,8 @@
 //! `{"t_ms": 1200, "class": "interactive", "model": "llama-3.1-8b", "prompt_tokens": 500,
 //!   "max_tokens": 200, "deadline_ms": null, "residency": ["eu-nl"], "sensitive": false,
 //!   "shard": 1}`
+//!
+//! Owns: `TraceRequest`, `InteractiveGen`, trace loading. May import: `scenario`, `rng`.
 
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
