@@ -3,7 +3,9 @@
 //! leases). Imports nothing from the crate.
 
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 /// Unix milliseconds of `t` (0 before 1970: a clock set that far back is not worth an error).
 pub fn unix_ms_of(t: SystemTime) -> u64 {
@@ -23,7 +25,8 @@ pub fn unix_s() -> u64 {
 }
 
 /// Milliseconds on a monotonic clock shared by the sessions and the manager (its epoch is the
-/// first call in this process).
+/// first call in this process). Tokio's clock, so tests can pause and advance it; outside a
+/// paused runtime it is the system's monotonic clock.
 pub fn clock_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64

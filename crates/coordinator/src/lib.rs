@@ -63,6 +63,8 @@ pub enum CoordinatorError {
     Verify(#[from] trust::verify::VerifyError),
     #[error(transparent)]
     Regions(#[from] policy::regions::RegionError),
+    #[error("the job manager died: {0}")]
+    ManagerDied(String),
     #[error(transparent)]
     Listen(#[from] transport::listeners::ListenError),
 }
@@ -247,21 +249,40 @@ pub async fn start(
             &state.metrics,
             stop_rx.clone(),
         );
+        let stop_tx = Arc::new(stop_tx);
+        let stop_on_shutdown = Arc::clone(&stop_tx);
         tokio::spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            let _ = stop_on_shutdown.send(true);
+        });
+        // The manager owns every job: if it dies (a panic is a bug), the coordinator stops
+        // cleanly (listeners closed, store flushed) instead of serving with nobody behind the
+        // API; the error names the cause.
+        let manager_task = tokio::spawn(async move {
+            let ended = manager_task.await;
+            if let Err(e) = &ended {
+                tracing::error!(cause = %e, "job manager died; stopping the coordinator");
+                let _ = stop_tx.send(true);
+            }
+            ended
         });
         let result = servers.await.map_err(CoordinatorError::from);
         if let Some(r) = revocations {
             r.abort();
         }
         let _ = batch_task.await;
-        let _ = manager_task.await;
+        let manager_died = match manager_task.await {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        };
         // Everything the manager queued for the store is durable before we report stopped.
         if let Err(e) = flush_store.flush().await {
             tracing::error!(cause = %e, "job store flush at shutdown failed");
         }
-        result
+        match manager_died {
+            Some(cause) => Err(CoordinatorError::ManagerDied(cause)),
+            None => result,
+        }
     });
     Ok(Running {
         bound,

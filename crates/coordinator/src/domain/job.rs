@@ -1,7 +1,7 @@
 //! What a job is while the coordinator runs it, and what a client holds to follow one.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokenfleet_engine::token_text::{Release, TextReleaser};
 use tokenfleet_engine::{SamplingParams, TokenTable};

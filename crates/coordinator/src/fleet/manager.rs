@@ -5,241 +5,44 @@
 //! token chunks into jobs, takes jobs back from nodes that leave or go silent (they resume
 //! elsewhere from their tokens), and writes progress to the store through an ordered writer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::clock::unix_ms;
+use crate::fleet::queue::JobQueue;
 
 use tokenfleet_protocol::v1::{self};
-use tokenfleet_protocol::{AgentMsg, CoordinatorMsg};
+use tokenfleet_protocol::CoordinatorMsg;
 use tokenfleet_scheduler::{JobClass, NodeId, Scheduler};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::CoordinatorConfig;
 use crate::domain::error::RequestError;
 use crate::domain::job::{Job, JobHandle, JobOutcome, JobText, JobView, Placement};
 use crate::domain::request::ValidRequest;
-use crate::domain::store::{JobState, Outcome, Store, StoredJob, StoredToken};
-use crate::fleet::nodes::{LastSeen, Node, NodeSender};
+use crate::domain::store::{JobState, Outcome, StoredJob, StoredToken};
+use crate::fleet::nodes::Node;
 use crate::fleet::writer::{StoreWriter, WriteOp};
 use crate::metrics::Metrics;
 
 mod dispatch;
 mod handback;
+mod handle;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 mod leases;
 mod node_events;
 mod verdicts;
 
-/// A job accepted by the API and already in the store.
-pub struct NewJob {
-    pub id: u64,
-    pub public_id: String,
-    pub tenant: String,
-    pub request: ValidRequest,
-    pub created_ms: u64,
-}
-
-/// What a node session learns when it registers.
-pub struct Registered {
-    pub node: NodeId,
-    pub conn: u64,
-    /// Jobs leased to the node that its Hello does not hold (requeued by the manager).
-    pub stranded: Vec<u64>,
-}
-
-enum Cmd {
-    Submit(NewJob, oneshot::Sender<Result<JobHandle, RequestError>>),
-    Attach(u64, oneshot::Sender<Option<JobHandle>>),
-    Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
-    Adopt(Vec<StoredJob>, oneshot::Sender<()>),
-    Cancel(u64),
-    QueueLen(oneshot::Sender<usize>),
-    NodeUp(
-        Box<v1::Hello>,
-        /// Whether the session verified a TPM quote (sensitive requests need it).
-        bool,
-        NodeSender,
-        LastSeen,
-        oneshot::Sender<Result<Registered, NodeRefusal>>,
-    ),
-    NodeMsg(NodeId, u64, AgentMsg),
-    NodeDown(NodeId, u64),
-}
-
-/// Handle to the manager task; cheap to clone.
-#[derive(Clone)]
-pub struct Manager {
-    tx: mpsc::Sender<Cmd>,
-    /// Models held by at least one connected node, with the largest context one offers; kept
-    /// current by the manager so that requests check a model without a round trip to its task.
-    models: watch::Receiver<Arc<crate::fleet::nodes::ServedModels>>,
-}
+use handle::Cmd;
+pub use handle::{Deps, Manager, NewJob, NodeRefusal, Registered};
 
 /// Commands the manager handles before it runs the scheduler once (bounded, so ticks and
 /// dispatch still come round under a flood of messages).
 const MAX_CMDS_PER_DISPATCH: usize = 256;
-
-/// Why the manager refuses a node's session; the transport maps it to its own status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NodeRefusal {
-    #[error("coordinator shutting down")]
-    ShuttingDown,
-    #[error("Hello.node_id is empty")]
-    EmptyNodeId,
-    #[error("protocol version {offered} is not supported (this coordinator speaks {spoken})")]
-    ProtocolVersion { offered: u32, spoken: u32 },
-    #[error("this node is quarantined: its outputs failed result verification; an operator must release it (tokenfleet fleet quarantine release)")]
-    Quarantined,
-}
-
-/// What the manager is built from.
-pub struct Deps {
-    pub config: Arc<CoordinatorConfig>,
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub scheduler: Scheduler,
-    /// Residency regions, loaded once for the coordinator.
-    pub regions: Arc<crate::policy::regions::RegionMap>,
-    /// Result verification, when enabled.
-    pub verification: Option<crate::trust::verify::Setup>,
-}
-
-impl Manager {
-    /// Starts the manager with the jobs recovered from the store.
-    pub fn spawn(
-        deps: Deps,
-        recovered: Vec<StoredJob>,
-        shutdown: watch::Receiver<bool>,
-    ) -> (Manager, tokio::task::JoinHandle<()>) {
-        let Deps {
-            config,
-            store,
-            metrics,
-            scheduler,
-            regions,
-            verification,
-        } = deps;
-        let (tx, rx) = mpsc::channel(8192);
-        let (models_tx, models) = watch::channel(Arc::default());
-        let manager = Manager { tx, models };
-        // The verifier reports on its own channel, which the manager's loop reads next to its
-        // commands.
-        let (verify, reports) = match verification {
-            Some(setup) => {
-                let (reports_tx, reports) = mpsc::channel(setup.config.queue_capacity.max(1));
-                let verify =
-                    verdicts::Verification::start(setup, store.clone(), &metrics, reports_tx);
-                (Some(verify), Some(reports))
-            }
-            None => (None, None),
-        };
-        let writer = StoreWriter::new(store);
-        let mut state = State {
-            config,
-            metrics,
-            scheduler,
-            writer,
-            jobs: HashMap::new(),
-            queue: BTreeMap::new(),
-            nodes: HashMap::new(),
-            node_names: HashMap::new(),
-            next_node: 1,
-            next_conn: 1,
-            dirty_nodes: HashSet::new(),
-            wants_dispatch: true,
-            model_sessions: HashMap::new(),
-            models_tx,
-            node_gauges_dirty: true,
-            regions,
-            verify,
-        };
-        for job in recovered {
-            state.recover(job);
-        }
-        let task = tokio::spawn(state.run(rx, reports, shutdown));
-        (manager, task)
-    }
-
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.ok()?;
-        rx.await.ok()
-    }
-
-    pub async fn submit(&self, job: NewJob) -> Result<JobHandle, RequestError> {
-        self.ask(|tx| Cmd::Submit(job, tx))
-            .await
-            .unwrap_or_else(|| {
-                Err(RequestError::unavailable(
-                    "the coordinator is shutting down",
-                ))
-            })
-    }
-
-    /// A handle on a job the manager still runs (None when it has ended or never existed).
-    pub async fn attach(&self, job: u64) -> Option<JobHandle> {
-        self.ask(|tx| Cmd::Attach(job, tx)).await.flatten()
-    }
-
-    /// Runs a stored job again (queued, continuing from its stored tokens) and returns a
-    /// handle on it; a handle on the running job when the manager already has it.
-    pub async fn resume(&self, job: StoredJob) -> Option<JobHandle> {
-        self.ask(|tx| Cmd::Resume(Box::new(job), tx)).await
-    }
-
-    /// Queues stored jobs that nobody follows (a batch's requests); not bounded by
-    /// `max_queued_jobs`, which limits what clients of the HTTP API queue.
-    pub async fn adopt(&self, jobs: Vec<StoredJob>) {
-        let _ = self.ask(|tx| Cmd::Adopt(jobs, tx)).await;
-    }
-
-    pub async fn cancel(&self, job: u64) {
-        let _ = self.tx.send(Cmd::Cancel(job)).await;
-    }
-
-    /// Names of models held by at least one connected node, sorted.
-    pub async fn models(&self) -> Vec<String> {
-        self.models.borrow().keys().cloned().collect()
-    }
-
-    /// Whether at least one connected node holds `model`.
-    pub fn has_model(&self, model: &str) -> bool {
-        self.models.borrow().contains_key(model)
-    }
-
-    /// The largest context (prompt plus generated tokens) a connected node holding `model`
-    /// offers; None when no connected node holds it.
-    pub fn context_limit(&self, model: &str) -> Option<u32> {
-        self.models.borrow().get(model).copied()
-    }
-
-    pub async fn queue_len(&self) -> usize {
-        self.ask(Cmd::QueueLen).await.unwrap_or(0)
-    }
-
-    pub(crate) async fn node_up(
-        &self,
-        hello: v1::Hello,
-        attested: bool,
-        sender: NodeSender,
-        last_seen: LastSeen,
-    ) -> Result<Registered, NodeRefusal> {
-        self.ask(|tx| Cmd::NodeUp(Box::new(hello), attested, sender, last_seen, tx))
-            .await
-            .unwrap_or(Err(NodeRefusal::ShuttingDown))
-    }
-
-    pub(crate) async fn node_msg(&self, node: NodeId, conn: u64, msg: AgentMsg) -> bool {
-        self.tx.send(Cmd::NodeMsg(node, conn, msg)).await.is_ok()
-    }
-
-    pub(crate) async fn node_down(&self, node: NodeId, conn: u64) {
-        let _ = self.tx.send(Cmd::NodeDown(node, conn)).await;
-    }
-}
 
 struct State {
     config: Arc<CoordinatorConfig>,
@@ -248,7 +51,7 @@ struct State {
     writer: StoreWriter,
     jobs: HashMap<u64, Job>,
     /// Jobs waiting for a vehicle, oldest first.
-    queue: BTreeMap<u64, ()>,
+    queue: JobQueue,
     nodes: HashMap<NodeId, Node>,
     node_names: HashMap<String, NodeId>,
     next_node: u64,
@@ -312,6 +115,12 @@ impl State {
         tracing::info!("job manager stopped");
     }
 
+    /// A node's name for logs. A node id the manager does not know would be a bug; it is
+    /// logged as "?" rather than taking the manager (and every job) down.
+    fn node_name(&self, id: NodeId) -> &str {
+        self.nodes.get(&id).map_or("?", |n| n.name.as_str())
+    }
+
     fn recover(&mut self, stored: StoredJob) {
         let (view, _) = watch::channel(JobView {
             prompt_tokens: stored.prompt_tokens,
@@ -350,7 +159,7 @@ impl State {
                 followed: false,
             },
         );
-        self.queue.insert(stored.id, ());
+        self.enqueue(stored.id);
     }
 
     async fn handle(&mut self, cmd: Cmd) {
@@ -389,7 +198,7 @@ impl State {
                 let registered = self.node_up(*hello, attested, sender, last_seen);
                 if let Ok(r) = &registered {
                     for &job in &r.stranded {
-                        tracing::warn!(node = %self.nodes[&r.node].name, job, "job not held by the reconnected node; requeued");
+                        tracing::warn!(node = %self.node_name(r.node), job, "job not held by the reconnected node; requeued");
                         self.requeue(job, r.node).await;
                     }
                 }
@@ -416,10 +225,11 @@ impl State {
     /// count, so a large batch never locks interactive clients out.
     fn queued_admitted(&self) -> usize {
         self.queue
-            .keys()
+            .ids()
             .filter(|id| {
-                let job = &self.jobs[id];
-                job.followed || job.request.class == JobClass::Interactive
+                self.jobs
+                    .get(id)
+                    .is_some_and(|job| job.followed || job.request.class == JobClass::Interactive)
             })
             .count()
     }
@@ -458,8 +268,9 @@ impl State {
             followed: true,
         };
         let handle = job.handle();
-        self.queue.insert(job.id, ());
-        self.jobs.insert(job.id, job);
+        let id = job.id;
+        self.jobs.insert(id, job);
+        self.enqueue(id);
         self.wants_dispatch = true;
         Ok(handle)
     }
@@ -509,7 +320,7 @@ impl State {
         job.placement = Placement::Queued {
             since: Instant::now(),
         };
-        self.queue.insert(id, ());
+        self.enqueue(id);
         self.wants_dispatch = true;
     }
 
@@ -532,7 +343,7 @@ impl State {
 
     /// Ends a job: publishes the outcome to its clients and writes it to the store.
     async fn end(&mut self, id: u64, outcome: JobOutcome) {
-        self.queue.remove(&id);
+        self.queue.remove(id);
         let Some(mut job) = self.jobs.remove(&id) else {
             return;
         };

@@ -11,4 +11,5 @@
 pub mod decision_log;
 pub mod manager;
 pub mod nodes;
+pub mod queue;
 pub mod writer;

@@ -10,7 +10,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::clock::clock_ms;
 
@@ -173,6 +175,7 @@ impl Node {
             tariff_per_kwh: s.tariff_per_kwh,
             power_w: s.compute_power_w,
             link_rtt_ms: s.link_rtt_ms,
+            // Set by the manager from the verifier's record (`dispatch`).
             reputation: 1.0,
             attested: self.attested,
             departure,

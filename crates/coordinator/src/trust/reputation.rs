@@ -70,6 +70,29 @@ impl From<NodeRecord> for NodeReputation {
     }
 }
 
+impl NodeRecord {
+    /// The node's standing for the scheduler's reputation term, in [0, 1]: 0 when
+    /// quarantined, 0.1 while a failure waits for an operator, otherwise rising with spot
+    /// checks passed from 0.5 (no verified work) towards 1 (half way at
+    /// [`REPUTATION_HALF_JOBS`] passes). So among otherwise equal vehicles, work goes to
+    /// those whose outputs were verified, and a suspect one gets work only when others cannot
+    /// take it.
+    pub fn score(&self) -> f32 {
+        if self.quarantined.is_some() {
+            return 0.0;
+        }
+        if self.held.is_some() {
+            return 0.1;
+        }
+        let passed = self.passed as f32;
+        0.5 + 0.5 * passed / (passed + REPUTATION_HALF_JOBS)
+    }
+}
+
+/// Spot checks passed at which a node's score is half way from 0.5 to 1. Ten is the
+/// default `decay_jobs` (the spot-check rate halves over the same record).
+pub const REPUTATION_HALF_JOBS: f32 = 10.0;
+
 /// Spot-check rate parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RatePolicy {
@@ -104,6 +127,11 @@ impl Reputation {
             .map(|(node, r)| (node, NodeRecord::from(r)))
             .collect();
         Ok(Self { records, store })
+    }
+
+    /// The scheduler's reputation of a node ([`NodeRecord::score`]; 0.5 with no record).
+    pub fn score(&self, node: &str) -> f32 {
+        self.records.get(node).map_or(0.5, NodeRecord::score)
     }
 
     pub fn get(&self, node: &str) -> Option<&NodeRecord> {
@@ -218,6 +246,36 @@ pub async fn reopen_for_rerun(store: &Store, job: u64) -> Result<Option<StoredJo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheduler_score_rises_with_passed_checks_and_falls_on_suspicion() {
+        let fresh = NodeRecord::default();
+        assert_eq!(fresh.score(), 0.5);
+        let proven = NodeRecord {
+            passed: 10,
+            ..NodeRecord::default()
+        };
+        assert!(
+            (proven.score() - 0.75).abs() < 1e-6,
+            "half way at 10 passes"
+        );
+        let veteran = NodeRecord {
+            passed: 10_000,
+            ..NodeRecord::default()
+        };
+        assert!(veteran.score() > proven.score() && veteran.score() <= 1.0);
+        let held = NodeRecord {
+            passed: 10_000,
+            held: Some((1, "greedy gap".into())),
+            ..NodeRecord::default()
+        };
+        assert!(held.score() < fresh.score());
+        let quarantined = NodeRecord {
+            quarantined: Some((1, "greedy gap".into())),
+            ..veteran.clone()
+        };
+        assert_eq!(quarantined.score(), 0.0);
+    }
 
     fn policy() -> RatePolicy {
         RatePolicy {

@@ -12,22 +12,44 @@ use crate::clock::unix_ms;
 use crate::domain::job::Placement;
 
 impl State {
-    pub(super) fn update_gauges(&mut self) {
-        let (mut interactive, mut batch) = (0, 0);
-        for id in self.queue.keys() {
-            match self.jobs[id].request.class {
-                JobClass::Interactive => interactive += 1,
-                JobClass::Batch => batch += 1,
+    /// Puts a job in the queue in the scheduler's terms (what the scheduler reads does not
+    /// change while it waits). Called once the job is in `jobs` and its tokens are final.
+    pub(super) fn enqueue(&mut self, id: u64) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let now_ms = unix_ms();
+        let enqueued_at = match job.placement {
+            Placement::Queued { since } => {
+                now_ms.saturating_sub(since.elapsed().as_millis() as u64)
             }
-        }
+            _ => now_ms,
+        };
+        self.queue.insert(QueuedJob {
+            id: JobId(job.id),
+            class: job.request.class,
+            model: job.request.model.clone(),
+            prompt_tokens: job.view.borrow().prompt_tokens.max(1),
+            max_tokens: job.request.max_tokens,
+            generated_tokens: job.generated() as u32,
+            deadline: job.request.deadline_ms,
+            residency: job.request.residency.clone(),
+            tenant: job.tenant.clone(),
+            sensitive: job.request.sensitive,
+            enqueued_at,
+            running_on: None,
+        });
+    }
+
+    pub(super) fn update_gauges(&mut self) {
         self.metrics
             .queue_depth
             .with_label_values(&["interactive"])
-            .set(interactive);
+            .set(self.queue.depth(JobClass::Interactive) as i64);
         self.metrics
             .queue_depth
             .with_label_values(&["batch"])
-            .set(batch);
+            .set(self.queue.depth(JobClass::Batch) as i64);
         if !std::mem::take(&mut self.node_gauges_dirty) {
             return;
         }
@@ -55,39 +77,16 @@ impl State {
                 if n.connected() {
                     let mut view = n.view(now_ms);
                     view.running_batch = self.running_batch(n);
+                    // Without verification every vehicle stands equal (1.0).
+                    view.reputation = self
+                        .verify
+                        .as_ref()
+                        .map_or(1.0, |v| v.reputation.score(&n.name));
                     self.scheduler.upsert_node(view);
                 }
             }
         }
-        let queue: Vec<QueuedJob> = self
-            .queue
-            .keys()
-            .map(|id| {
-                let job = &self.jobs[id];
-                let generated = job.generated() as u32;
-                let enqueued_at = match job.placement {
-                    Placement::Queued { since } => {
-                        now_ms.saturating_sub(since.elapsed().as_millis() as u64)
-                    }
-                    _ => now_ms,
-                };
-                QueuedJob {
-                    id: JobId(job.id),
-                    class: job.request.class,
-                    model: job.request.model.clone(),
-                    prompt_tokens: job.view.borrow().prompt_tokens.max(1),
-                    max_tokens: job.request.max_tokens,
-                    generated_tokens: generated,
-                    deadline: job.request.deadline_ms,
-                    residency: job.request.residency.clone(),
-                    tenant: job.tenant.clone(),
-                    sensitive: job.request.sensitive,
-                    enqueued_at,
-                    running_on: None,
-                }
-            })
-            .collect();
-        let decisions = self.scheduler.decide(now_ms, &queue);
+        let decisions = self.scheduler.decide(now_ms, self.queue.as_scheduled());
         for p in decisions.preemptions {
             self.preempt(p.job.0, p.node);
         }
@@ -162,7 +161,7 @@ impl State {
         job.placement = Placement::Running { node: node_id };
         job.attempts += 1;
         node.jobs.insert(id);
-        self.queue.remove(&id);
+        self.queue.remove(id);
         self.dirty_nodes.insert(node_id);
     }
 }

@@ -9,7 +9,7 @@
 //! are still taken, and if the node never answers within the lease the job is queued again
 //! with the tokens that did arrive.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokenfleet_protocol::v1;
 use tokenfleet_protocol::CoordinatorMsg;

@@ -37,6 +37,8 @@ pub struct Harness {
     pub jobs: Vec<JobHandle>,
     /// Assigns each job received, by index in `jobs`.
     pub assigns: Vec<u32>,
+    /// Every Assign sent, in order, with the index of the node it went to.
+    pub assigned: Vec<(usize, v1::Assign)>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -149,7 +151,8 @@ impl Harness {
             store,
             nodes: Vec::new(),
             jobs: Vec::new(),
-            assigns: vec![0; max_tokens.len()],
+            assigns: Vec::new(),
+            assigned: Vec::new(),
             stop,
             task,
         };
@@ -157,31 +160,38 @@ impl Harness {
             assert!(h.up(i, Vec::new()).await, "a fresh node registers");
             h.send(i, AgentMsg::State(eligible())).await;
         }
-        for (i, &max) in max_tokens.iter().enumerate() {
-            let request = request(max);
-            let public_id = format!("cmpl-{i}");
-            let id = h
-                .store
-                .insert_job(public_id.clone(), "t".into(), None, &request, 1)
-                .await
-                .expect("store insert")
-                .expect("no idempotency key");
-            let handle = h
-                .manager
-                .submit(NewJob {
-                    id,
-                    public_id,
-                    tenant: "t".into(),
-                    request,
-                    created_ms: 1,
-                })
-                .await
-                .expect("the queue has room");
-            h.jobs.push(handle);
+        for &max in max_tokens {
+            h.submit(max).await;
         }
         h.settle().await;
         assert!(h.assigns.iter().all(|&n| n == 1), "every job was assigned");
         h
+    }
+
+    /// Queues one more job (stored first, as the API does); its index in `jobs`.
+    pub async fn submit(&mut self, max_tokens: u32) -> usize {
+        let request = request(max_tokens);
+        let public_id = format!("cmpl-{}", self.jobs.len());
+        let id = self
+            .store
+            .insert_job(public_id.clone(), "t".into(), None, &request, 1)
+            .await
+            .expect("store insert")
+            .expect("no idempotency key");
+        let handle = self
+            .manager
+            .submit(NewJob {
+                id,
+                public_id,
+                tenant: "t".into(),
+                request,
+                created_ms: 1,
+            })
+            .await
+            .expect("the queue has room");
+        self.jobs.push(handle);
+        self.assigns.push(0);
+        self.jobs.len() - 1
     }
 
     /// Node `i` opens a session (a new one, or a reconnect) holding `held` jobs; false when
@@ -236,7 +246,7 @@ impl Harness {
     /// counts the Assigns it sent; an Assign never asks for more than the job's `max_tokens`.
     pub async fn settle(&mut self) {
         let _ = self.manager.queue_len().await;
-        for s in &mut self.nodes {
+        for (i, s) in self.nodes.iter_mut().enumerate() {
             while let Ok(msg) = s.outbound.try_recv() {
                 let Some(CoordinatorMsg::Assign(a)) = msg.msg else {
                     continue;
@@ -250,6 +260,7 @@ impl Harness {
                     a.resume_token_ids.len() + a.max_tokens as usize <= max,
                     "an Assign asks for more than the job's max_tokens {max}: {a:?}"
                 );
+                self.assigned.push((i, a));
             }
         }
     }
@@ -285,6 +296,8 @@ impl Harness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::job::JobOutcome;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_well_behaved_node_finishes_its_jobs() {
@@ -321,6 +334,92 @@ mod tests {
         h.send(0, AgentMsg::Chunk(chunk(&id, 0, 10))).await;
         h.settle().await;
         h.check().await;
+        h.stop().await;
+    }
+
+    /// The node that was sent job `j`'s latest Assign.
+    fn holder(h: &Harness, j: usize) -> (usize, v1::Assign) {
+        let id = h.job_id(j);
+        h.assigned
+            .iter()
+            .rev()
+            .find(|(_, a)| a.job_id == id)
+            .cloned()
+            .expect("job was assigned")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_job_continues_on_another_node_from_its_last_token() {
+        let mut h = Harness::start(2, &[8]).await;
+        let (first, _) = holder(&h, 0);
+        let id = h.job_id(0);
+        h.send(first, AgentMsg::Chunk(chunk(&id, 0, 3))).await;
+        // The driver returns: the vehicle is no longer eligible and hands the job back.
+        let leaving = v1::State {
+            eligible: false,
+            ..eligible()
+        };
+        h.send(first, AgentMsg::State(leaving)).await;
+        let evicted = v1::JobEvicted {
+            job_id: id,
+            reason: "departure".into(),
+            next_index: 3,
+        };
+        h.send(first, AgentMsg::Evicted(evicted)).await;
+        h.settle().await;
+        let (second, again) = holder(&h, 0);
+        assert_ne!(second, first, "continued on the other vehicle");
+        assert_eq!(again.resume_token_ids.len(), 3, "from the last token");
+        assert_eq!(again.max_tokens, 5, "only what is left");
+        assert_eq!(h.assigns[0], 2);
+        h.check().await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_loses_its_job_after_the_lease() {
+        let mut h = Harness::start(2, &[8]).await;
+        let (first, _) = holder(&h, 0);
+        let lease = CoordinatorConfig::default().lease_timeout;
+        // Nothing is heard from either node; only one holding work loses its lease. (Paused
+        // time also runs on by itself while the manager waits for the store thread, so the
+        // test asserts what happens after the lease, not the exact instant.)
+        tokio::time::advance(lease + Duration::from_secs(1)).await;
+        h.settle().await;
+        assert!(
+            h.assigns[0] >= 2,
+            "requeued and assigned again once the lease expired"
+        );
+        assert!(
+            h.assigned.iter().any(|(node, _)| *node != first),
+            "the job moved to the other vehicle"
+        );
+        h.check().await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interactive_job_no_vehicle_takes_fails_after_the_queue_timeout() {
+        let mut h = Harness::start(0, &[]).await;
+        let j = h.submit(8).await;
+        let timeout = CoordinatorConfig::default().queue_timeout;
+        tokio::time::advance(timeout - Duration::from_secs(1)).await;
+        h.settle().await;
+        assert!(h.jobs[j].view.borrow().outcome.is_none(), "still waiting");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        h.settle().await;
+        let outcome = h.jobs[j].view.borrow().outcome.clone();
+        match outcome {
+            Some(JobOutcome::Failed(e)) => {
+                assert_eq!(
+                    e.kind,
+                    crate::domain::error::ErrorKind::Unavailable,
+                    "{e:?}"
+                );
+                assert!(e.message.contains("no eligible vehicle"), "{e:?}");
+            }
+            other => panic!("expected a 503 after the queue timeout, got {other:?}"),
+        }
         h.stop().await;
     }
 }

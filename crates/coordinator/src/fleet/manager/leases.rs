@@ -6,7 +6,9 @@
 //! judged here from what the coordinator saw (tokens arriving), never from what the node says
 //! about itself (slots, speeds, state).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokenfleet_protocol::v1;
 use tokenfleet_protocol::CoordinatorMsg;
@@ -59,7 +61,9 @@ impl State {
             .map(|n| n.id)
             .collect();
         for id in silent {
-            let node = &self.nodes[&id];
+            let Some(node) = self.nodes.get(&id) else {
+                continue;
+            };
             tracing::warn!(node = %node.name, jobs = node.jobs.len(), "node silent past its lease; requeueing its jobs");
             let jobs: Vec<u64> = node.jobs.iter().copied().collect();
             // A live but silent session is cut so the agent reconnects and resyncs.
@@ -190,15 +194,15 @@ impl State {
         let now_ms = unix_ms();
         let stale: Vec<(u64, RequestError)> = self
             .queue
-            .keys()
+            .ids()
             .filter_map(|id| {
-                let job = &self.jobs[id];
+                let job = self.jobs.get(&id)?;
                 let Placement::Queued { since } = job.placement else {
                     return None;
                 };
                 if job.request.deadline_ms.is_some_and(|d| d < now_ms) {
                     return Some((
-                        *id,
+                        id,
                         RequestError::unavailable(
                             "the request's deadline passed before a vehicle could finish it",
                         ),
@@ -207,7 +211,7 @@ impl State {
                 (job.request.class == JobClass::Interactive && since.elapsed() > timeout).then(
                     || {
                         (
-                            *id,
+                            id,
                             RequestError::unavailable(format!(
                         "no eligible vehicle could take the request within {} s; retry later",
                         timeout.as_secs()

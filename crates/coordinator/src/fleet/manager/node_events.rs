@@ -143,7 +143,7 @@ impl State {
                 self.wants_dispatch = true;
             }
             AgentMsg::Hello(_) => {
-                tracing::warn!(node = %self.nodes[&id].name, "second Hello on one session ignored");
+                tracing::warn!(node = %self.node_name(id), "second Hello on one session ignored");
             }
             AgentMsg::Chunk(chunk) => self.on_chunk(id, chunk).await,
             AgentMsg::Done(done) => self.on_done(id, done).await,
@@ -152,20 +152,24 @@ impl State {
                     return;
                 };
                 // A hand-back was counted when the preemption was decided.
-                if !self.jobs[&job].is_handing_back_from(id) {
+                if !self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|j| j.is_handing_back_from(id))
+                {
                     self.metrics
                         .evictions
                         .with_label_values(&[eviction_label(&ev.reason)])
                         .inc();
                 }
-                tracing::info!(node = %self.nodes[&id].name, job, reason = %ev.reason, next_index = ev.next_index, "job evicted; requeued");
+                tracing::info!(node = %self.node_name(id), job, reason = %ev.reason, next_index = ev.next_index, "job evicted; requeued");
                 self.requeue(job, id).await;
             }
             AgentMsg::Failed(f) => {
                 let Some(job) = self.running_on(&f.job_id, id) else {
                     return;
                 };
-                let attempts = self.jobs[&job].attempts;
+                let attempts = self.jobs.get(&job).map_or(0, |j| j.attempts);
                 // The node's text goes to the operator's log only: a client never reads what a
                 // vehicle wrote (it could be anything), and "permanent" is the node's claim,
                 // so the job gets other vehicles before it fails.
@@ -175,7 +179,7 @@ impl State {
                     "permanent"
                 };
                 let cause: String = f.message.chars().take(512).collect();
-                tracing::warn!(node = %self.nodes[&id].name, job, retryable = f.retryable, %cause, "job failed on node");
+                tracing::warn!(node = %self.node_name(id), job, retryable = f.retryable, %cause, "job failed on node");
                 self.metrics
                     .node_job_failures
                     .with_label_values(&[reason])
@@ -213,8 +217,10 @@ impl State {
         let Some(id) = self.running_on(&chunk.job_id, node) else {
             return;
         };
-        let node_name = self.nodes[&node].name.clone();
-        let job = self.jobs.get_mut(&id).expect("running job exists");
+        let node_name = self.node_name(node).to_string();
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         let top_wanted = if job.request.logprobs {
             job.request.top_logprobs as usize
         } else {
@@ -344,11 +350,13 @@ impl State {
         let Some(id) = self.running_on(&done.job_id, node) else {
             return;
         };
-        let job = &self.jobs[&id];
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
         let have = job.generated() as u32;
         if done.next_index != have {
             // Some chunks were lost (a reconnect); the tokens we lack are regenerated.
-            tracing::warn!(node = %self.nodes[&node].name, job = id, have, reported = done.next_index, "JobDone before all chunks arrived; resuming elsewhere");
+            tracing::warn!(node = %self.node_name(node), job = id, have, reported = done.next_index, "JobDone before all chunks arrived; resuming elsewhere");
             self.requeue(id, node).await;
             return;
         }
@@ -395,7 +403,9 @@ impl State {
             _ => "stop",
         };
         let text_tail = our_tail.unwrap_or(done.text_tail);
-        let job = self.jobs.get_mut(&id).expect("checked above");
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         // The node that ends a job claims its end, even with no token of its own (a job that
         // produced nothing is verified too).
         if job.producers.last().map(|p| p.0) != Some(node) {
@@ -408,7 +418,7 @@ impl State {
             done.energy_measured,
             done.battery_wear_usd,
         );
-        tracing::debug!(node = %self.nodes[&node].name, job = id, energy_j = done.energy_j, measured = done.energy_measured, wear_usd = done.battery_wear_usd, "job done");
+        tracing::debug!(node = %self.node_name(node), job = id, energy_j = done.energy_j, measured = done.energy_measured, wear_usd = done.battery_wear_usd, "job done");
         let prompt_tokens = done.prompt_tokens;
         self.end(
             id,
@@ -454,17 +464,19 @@ impl State {
                 })
                 .collect();
         for job in outside {
-            self.nodes[&id].send(CoordinatorMsg::Cancel(v1::Cancel {
-                job_id: job.to_string(),
-                reason: "vehicle left the job's residency region".into(),
-                // Continued from the tokens the coordinator already holds.
-                hand_back: false,
-            }));
+            if let Some(node) = self.nodes.get(&id) {
+                node.send(CoordinatorMsg::Cancel(v1::Cancel {
+                    job_id: job.to_string(),
+                    reason: "vehicle left the job's residency region".into(),
+                    // Continued from the tokens the coordinator already holds.
+                    hand_back: false,
+                }));
+            }
             self.metrics
                 .evictions
                 .with_label_values(&["residency"])
                 .inc();
-            tracing::info!(node = %self.nodes[&id].name, job, "job taken back: vehicle left its residency region");
+            tracing::info!(node = %self.node_name(id), job, "job taken back: vehicle left its residency region");
             self.requeue(job, id).await;
         }
     }

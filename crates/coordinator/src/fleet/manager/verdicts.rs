@@ -22,7 +22,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokenfleet_engine::TokenTable;
 use tokenfleet_protocol::v1;
@@ -51,7 +53,7 @@ const OPERATOR_POLL: Duration = Duration::from_secs(2);
 /// Verification state the manager owns.
 pub(super) struct Verification {
     queue: VerifyQueue,
-    reputation: Reputation,
+    pub(super) reputation: Reputation,
     rates: RatePolicy,
     rerun_window: Duration,
     metrics: Arc<VerifyMetrics>,
@@ -242,6 +244,10 @@ impl State {
             };
             v.metrics.checks.with_label_values(&[label]).inc();
             v.reputation.mark(report.job, node, mark).await;
+            // Its reputation changes below: the scheduler sees it at the next dispatch.
+            if let Some(&id) = self.node_names.get(node) {
+                self.dirty_nodes.insert(id);
+            }
             match verdict {
                 Verdict::Pass => {
                     v.reputation.update(node, now, |r| r.passed += 1).await;
@@ -541,7 +547,7 @@ impl State {
             job = id,
             "job restarted from scratch after its node was quarantined"
         );
-        self.queue.insert(id, ());
+        self.enqueue(id);
         self.wants_dispatch = true;
     }
 }
