@@ -60,7 +60,7 @@ pub enum AgentError {
 pub struct Agent {
     shutdown: watch::Sender<bool>,
     status: StatusSender,
-    session: watch::Receiver<session::SessionStatus>,
+    session: watch::Receiver<SessionStatus>,
     assigns: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Kept to wait, on stop, until the engine has let go of every sequence.
@@ -112,7 +112,7 @@ impl Agent {
             status_rx,
             ledger,
         );
-        let (session_tx, session) = watch::channel(session::SessionStatus::Connecting);
+        let (session_tx, session) = watch::channel(SessionStatus::Connecting);
         let assigns = Arc::new(AtomicU64::new(0));
         let report = session::SessionReport {
             status: session_tx,

@@ -19,7 +19,8 @@ fn grew(n: usize) {
 // SAFETY: every call forwards to the system allocator unchanged; only counters are added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
+        // SAFETY: our caller upholds `alloc`'s contract for `layout`; it passes through as is.
+        let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             grew(layout.size());
         }
@@ -27,12 +28,16 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
+        // SAFETY: `ptr` came from `alloc`/`realloc` above, i.e. from `System`, with this `layout`
+        // (our caller's contract), so it is `System`'s to free.
+        unsafe { System.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
+        // SAFETY: as for `dealloc`, `ptr` and `layout` are `System`'s, and our caller upholds
+        // `realloc`'s contract for `new_size`.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
             grew(new_size);

@@ -7,7 +7,7 @@ pub fn prefetch<T>(x: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         let p = (x as *const T).cast::<i8>();
-        for off in (0..std::mem::size_of::<T>()).step_by(64) {
+        for off in (0..size_of::<T>()).step_by(64) {
             // SAFETY: a prefetch is a hint that never faults and has no observable effect (the
             // address is inside `x`); SSE is part of the x86_64 baseline.
             unsafe {

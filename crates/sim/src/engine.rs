@@ -497,7 +497,7 @@ mod tests {
             .park_for_test(0, now, now - 2 * 60 * MIN, now + 10 * 60 * MIN);
         sim.fleet.set_plugged_for_test(0, false);
         sim.fleet.set_soc_for_test(0, reserve - 1.0);
-        let offer = |sim: &mut Sim, at: u64| {
+        let offer = |sim: &mut Sim<'_>, at: u64| {
             sim.now = at;
             sim.reevaluate(0, true);
             sim.driver.decide(at, &[interactive(&model, at)])

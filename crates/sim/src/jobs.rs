@@ -343,7 +343,10 @@ impl JobTable {
 
     /// Job `j` starts at `now` on vehicle `v` of compute class `class` with round trip `rtt`
     /// ms: returns when it will be done and its run id (for its `JobDone` event).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site (`Sim::start`), passing its own state; a struct would only rename them"
+    )]
     pub fn start(
         &mut self,
         sc: &Scenario,

@@ -144,7 +144,7 @@ fn fixture_is_a_commuter_day_with_every_signal() {
     assert_eq!(st.selected_gear(t).fresh(), Some(GEAR_PARK));
 }
 
-const POLICY: &str = tokenfleet_vehicle::COMMUTER_EXAMPLE_POLICY;
+const POLICY: &str = COMMUTER_EXAMPLE_POLICY;
 
 /// Decode speed of the reference node at full budget (FIELD-NOTES: ~178 tok/s on 2 threads).
 const TOKENS_PER_S: f64 = 178.0;

@@ -71,7 +71,7 @@ pub struct CoordinatorConfig {
     /// HTTPS for the client API (PEM files); plain HTTP without it.
     pub http_tls: Option<TlsFiles>,
     /// Enrollment, mutual TLS on the agent port and attestation (see `security::config`).
-    pub security: Option<crate::config::SecurityConfig>,
+    pub security: Option<SecurityConfig>,
     /// SQLite job store (WAL mode).
     pub db_path: PathBuf,
     pub api_keys: Vec<ApiKey>,
@@ -164,7 +164,7 @@ pub struct CoordinatorConfig {
     /// sha256 = "..."`): a node announcing a bound name with another file, or an unbound name,
     /// is refused at its Hello. Empty: any name (development only; with `[security]` the
     /// attestation allow-list still limits the files, not which name each one serves).
-    pub models: Vec<crate::config::models::ModelBinding>,
+    pub models: Vec<models::ModelBinding>,
     /// Progress deadline of running jobs and node standing (`[progress]`).
     pub progress: ProgressConfig,
     /// Node `State` messages a session accepts per second, sustained, and in a burst; excess
@@ -458,7 +458,7 @@ impl CoordinatorConfig {
             tracing::warn!(addr = %self.grpc_addr, "allow_unauthenticated_agents: any client reaching the agent port receives jobs");
         }
         self.verification.validate().map_err(ConfigError::Invalid)?;
-        crate::config::models::binding_map(&self.models).map_err(ConfigError::Invalid)?;
+        models::binding_map(&self.models).map_err(ConfigError::Invalid)?;
         self.progress.validate().map_err(ConfigError::Invalid)?;
         self.node_state_rate
             .validate()

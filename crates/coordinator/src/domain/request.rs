@@ -78,7 +78,7 @@ impl ValidRequest {
             top_logprobs: 0,
             stream: false,
             include_usage: false,
-            class: tokenfleet_scheduler::JobClass::Interactive,
+            class: JobClass::Interactive,
             residency: None,
             deadline_ms: None,
             sensitive: false,

@@ -285,7 +285,7 @@ impl Session {
             Err(refusal) => return self.kill.kill(refusal_status(&refusal)),
         };
         let lease_ms = self.config.lease_timeout.as_millis() as u64;
-        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
+        let far = Instant::now() + Duration::from_secs(365 * 86400);
         let mut reattest = tokio::time::interval(
             sec_state
                 .as_ref()

@@ -1,7 +1,9 @@
 //! Shared helpers for tests on the real model.
 
-// Each test binary uses its own subset of these helpers.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses only part of the shared harness"
+)]
 
 use std::path::PathBuf;
 

@@ -97,7 +97,7 @@ impl RandomTokenLiar {
                     task_log.refused.store(true, Ordering::SeqCst);
                     return;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
         RandomTokenLiar { log, task }

@@ -1,7 +1,10 @@
 //! A real fleet for tests: a coordinator and agents in this process, each agent with its own
 //! llama.cpp engine on the real model. Everything binds 127.0.0.1:0 and stops on drop.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses only part of the shared harness"
+)]
 
 pub mod liar;
 pub mod process;

@@ -84,7 +84,10 @@ impl Drop for Liar {
 }
 
 impl Liar {
-    #[allow(clippy::too_many_arguments)] // one call site per phase; a struct would only rename them
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site per phase; a struct would only rename them"
+    )]
     pub fn start(
         grpc_url: String,
         name: String,
