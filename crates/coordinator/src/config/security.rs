@@ -1,11 +1,14 @@
 //! `[security]` in the coordinator's TOML: the fleet CA, enrollment, certificate lifetime and
 //! the attestation policy.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::models::Sha256Hex;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -75,4 +78,54 @@ impl SecurityConfig {
         let half_s = (self.cert_ttl.as_secs_f64() / 2.0).max(1.0);
         (3600.0 / half_s).ceil() as u32 + 1
     }
+}
+
+impl SecurityConfig {
+    /// The attestation policy, with every hash checked.
+    pub fn policy(&self) -> Result<AttestationPolicy, String> {
+        if ![16, 23].contains(&self.pcr_index) {
+            return Err(format!(
+                "pcr_index {} is not resettable at locality 0 (use 16 or 23)",
+                self.pcr_index
+            ));
+        }
+        if self.cert_ttl < Duration::from_secs(2) {
+            return Err("cert_ttl must be at least 2 s".into());
+        }
+        let needed = self.renewals_per_hour_needed();
+        if self.max_certificates_per_hour < needed {
+            return Err(format!(
+                "max_certificates_per_hour {} is below what cert_ttl {} s needs ({needed}: a renewal per half-life, plus enrollment)",
+                self.max_certificates_per_hour,
+                self.cert_ttl.as_secs()
+            ));
+        }
+        let parse = |list: &[String], what: &str| {
+            list.iter()
+                .map(|h| {
+                    parse_sha256_hex(h).ok_or_else(|| {
+                        format!("{what}: {h:?} is not a sha256 in canonical form (64 lower-case hex digits)")
+                    })
+                })
+                .collect::<Result<_, _>>()
+        };
+        Ok(AttestationPolicy {
+            pcr_index: self.pcr_index,
+            agent_builds: parse(&self.allowed_agent_builds, "allowed_agent_builds")?,
+            models: parse(&self.allowed_models, "allowed_models")?,
+        })
+    }
+}
+
+/// What the fleet allows: agent builds and models, by sha256.
+#[derive(Debug, Clone, Default)]
+pub struct AttestationPolicy {
+    pub pcr_index: u32,
+    pub agent_builds: HashSet<[u8; 32]>,
+    pub models: HashSet<[u8; 32]>,
+}
+
+/// A policy hash in canonical form (see [`Sha256Hex`]); anything else is None.
+pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    Sha256Hex::parse(s).ok().map(|h| h.to_bytes())
 }

@@ -237,6 +237,10 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
             tenant: "bench".into(),
         }],
         operator_key: Some(OPERATOR_KEY.into()),
+        // The load client may hold up to `max_inflight` connections, plus the bench's own
+        // `/metrics` reads: an operator sizes the cap to the clients they expect (the
+        // default, 512, refused the default 2,048 at accept and broke the bench).
+        http_max_connections: args.max_inflight + 16,
         ..Default::default()
     };
     let heartbeat_ms = config.heartbeat_interval.as_millis() as u64;

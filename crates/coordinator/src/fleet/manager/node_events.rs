@@ -226,30 +226,7 @@ impl State {
         } else {
             0
         };
-        let malformed = if chunk.texts.len() != n || chunk.logprobs.len() != n {
-            Some("texts or logprobs do not match the token ids".to_string())
-        } else if !(chunk.top_logprobs.is_empty() || chunk.top_logprobs.len() == n) {
-            Some("top_logprobs do not match the token ids".to_string())
-        } else if chunk.top_logprobs.iter().any(|t| t.top.len() > top_wanted) {
-            Some(format!("more than the {top_wanted} alternatives asked for"))
-        } else if chunk
-            .texts
-            .iter()
-            .chain(
-                chunk
-                    .top_logprobs
-                    .iter()
-                    .flat_map(|t| t.top.iter().map(|a| &a.text)),
-            )
-            .any(|t| t.len() > MAX_TOKEN_TEXT_BYTES)
-        {
-            Some(format!(
-                "a token text longer than {MAX_TOKEN_TEXT_BYTES} bytes"
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = malformed {
+        if let Some(why) = malformed(&chunk, top_wanted) {
             tracing::warn!(node = %node_name, job = id, %why, "malformed chunk ignored");
             return;
         }
@@ -279,22 +256,7 @@ impl State {
         let mut tops = Vec::with_capacity(take);
         for i in skip..skip + take {
             let tid = chunk.token_ids[i];
-            let top: Vec<(String, f32)> = chunk
-                .top_logprobs
-                .get(i)
-                .map(|t| {
-                    t.top
-                        .iter()
-                        .map(|a| {
-                            let text = job.text.as_ref().map_or_else(
-                                || Some(a.text.clone()),
-                                |jt| jt.token_text(a.token_id),
-                            );
-                            (text.unwrap_or_default(), a.logprob)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let top = alternatives(job.text.as_ref(), chunk.top_logprobs.get(i));
             let text = match job.text.as_mut() {
                 None => chunk.texts[i].clone(),
                 Some(jt) => match jt.push(tid) {
@@ -480,4 +442,45 @@ impl State {
             self.requeue(job, id).await;
         }
     }
+}
+
+/// Why a chunk's shape is unacceptable, if it is: per-token fields that do not line up with
+/// the token ids, more alternatives than asked for, an oversized text.
+fn malformed(chunk: &v1::TokenChunk, top_wanted: usize) -> Option<String> {
+    let n = chunk.token_ids.len();
+    let texts = chunk.texts.iter().chain(
+        chunk
+            .top_logprobs
+            .iter()
+            .flat_map(|t| t.top.iter().map(|a| &a.text)),
+    );
+    if chunk.texts.len() != n || chunk.logprobs.len() != n {
+        Some("texts or logprobs do not match the token ids".to_string())
+    } else if !(chunk.top_logprobs.is_empty() || chunk.top_logprobs.len() == n) {
+        Some("top_logprobs do not match the token ids".to_string())
+    } else if chunk.top_logprobs.iter().any(|t| t.top.len() > top_wanted) {
+        Some(format!("more than the {top_wanted} alternatives asked for"))
+    } else if texts.into_iter().any(|t| t.len() > MAX_TOKEN_TEXT_BYTES) {
+        Some(format!(
+            "a token text longer than {MAX_TOKEN_TEXT_BYTES} bytes"
+        ))
+    } else {
+        None
+    }
+}
+
+/// A token's alternatives as the client sees them: with the model's token table, each text
+/// is the coordinator's own detokenization of the alternative's id, not the node's claim.
+fn alternatives(text: Option<&JobText>, top: Option<&v1::TokenLogprobs>) -> Vec<(String, f32)> {
+    let Some(top) = top else {
+        return Vec::new();
+    };
+    top.top
+        .iter()
+        .map(|a| {
+            let released =
+                text.map_or_else(|| Some(a.text.clone()), |jt| jt.token_text(a.token_id));
+            (released.unwrap_or_default(), a.logprob)
+        })
+        .collect()
 }

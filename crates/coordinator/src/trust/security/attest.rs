@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokenfleet_protocol::v1;
 
 use crate::config::models::Sha256Hex;
+use crate::config::security::AttestationPolicy;
 
 const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
@@ -47,19 +48,6 @@ pub enum AttestFailure {
     ModelNotAllowed { name: String, sha256: String },
     #[error("model {0} is offered but was not measured")]
     ModelNotMeasured(String),
-}
-
-/// What the fleet allows: agent builds and models, by sha256.
-#[derive(Debug, Clone, Default)]
-pub struct AttestationPolicy {
-    pub pcr_index: u32,
-    pub agent_builds: HashSet<[u8; 32]>,
-    pub models: HashSet<[u8; 32]>,
-}
-
-/// A policy hash in canonical form (see [`Sha256Hex`]); anything else is None.
-pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
-    Sha256Hex::parse(s).ok().map(|h| h.to_bytes())
 }
 
 /// A reader over TPM wire structures (big-endian, sized buffers).
@@ -282,43 +270,6 @@ fn left_pad(b: &[u8]) -> Option<[u8; 32]> {
     Some(out)
 }
 
-impl crate::config::SecurityConfig {
-    /// The attestation policy, with every hash checked.
-    pub fn policy(&self) -> Result<AttestationPolicy, String> {
-        if ![16, 23].contains(&self.pcr_index) {
-            return Err(format!(
-                "pcr_index {} is not resettable at locality 0 (use 16 or 23)",
-                self.pcr_index
-            ));
-        }
-        if self.cert_ttl < std::time::Duration::from_secs(2) {
-            return Err("cert_ttl must be at least 2 s".into());
-        }
-        let needed = self.renewals_per_hour_needed();
-        if self.max_certificates_per_hour < needed {
-            return Err(format!(
-                "max_certificates_per_hour {} is below what cert_ttl {} s needs ({needed}: a renewal per half-life, plus enrollment)",
-                self.max_certificates_per_hour,
-                self.cert_ttl.as_secs()
-            ));
-        }
-        let parse = |list: &[String], what: &str| {
-            list.iter()
-                .map(|h| {
-                    parse_sha256_hex(h).ok_or_else(|| {
-                        format!("{what}: {h:?} is not a sha256 in canonical form (64 lower-case hex digits)")
-                    })
-                })
-                .collect::<Result<_, _>>()
-        };
-        Ok(AttestationPolicy {
-            pcr_index: self.pcr_index,
-            agent_builds: parse(&self.allowed_agent_builds, "allowed_agent_builds")?,
-            models: parse(&self.allowed_models, "allowed_models")?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,7 +358,13 @@ mod tests {
             check_log(&[agent, model], &[upper], &p),
             Err(AttestFailure::ModelNotMeasured("model".into()))
         );
-        assert_eq!(parse_sha256_hex(&"AB".repeat(32)), None);
-        assert_eq!(parse_sha256_hex(&format!(" {}", "ab".repeat(32))), None);
+        assert_eq!(
+            crate::config::security::parse_sha256_hex(&"AB".repeat(32)),
+            None
+        );
+        assert_eq!(
+            crate::config::security::parse_sha256_hex(&format!(" {}", "ab".repeat(32))),
+            None
+        );
     }
 }

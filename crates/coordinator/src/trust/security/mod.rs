@@ -30,8 +30,8 @@ pub use crate::config::SecurityConfig;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
+use crate::config::security::AttestationPolicy;
 use crate::domain::store::Store;
-use attest::AttestationPolicy;
 use ca::{FleetCa, Issued};
 use registry::Registry;
 use tls::{NodeIdentity, RevokedNodes};
