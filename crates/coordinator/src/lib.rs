@@ -78,6 +78,23 @@ pub struct Bound {
     pub enroll: Option<SocketAddr>,
 }
 
+impl Bound {
+    fn of(
+        http: &TcpListener,
+        grpc: &TcpListener,
+        enroll: Option<&TcpListener>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            http: http.local_addr()?,
+            grpc: grpc.local_addr()?,
+            enroll: enroll.map(|l| l.local_addr()).transpose()?,
+        })
+    }
+}
+
+/// The largest message an agent may send (a chunk of tokens with their alternatives).
+const MAX_NODE_MESSAGE_BYTES: usize = 4 << 20;
+
 /// Purges finished jobs older than `retention`, now and then periodically.
 fn spawn_retention(store: domain::store::Store, retention: std::time::Duration) {
     let every = (retention / 10).clamp(
@@ -114,52 +131,18 @@ pub async fn start(
 ) -> Result<Running, CoordinatorError> {
     config.validate()?;
     let config = Arc::new(config);
-    let store = domain::store::Store::open(&config.db_path, config.store_sealer()?)?;
-    spawn_retention(store.clone(), config.retention);
-    // Jobs of batches that were being cancelled or ran out of time must not start again.
-    let settled = store.settle_ending_batches(clock::unix_s()).await?;
-    if settled > 0 {
-        tracing::info!(jobs = settled, "stopped the jobs of ending batches");
-    }
-    let recovered = store.load_unfinished().await?;
-    if !recovered.is_empty() {
-        tracing::info!(
-            jobs = recovered.len(),
-            "resuming unfinished jobs from the store"
-        );
-    }
+    let (store, recovered) = open_store(&config).await?;
     let security = match &config.security {
         Some(sc) => Some(trust::security::Security::open(sc.clone(), store.clone()).await?),
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::new());
-    let verification = if config.verification.enabled {
-        let vc = config.verification.clone();
-        let models = tokio::task::spawn_blocking(move || trust::verify::TrustedModels::load(&vc))
-            .await
-            .map_err(|e| trust::verify::VerifyError::Start(e.to_string()))??;
-        let thresholds = config
-            .verification
-            .load_thresholds()
-            .map_err(trust::verify::VerifyError::Start)?;
-        Some(trust::verify::Setup {
-            config: config.verification.clone(),
-            thresholds,
-            models,
-            reputation: trust::reputation::Reputation::load(store.clone()).await?,
-        })
-    } else {
-        None
-    };
+    let verification = verification_setup(&config, &store).await?;
     let prompts = verification
         .as_ref()
         .map(|setup| setup.models.prompt_counter())
         .unwrap_or_default();
-    let mut scheduler =
-        Scheduler::with_config(config.policy_kind()?, 0x007f_1ee7, config.scheduler.clone());
-    if let Some(path) = &config.decision_log {
-        fleet::decision_log::attach(&mut scheduler, path)?;
-    }
+    let scheduler = scheduler(&config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let regions = Arc::new(policy::regions::RegionMap::load(&config)?);
     let (manager, manager_task) = fleet::manager::Manager::spawn(
@@ -174,7 +157,6 @@ pub async fn start(
         recovered,
         stop_rx.clone(),
     );
-    let flush_store = store.clone();
     let tenants = Arc::new(policy::tenants::Tenants::new(&config.tenants));
     let (batches, batch_task) = batch::runner::BatchRunner::spawn(
         batch::runner::Deps {
@@ -186,13 +168,12 @@ pub async fn start(
         },
         stop_rx.clone(),
     );
-    let session_metrics = Arc::clone(&metrics);
     let state = Arc::new(http::api::AppState {
         manager: manager.clone(),
         batches,
-        store,
+        store: store.clone(),
         config: Arc::clone(&config),
-        metrics,
+        metrics: Arc::clone(&metrics),
         keys: config
             .api_keys
             .iter()
@@ -202,17 +183,121 @@ pub async fn start(
         regions,
         prompts,
     });
+    let (http, grpc, enroll) = bind(&config).await?;
+    let bound = Bound::of(&http, &grpc, enroll.as_ref())?;
+    let builder = grpc_server(&config)?;
+    let service = transport::session::NodeSessionServer::new(
+        transport::session::NodeService {
+            manager,
+            config: Arc::clone(&config),
+            security: security.clone(),
+            metrics,
+        },
+        MAX_NODE_MESSAGE_BYTES,
+    );
+    let listeners =
+        transport::listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
+    tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
+    let revocations = security.as_ref().map(|s| s.watch_revocations());
+    let servers = async move {
+        listeners
+            .serve(
+                builder,
+                service,
+                http::api::router(Arc::clone(&state)),
+                &state.metrics,
+                stop_rx,
+            )
+            .await
+    };
+    let task = tokio::spawn(run_until_stopped(Tasks {
+        servers: Box::pin(servers),
+        shutdown: Box::pin(shutdown),
+        stop_tx,
+        manager: manager_task,
+        batches: batch_task,
+        revocations,
+        store,
+    }));
+    Ok(Running {
+        bound,
+        security,
+        task,
+    })
+}
+
+/// Opens the configured store, settles batches that were ending and loads the unfinished jobs
+/// to resume.
+async fn open_store(
+    config: &CoordinatorConfig,
+) -> Result<(domain::store::Store, Vec<domain::store::StoredJob>), CoordinatorError> {
+    let store = domain::store::Store::open(&config.db_path, config.store_sealer()?)?;
+    spawn_retention(store.clone(), config.retention);
+    // Jobs of batches that were being cancelled or ran out of time must not start again.
+    let settled = store.settle_ending_batches(clock::unix_s()).await?;
+    if settled > 0 {
+        tracing::info!(jobs = settled, "stopped the jobs of ending batches");
+    }
+    let recovered = store.load_unfinished().await?;
+    if !recovered.is_empty() {
+        tracing::info!(
+            jobs = recovered.len(),
+            "resuming unfinished jobs from the store"
+        );
+    }
+    Ok((store, recovered))
+}
+
+/// The verifier's trusted models, thresholds and reputation records, with `[verification]`.
+async fn verification_setup(
+    config: &Arc<CoordinatorConfig>,
+    store: &domain::store::Store,
+) -> Result<Option<trust::verify::Setup>, CoordinatorError> {
+    if !config.verification.enabled {
+        return Ok(None);
+    }
+    let vc = config.verification.clone();
+    // Loading a model reads and hashes a GGUF file: not on an executor thread.
+    let models = tokio::task::spawn_blocking(move || trust::verify::TrustedModels::load(&vc))
+        .await
+        .map_err(|e| trust::verify::VerifyError::Start(e.to_string()))??;
+    let thresholds = config
+        .verification
+        .load_thresholds()
+        .map_err(trust::verify::VerifyError::Start)?;
+    Ok(Some(trust::verify::Setup {
+        config: config.verification.clone(),
+        thresholds,
+        models,
+        reputation: trust::reputation::Reputation::load(store.clone()).await?,
+    }))
+}
+
+/// The configured placement policy, with the decision log attached when one is configured.
+fn scheduler(config: &CoordinatorConfig) -> Result<Scheduler, CoordinatorError> {
+    let mut scheduler =
+        Scheduler::with_config(config.policy_kind()?, 0x007f_1ee7, config.scheduler.clone());
+    if let Some(path) = &config.decision_log {
+        fleet::decision_log::attach(&mut scheduler, path)?;
+    }
+    Ok(scheduler)
+}
+
+/// The API, agent and (with `[security]`) enrollment listeners.
+async fn bind(
+    config: &CoordinatorConfig,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>), CoordinatorError> {
     let http = TcpListener::bind(config.http_addr).await?;
     let grpc = TcpListener::bind(config.grpc_addr).await?;
     let enroll = match &config.security {
         Some(sc) => Some(TcpListener::bind(sc.enroll_addr).await?),
         None => None,
     };
-    let bound = Bound {
-        http: http.local_addr()?,
-        grpc: grpc.local_addr()?,
-        enroll: enroll.as_ref().map(|l| l.local_addr()).transpose()?,
-    };
+    Ok((http, grpc, enroll))
+}
+
+/// The agents' gRPC server: HTTP/2 keepalive, and TLS with `grpc_tls`.
+fn grpc_server(config: &CoordinatorConfig) -> Result<tonic::transport::Server, CoordinatorError> {
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
@@ -228,65 +313,65 @@ pub async fn start(
                 .identity(tonic::transport::Identity::from_pem(cert, key)),
         )?;
     }
-    let service = transport::session::NodeSessionServer::new(
-        transport::session::NodeService {
-            manager,
-            config: Arc::clone(&config),
-            security: security.clone(),
-            metrics: session_metrics,
-        },
-        4 << 20,
-    );
-    let listeners =
-        transport::listeners::Listeners::new(&config, security.as_ref(), http, grpc, enroll)?;
-    tracing::info!(http = %bound.http, grpc = %bound.grpc, enroll = ?bound.enroll, agent_port = listeners.agent_port_mode(), https = config.http_tls.is_some(), "coordinator listening");
-    let revocations = security.as_ref().map(|s| s.watch_revocations());
-    let task = tokio::spawn(async move {
-        let servers = listeners.serve(
-            builder,
-            service,
-            http::api::router(Arc::clone(&state)),
-            &state.metrics,
-            stop_rx.clone(),
-        );
-        let stop_tx = Arc::new(stop_tx);
-        let stop_on_shutdown = Arc::clone(&stop_tx);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_on_shutdown.send(true);
-        });
-        // The manager owns every job: if it dies (a panic is a bug), the coordinator stops
-        // cleanly (listeners closed, store flushed) instead of serving with nobody behind the
-        // API; the error names the cause.
-        let manager_task = tokio::spawn(async move {
-            let ended = manager_task.await;
-            if let Err(e) = &ended {
-                tracing::error!(cause = %e, "job manager died; stopping the coordinator");
-                let _ = stop_tx.send(true);
-            }
-            ended
-        });
-        let result = servers.await.map_err(CoordinatorError::from);
-        if let Some(r) = revocations {
-            r.abort();
-        }
-        let _ = batch_task.await;
-        let manager_died = match manager_task.await {
-            Ok(Err(e)) => Some(e.to_string()),
-            _ => None,
-        };
-        // Everything the manager queued for the store is durable before we report stopped.
-        if let Err(e) = flush_store.flush().await {
-            tracing::error!(cause = %e, "job store flush at shutdown failed");
-        }
-        match manager_died {
-            Some(cause) => Err(CoordinatorError::ManagerDied(cause)),
-            None => result,
-        }
+    Ok(builder)
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a running coordinator waits on until it stops.
+struct Tasks {
+    servers: BoxFuture<Result<(), transport::listeners::ListenError>>,
+    shutdown: BoxFuture<()>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    manager: tokio::task::JoinHandle<()>,
+    batches: tokio::task::JoinHandle<()>,
+    revocations: Option<tokio::task::JoinHandle<()>>,
+    store: domain::store::Store,
+}
+
+/// Serves until shutdown or a dead manager, then stops the tasks and flushes the store.
+async fn run_until_stopped(tasks: Tasks) -> Result<(), CoordinatorError> {
+    let Tasks {
+        servers,
+        shutdown,
+        stop_tx,
+        manager,
+        batches,
+        revocations,
+        store,
+    } = tasks;
+    let stop_tx = Arc::new(stop_tx);
+    let stop_on_shutdown = Arc::clone(&stop_tx);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_on_shutdown.send(true);
     });
-    Ok(Running {
-        bound,
-        security,
-        task,
-    })
+    // The manager owns every job: if it dies (a panic is a bug), the coordinator stops
+    // cleanly (listeners closed, store flushed) instead of serving with nobody behind the
+    // API; the error names the cause.
+    let manager = tokio::spawn(async move {
+        let ended = manager.await;
+        if let Err(e) = &ended {
+            tracing::error!(cause = %e, "job manager died; stopping the coordinator");
+            let _ = stop_tx.send(true);
+        }
+        ended
+    });
+    let result = servers.await.map_err(CoordinatorError::from);
+    if let Some(r) = revocations {
+        r.abort();
+    }
+    let _ = batches.await;
+    let manager_died = match manager.await {
+        Ok(Err(e)) => Some(e.to_string()),
+        _ => None,
+    };
+    // Everything the manager queued for the store is durable before we report stopped.
+    if let Err(e) = store.flush().await {
+        tracing::error!(cause = %e, "job store flush at shutdown failed");
+    }
+    match manager_died {
+        Some(cause) => Err(CoordinatorError::ManagerDied(cause)),
+        None => result,
+    }
 }

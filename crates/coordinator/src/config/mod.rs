@@ -370,30 +370,10 @@ impl CoordinatorConfig {
         Ok(config)
     }
 
+    /// Every rule a configuration must meet before a coordinator starts on it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy_kind()?;
-        if self.api_keys.is_empty() {
-            return Err(ConfigError::Invalid(
-                "at least one api key is required".into(),
-            ));
-        }
-        if self.api_keys.iter().any(|k| k.key.len() < 16) {
-            return Err(ConfigError::Invalid(
-                "api keys must be at least 16 characters".into(),
-            ));
-        }
-        if let Some(op) = &self.operator_key {
-            if op.len() < 16 {
-                return Err(ConfigError::Invalid(
-                    "operator_key must be at least 16 characters".into(),
-                ));
-            }
-            if self.api_keys.iter().any(|k| &k.key == op) {
-                return Err(ConfigError::Invalid(
-                    "operator_key must differ from every API key".into(),
-                ));
-            }
-        }
+        self.validate_keys()?;
         if self.http_max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "http_max_connections must be at least 1".into(),
@@ -423,6 +403,52 @@ impl CoordinatorConfig {
                 "retention must be at least a minute".into(),
             ));
         }
+        self.validate_agent_port()?;
+        self.verification.validate().map_err(ConfigError::Invalid)?;
+        models::binding_map(&self.models).map_err(ConfigError::Invalid)?;
+        self.progress.validate().map_err(ConfigError::Invalid)?;
+        self.node_state_rate
+            .validate()
+            .map_err(ConfigError::Invalid)?;
+        if self.default_max_tokens > self.max_tokens_limit {
+            return Err(ConfigError::Invalid(
+                "default_max_tokens exceeds max_tokens_limit".into(),
+            ));
+        }
+        self.validate_batch_windows()?;
+        Ok(())
+    }
+
+    /// API keys and the operator key: long enough, and the operator's its own.
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        if self.api_keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "at least one api key is required".into(),
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.key.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "api keys must be at least 16 characters".into(),
+            ));
+        }
+        if let Some(op) = &self.operator_key {
+            if op.len() < 16 {
+                return Err(ConfigError::Invalid(
+                    "operator_key must be at least 16 characters".into(),
+                ));
+            }
+            if self.api_keys.iter().any(|k| &k.key == op) {
+                return Err(ConfigError::Invalid(
+                    "operator_key must differ from every API key".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent port is authenticated (mutual TLS with `[security]`), on loopback, or opened
+    /// to any client only by the operator's explicit choice.
+    fn validate_agent_port(&self) -> Result<(), ConfigError> {
         if let Some(sec) = &self.security {
             if self.grpc_tls.is_some() {
                 return Err(ConfigError::Invalid(
@@ -457,17 +483,10 @@ impl CoordinatorConfig {
             }
             tracing::warn!(addr = %self.grpc_addr, "allow_unauthenticated_agents: any client reaching the agent port receives jobs");
         }
-        self.verification.validate().map_err(ConfigError::Invalid)?;
-        models::binding_map(&self.models).map_err(ConfigError::Invalid)?;
-        self.progress.validate().map_err(ConfigError::Invalid)?;
-        self.node_state_rate
-            .validate()
-            .map_err(ConfigError::Invalid)?;
-        if self.default_max_tokens > self.max_tokens_limit {
-            return Err(ConfigError::Invalid(
-                "default_max_tokens exceeds max_tokens_limit".into(),
-            ));
-        }
+        Ok(())
+    }
+
+    fn validate_batch_windows(&self) -> Result<(), ConfigError> {
         for w in &self.batch_completion_windows {
             let window = parse_window(w).ok_or_else(|| {
                 ConfigError::Invalid(format!(

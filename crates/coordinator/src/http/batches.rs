@@ -52,6 +52,47 @@ async fn create_inner(
             None,
         )
     })?;
+    let window = check_create(state, &req)?;
+    if let Some(asked) = metadata_residency(req.metadata.as_ref()) {
+        state
+            .tenants
+            .check_residency(&tenant, &asked, &state.regions, "metadata.residency")?;
+    }
+    let file = state
+        .store
+        .file(&tenant, &req.input_file_id)
+        .await?
+        .ok_or_else(|| no_such_file(&req.input_file_id))?;
+    if file.purpose != PURPOSE_BATCH {
+        return Err(RequestError::invalid(
+            format!(
+                "file {} has purpose {:?}, not \"batch\"",
+                file.id, file.purpose
+            ),
+            Some("input_file_id"),
+        ));
+    }
+    let batch = new_batch(req, file.id, window);
+    let max_active = state.config.max_active_batches_per_tenant;
+    if let Err(OverLimit::ActiveBatches(n)) = state
+        .store
+        .insert_batch(&tenant, batch.clone(), max_active)
+        .await?
+    {
+        let mut e = RequestError::overloaded(format!(
+            "This API key's tenant has {n} batches in progress, the limit is {max_active}; create more once some end."
+        ));
+        e.param = Some("input_file_id".into());
+        return Err(e);
+    }
+    tracing::info!(batch = %batch.id, tenant, file = %batch.input_file_id, "batch created");
+    state.batches.wake();
+    Ok(batch)
+}
+
+/// The request's own fields: a served endpoint, a configured completion window (returned as a
+/// duration) and bounded metadata.
+fn check_create(state: &Shared, req: &CreateBatch) -> Result<std::time::Duration, RequestError> {
     if !ENDPOINTS.contains(&req.endpoint.as_str()) {
         return Err(RequestError::invalid(
             format!(
@@ -89,32 +130,18 @@ async fn create_inner(
             ));
         }
     }
-    if let Some(asked) = metadata_residency(req.metadata.as_ref()) {
-        state
-            .tenants
-            .check_residency(&tenant, &asked, &state.regions, "metadata.residency")?;
-    }
-    let file = state
-        .store
-        .file(&tenant, &req.input_file_id)
-        .await?
-        .ok_or_else(|| no_such_file(&req.input_file_id))?;
-    if file.purpose != PURPOSE_BATCH {
-        return Err(RequestError::invalid(
-            format!(
-                "file {} has purpose {:?}, not \"batch\"",
-                file.id, file.purpose
-            ),
-            Some("input_file_id"),
-        ));
-    }
+    Ok(window)
+}
+
+/// A new batch record, `validating`, expiring `window` from now.
+fn new_batch(req: CreateBatch, input_file_id: String, window: std::time::Duration) -> Batch {
     let now = unix_s();
-    let batch = Batch {
+    Batch {
         id: format!("batch_{}", hex::encode(rand::random::<[u8; 12]>())),
         object: "batch".into(),
         endpoint: req.endpoint,
         errors: None,
-        input_file_id: file.id,
+        input_file_id,
         completion_window: req.completion_window,
         status: BatchStatus::Validating,
         output_file_id: None,
@@ -130,22 +157,7 @@ async fn create_inner(
         cancelled_at: None,
         request_counts: RequestCounts::default(),
         metadata: req.metadata,
-    };
-    let max_active = state.config.max_active_batches_per_tenant;
-    if let Err(OverLimit::ActiveBatches(n)) = state
-        .store
-        .insert_batch(&tenant, batch.clone(), max_active)
-        .await?
-    {
-        let mut e = RequestError::overloaded(format!(
-            "This API key's tenant has {n} batches in progress, the limit is {max_active}; create more once some end."
-        ));
-        e.param = Some("input_file_id".into());
-        return Err(e);
     }
-    tracing::info!(batch = %batch.id, tenant, file = %batch.input_file_id, "batch created");
-    state.batches.wake();
-    Ok(batch)
 }
 
 pub async fn retrieve(

@@ -164,23 +164,18 @@ async fn accept(
         return Err(RequestError::model_not_found(&request.model));
     }
     check_context(state, &request).await?;
-    let key = match headers.get(IDEMPOTENCY_HEADER) {
-        None => None,
-        Some(v) => {
-            let k = v
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255)
-                .ok_or_else(|| {
-                    RequestError::invalid(
-                        "Idempotency-Key must be 1–255 visible ASCII characters",
-                        Some("Idempotency-Key"),
-                    )
-                })?;
-            request.body_sha256 = Some(canonical_sha256(&bytes)?);
-            Some(k.to_string())
-        }
-    };
+    let key = idempotency_key(headers, &bytes, &mut request)?;
+    submit(state, tenant, request, key, endpoint).await
+}
+
+/// Stores the job (before the client gets any byte back) and hands it to the manager.
+async fn submit(
+    state: &Shared,
+    tenant: String,
+    request: ValidRequest,
+    key: Option<String>,
+    endpoint: Endpoint,
+) -> Result<Accepted, RequestError> {
     let prefix = match endpoint {
         Endpoint::ChatCompletions => "chatcmpl-",
         Endpoint::Completions => "cmpl-",
@@ -251,6 +246,32 @@ async fn accept(
             .await;
     }
     Ok(Accepted::Live(Box::new(handle?)))
+}
+
+/// The request's `Idempotency-Key`, if any; a keyed request carries its body's hash so a
+/// retry with another body is told apart.
+fn idempotency_key(
+    headers: &HeaderMap,
+    bytes: &[u8],
+    request: &mut ValidRequest,
+) -> Result<Option<String>, RequestError> {
+    Ok(match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    RequestError::invalid(
+                        "Idempotency-Key must be 1–255 visible ASCII characters",
+                        Some("Idempotency-Key"),
+                    )
+                })?;
+            request.body_sha256 = Some(canonical_sha256(bytes)?);
+            Some(k.to_string())
+        }
+    })
 }
 
 /// A retry of a request we already accepted: follow the same job, or answer from the store.
@@ -344,47 +365,52 @@ async fn next(
     }
 }
 
+/// A non-streamed answer: the whole response once the job has ended.
+async fn respond_whole(mut guard: CancelOnDrop, mut handle: JobHandle) -> Response {
+    let mut from = 0usize;
+    loop {
+        let (_, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
+        if let Some(outcome) = outcome {
+            // The job's final tokens (it may have restarted from scratch on the way).
+            let tokens = handle.view.borrow().tokens.clone();
+            guard.armed = false;
+            return match outcome {
+                JobOutcome::Done {
+                    finish_reason,
+                    text_tail,
+                    ..
+                } => with_job_id(
+                    Json(responses::full(
+                        &handle.request,
+                        &handle.public_id,
+                        handle.created_s,
+                        &tokens,
+                        &text_tail,
+                        &finish_reason,
+                        prompt_tokens,
+                    ))
+                    .into_response(),
+                    &handle.public_id,
+                ),
+                JobOutcome::Failed(e) => e.into_response(),
+                JobOutcome::Cancelled => {
+                    RequestError::unavailable("the request was cancelled").into_response()
+                }
+            };
+        }
+    }
+}
+
 async fn respond(manager: Manager, mut handle: JobHandle) -> Response {
     let guard = CancelOnDrop {
         manager,
         job: handle.id,
         armed: true,
     };
-    let mut from = 0usize;
     if !handle.request.stream {
-        let mut guard = guard;
-        loop {
-            let (_, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
-            if let Some(outcome) = outcome {
-                // The job's final tokens (it may have restarted from scratch on the way).
-                let tokens = handle.view.borrow().tokens.clone();
-                guard.armed = false;
-                return match outcome {
-                    JobOutcome::Done {
-                        finish_reason,
-                        text_tail,
-                        ..
-                    } => with_job_id(
-                        Json(responses::full(
-                            &handle.request,
-                            &handle.public_id,
-                            handle.created_s,
-                            &tokens,
-                            &text_tail,
-                            &finish_reason,
-                            prompt_tokens,
-                        ))
-                        .into_response(),
-                        &handle.public_id,
-                    ),
-                    JobOutcome::Failed(e) => e.into_response(),
-                    JobOutcome::Cancelled => {
-                        RequestError::unavailable("the request was cancelled").into_response()
-                    }
-                };
-            }
-        }
+        return respond_whole(guard, handle).await;
     }
+    let mut from = 0usize;
     // Streaming: wait for the first token or an early error.
     let (first, outcome, prompt_tokens) = next(&mut handle.view, &mut from).await;
     if first.is_empty() {

@@ -7,7 +7,8 @@ use crate::config::CoordinatorConfig;
 use crate::domain::error::RequestError;
 use crate::domain::request::{Endpoint, Message, Prompt, Sampling, ValidRequest};
 use crate::openai::wire::{
-    ChatCompletionRequest, CompletionRequest, ContentField, Extension, PromptField, StopField,
+    ChatCompletionRequest, CompletionRequest, ContentField, Extension, PromptField, RequestMessage,
+    StopField,
 };
 
 /// Stop sequences per request, as OpenAI allows.
@@ -161,6 +162,45 @@ fn check_prompt_size(
     Ok(())
 }
 
+/// `messages[i]`: a supported role (`developer` is the system role) and text content only.
+fn message(i: usize, m: RequestMessage) -> Result<Message, RequestError> {
+    if !matches!(
+        m.role.as_str(),
+        "system" | "developer" | "user" | "assistant"
+    ) {
+        return Err(RequestError::invalid(
+            format!("messages[{i}].role {:?} is not supported", m.role),
+            Some(&format!("messages[{i}].role")),
+        ));
+    }
+    let content = match m.content {
+        None => String::new(),
+        Some(ContentField::Text(t)) => t,
+        Some(ContentField::Parts(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                if p.kind != "text" {
+                    return Err(RequestError::invalid(
+                        format!(
+                            "messages[{i}] has a {:?} part; only text is supported",
+                            p.kind
+                        ),
+                        Some(&format!("messages[{i}].content")),
+                    ));
+                }
+                text.push_str(p.text.as_deref().unwrap_or(""));
+            }
+            text
+        }
+    };
+    let role = if m.role == "developer" {
+        "system".to_string()
+    } else {
+        m.role
+    };
+    Ok(Message { role, content })
+}
+
 pub fn validate_chat(
     req: ChatCompletionRequest,
     config: &CoordinatorConfig,
@@ -187,44 +227,12 @@ pub fn validate_chat(
             Some("messages"),
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.into_iter().enumerate() {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "developer" | "user" | "assistant"
-        ) {
-            return Err(RequestError::invalid(
-                format!("messages[{i}].role {:?} is not supported", m.role),
-                Some(&format!("messages[{i}].role")),
-            ));
-        }
-        let content = match m.content {
-            None => String::new(),
-            Some(ContentField::Text(t)) => t,
-            Some(ContentField::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    if p.kind != "text" {
-                        return Err(RequestError::invalid(
-                            format!(
-                                "messages[{i}] has a {:?} part; only text is supported",
-                                p.kind
-                            ),
-                            Some(&format!("messages[{i}].content")),
-                        ));
-                    }
-                    text.push_str(p.text.as_deref().unwrap_or(""));
-                }
-                text
-            }
-        };
-        let role = if m.role == "developer" {
-            "system".to_string()
-        } else {
-            m.role
-        };
-        messages.push(Message { role, content });
-    }
+    let messages = req
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
     check_prompt_size(
         messages.iter().map(|m| m.content.chars().count()).sum(),
         config,

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
@@ -66,7 +66,51 @@ pub(crate) struct Listeners {
     http: TcpListener,
     https: Option<rustls::ServerConfig>,
     agents: AgentPort,
-    enroll: Option<(TcpListener, rustls::ServerConfig, Arc<Security>)>,
+    enroll: Option<EnrollPort>,
+}
+
+/// The enrollment port: TLS (server-authenticated: a node has no certificate yet), at most
+/// `max_connections` at once.
+struct EnrollPort {
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    security: Arc<Security>,
+}
+
+impl EnrollPort {
+    fn serve(
+        self,
+        max_connections: usize,
+        request_timeout: Duration,
+        refused: IntCounter,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> Served {
+        let permits = Arc::new(Semaphore::new(max_connections));
+        let accepted = ReceiverStream::new(tls::incoming(self.listener, self.tls, "enroll"))
+            .filter_map(move |(stream, peer)| {
+                match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(permit) => Some(Ok::<_, std::io::Error>(Capped {
+                        io: stream,
+                        _permit: permit,
+                    })),
+                    Err(_) => {
+                        refused.inc();
+                        tracing::warn!(%peer, "enrollment port at its connection limit; connection closed");
+                        None
+                    }
+                }
+            });
+        let s = tonic::transport::Server::builder()
+            .timeout(request_timeout)
+            .max_connection_age(ENROLL_CONNECTION_AGE)
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(EnrollmentServer::new(EnrollmentService {
+                security: self.security,
+            }))
+            .serve_with_incoming_shutdown(accepted, stopped);
+        Box::pin(async move { Ok(s.await?) })
+    }
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, ListenError> {
@@ -120,7 +164,11 @@ impl Listeners {
                     .map_err(tls_err)?;
                 (
                     AgentPort::Mutual(grpc, Box::new(agent_tls)),
-                    Some((enroll, enroll_tls, Arc::clone(sec))),
+                    Some(EnrollPort {
+                        listener: enroll,
+                        tls: enroll_tls,
+                        security: Arc::clone(sec),
+                    }),
                 )
             }
             _ => {
@@ -223,32 +271,12 @@ impl Listeners {
         };
         let enroll: Served = match self.enroll {
             None => Box::pin(async { Ok(()) }),
-            Some((listener, config, security)) => {
-                let permits = Arc::new(Semaphore::new(limits.max_connections));
-                let refused = refused.with_label_values(&["enroll"]);
-                let accepted = ReceiverStream::new(tls::incoming(listener, config, "enroll"))
-                    .filter_map(move |(stream, peer)| {
-                        match Arc::clone(&permits).try_acquire_owned() {
-                            Ok(permit) => Some(Ok::<_, std::io::Error>(Capped {
-                                io: stream,
-                                _permit: permit,
-                            })),
-                            Err(_) => {
-                                refused.inc();
-                                tracing::warn!(%peer, "enrollment port at its connection limit; connection closed");
-                                None
-                            }
-                        }
-                    });
-                let s = tonic::transport::Server::builder()
-                    .timeout(self.request_timeout)
-                    .max_connection_age(ENROLL_CONNECTION_AGE)
-                    .http2_keepalive_interval(Some(Duration::from_secs(20)))
-                    .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                    .add_service(EnrollmentServer::new(EnrollmentService { security }))
-                    .serve_with_incoming_shutdown(accepted, stopped());
-                Box::pin(async move { Ok(s.await?) })
-            }
+            Some(port) => port.serve(
+                limits.max_connections,
+                self.request_timeout,
+                refused.with_label_values(&["enroll"]),
+                stopped(),
+            ),
         };
         let (h, g, e) = tokio::join!(http, grpc, enroll);
         h?;

@@ -271,10 +271,6 @@ impl Session {
         // the manager) through a weak handle, so that when the manager drops the session's
         // sender the outbound stream still ends and the agent reconnects.
         let acks = tx.downgrade();
-        let send = |msg: CoordinatorMessage| {
-            acks.upgrade()
-                .is_some_and(|tx| tx.try_send(Box::new(msg)).is_ok())
-        };
         let last_seen = Arc::new(AtomicU64::new(clock_ms()));
         let registered = match self
             .manager
@@ -284,136 +280,185 @@ impl Session {
             Ok(r) => r,
             Err(refusal) => return self.kill.kill(refusal_status(&refusal)),
         };
-        let lease_ms = self.config.lease_timeout.as_millis() as u64;
+        let (node, conn) = (registered.node, registered.conn);
+        let live = Live {
+            name,
+            hello,
+            sec: sec_state,
+            states: StateLimiter::new(self.config.node_state_rate, Instant::now()),
+            node,
+            conn,
+            last_seen,
+            acks,
+            lease_ms: self.config.lease_timeout.as_millis() as u64,
+        };
+        self.message_loop(live, inbound).await;
+        drop(guard);
+        self.manager.node_down(node, conn).await;
+    }
+
+    /// Serves the registered node's messages and the session's timers until either side ends
+    /// the session.
+    async fn message_loop(&self, mut live: Live, mut inbound: Streaming<AgentMessage>) {
         let far = Instant::now() + Duration::from_secs(365 * 86400);
         let mut reattest = tokio::time::interval(
-            sec_state
+            live.sec
                 .as_ref()
                 .map(SessionSecurity::reattest_interval)
                 .unwrap_or(Duration::from_secs(3600)),
         );
         reattest.reset();
-        let mut states = StateLimiter::new(self.config.node_state_rate, Instant::now());
         loop {
-            let state_due = states.release_at();
-            let quote_due = sec_state.as_ref().and_then(|s| s.quote_due());
-            let renew_at = sec_state.as_ref().and_then(|s| s.renew_at());
-            let expires_at = sec_state.as_ref().map(|s| s.expires_at());
+            let state_due = live.states.release_at();
+            let quote_due = live.sec.as_ref().and_then(|s| s.quote_due());
+            let renew_at = live.sec.as_ref().and_then(|s| s.renew_at());
+            let expires_at = live.sec.as_ref().map(|s| s.expires_at());
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(AgentMessage { msg: Some(msg) })) => {
-                        last_seen.store(clock_ms(), Ordering::Relaxed);
-                        match msg {
-                            AgentMsg::Heartbeat(hb) => {
-                                let ack = CoordinatorMsg::HeartbeatAck(v1::HeartbeatAck {
-                                    sent_unix_ms: hb.sent_unix_ms,
-                                    lease_deadline_unix_ms: unix_ms() + lease_ms,
-                                });
-                                if !send(CoordinatorMessage::new(ack)) {
-                                    tracing::debug!(node = %name, "heartbeat not acknowledged: session closed or full");
-                                }
-                            }
-                            AgentMsg::Quote(q) => {
-                                let checked = match &mut sec_state {
-                                    Some(s) => s.check_quote(&q, &hello),
-                                    None => Err(Status::permission_denied("unsolicited attestation quote")),
-                                };
-                                if let Err(status) = checked {
-                                    self.kill.kill(status);
-                                    break;
-                                }
-                            }
-                            AgentMsg::CertificateRequest(csr) => {
-                                let Some(s) = &mut sec_state else { continue };
-                                match s.renew(&csr.csr_pem).await {
-                                    Ok(issued) => {
-                                        if !send(issued) {
-                                            tracing::warn!(node = %name, "renewed certificate not sent: session closed or full");
-                                        }
-                                    }
-                                    Err(refused) => {
-                                        self.metrics
-                                            .certificates_refused
-                                            .with_label_values(&[refused.label()])
-                                            .inc();
-                                        tracing::warn!(node = %name, cause = %refused, "certificate renewal refused");
-                                    }
-                                }
-                            }
-                            AgentMsg::State(state) => {
-                                let (verdict, superseded) = states.offer(state, Instant::now());
-                                if superseded > 0 {
-                                    self.metrics
-                                        .node_messages_dropped
-                                        .with_label_values(&["state"])
-                                        .inc_by(superseded as u64);
-                                }
-                                match verdict {
-                                    StateVerdict::Forward(state) => {
-                                        if !self.manager.node_msg(registered.node, registered.conn, AgentMsg::State(state)).await {
-                                            break;
-                                        }
-                                    }
-                                    StateVerdict::Held => {}
-                                    StateVerdict::Close => {
-                                        tracing::warn!(node = %name, "node floods State messages past its rate limit; closing the session");
-                                        self.metrics
-                                            .node_sessions_closed
-                                            .with_label_values(&["state_flood"])
-                                            .inc();
-                                        self.kill.kill(Status::resource_exhausted("too many State messages"));
-                                        break;
-                                    }
-                                }
-                            }
-                            other => {
-                                if !self.manager.node_msg(registered.node, registered.conn, other).await {
-                                    break;
-                                }
-                            }
+                        live.last_seen.store(clock_ms(), Ordering::Relaxed);
+                        if !self.on_message(&mut live, msg).await {
+                            break;
                         }
                     }
                     Ok(Some(AgentMessage { msg: None })) => {}
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!(node = %name, cause = %status, "session stream error");
+                        tracing::debug!(node = %live.name, cause = %status, "session stream error");
                         break;
                     }
                 },
                 _ = tokio::time::sleep_until(state_due.unwrap_or(far)), if state_due.is_some() => {
-                    if let Some(state) = states.release(Instant::now()) {
-                        if !self.manager.node_msg(registered.node, registered.conn, AgentMsg::State(state)).await {
+                    if let Some(state) = live.states.release(Instant::now()) {
+                        if !self.manager.node_msg(live.node, live.conn, AgentMsg::State(state)).await {
                             break;
                         }
                     }
                 }
-                _ = reattest.tick(), if sec_state.as_ref().is_some_and(|s| s.is_attested()) => {
-                    if let Some(challenge) = sec_state.as_mut().and_then(|s| s.challenge()) {
-                        send(challenge);
+                _ = reattest.tick(), if live.sec.as_ref().is_some_and(|s| s.is_attested()) => {
+                    if let Some(challenge) = live.sec.as_mut().and_then(|s| s.challenge()) {
+                        live.send(challenge);
                     }
                 }
                 _ = tokio::time::sleep_until(quote_due.unwrap_or(far)), if quote_due.is_some() => {
-                    tracing::warn!(node = %name, "no answer to an attestation challenge; disconnecting");
+                    tracing::warn!(node = %live.name, "no answer to an attestation challenge; disconnecting");
                     self.kill.kill(Status::deadline_exceeded("no attestation quote in time"));
                     break;
                 }
                 _ = tokio::time::sleep_until(renew_at.unwrap_or(far)), if renew_at.is_some() => {
-                    if let Some(s) = &mut sec_state {
-                        send(s.renewal_request());
+                    if let Some(request) = live.sec.as_mut().map(|s| s.renewal_request()) {
+                        live.send(request);
                     }
                 }
                 _ = tokio::time::sleep_until(expires_at.unwrap_or(far)), if expires_at.is_some() => {
-                    tracing::info!(node = %name, "session certificate expired; the agent reconnects with its renewed one");
+                    tracing::info!(node = %live.name, "session certificate expired; the agent reconnects with its renewed one");
                     self.kill.kill(Status::unauthenticated("certificate expired; reconnect with the renewed certificate"));
                     break;
                 }
                 _ = self.kill.killed() => break,
             }
         }
-        drop(guard);
-        self.manager
-            .node_down(registered.node, registered.conn)
-            .await;
+    }
+
+    /// One message from the node; false ends the session.
+    async fn on_message(&self, live: &mut Live, msg: AgentMsg) -> bool {
+        match msg {
+            AgentMsg::Heartbeat(hb) => {
+                let ack = CoordinatorMsg::HeartbeatAck(v1::HeartbeatAck {
+                    sent_unix_ms: hb.sent_unix_ms,
+                    lease_deadline_unix_ms: unix_ms() + live.lease_ms,
+                });
+                if !live.send(CoordinatorMessage::new(ack)) {
+                    tracing::debug!(node = %live.name, "heartbeat not acknowledged: session closed or full");
+                }
+                true
+            }
+            AgentMsg::Quote(q) => {
+                let checked = match &mut live.sec {
+                    Some(s) => s.check_quote(&q, &live.hello),
+                    None => Err(Status::permission_denied("unsolicited attestation quote")),
+                };
+                match checked {
+                    Ok(()) => true,
+                    Err(status) => {
+                        self.kill.kill(status);
+                        false
+                    }
+                }
+            }
+            AgentMsg::CertificateRequest(csr) => {
+                let Some(s) = &mut live.sec else {
+                    return true;
+                };
+                match s.renew(&csr.csr_pem).await {
+                    Ok(issued) => {
+                        if !live.send(issued) {
+                            tracing::warn!(node = %live.name, "renewed certificate not sent: session closed or full");
+                        }
+                    }
+                    Err(refused) => {
+                        self.metrics
+                            .certificates_refused
+                            .with_label_values(&[refused.label()])
+                            .inc();
+                        tracing::warn!(node = %live.name, cause = %refused, "certificate renewal refused");
+                    }
+                }
+                true
+            }
+            AgentMsg::State(state) => {
+                let (verdict, superseded) = live.states.offer(state, Instant::now());
+                if superseded > 0 {
+                    self.metrics
+                        .node_messages_dropped
+                        .with_label_values(&["state"])
+                        .inc_by(superseded as u64);
+                }
+                match verdict {
+                    StateVerdict::Forward(state) => {
+                        self.manager
+                            .node_msg(live.node, live.conn, AgentMsg::State(state))
+                            .await
+                    }
+                    StateVerdict::Held => true,
+                    StateVerdict::Close => {
+                        tracing::warn!(node = %live.name, "node floods State messages past its rate limit; closing the session");
+                        self.metrics
+                            .node_sessions_closed
+                            .with_label_values(&["state_flood"])
+                            .inc();
+                        self.kill
+                            .kill(Status::resource_exhausted("too many State messages"));
+                        false
+                    }
+                }
+            }
+            other => self.manager.node_msg(live.node, live.conn, other).await,
+        }
+    }
+}
+
+/// A registered node's session, as its message loop keeps it.
+struct Live {
+    name: String,
+    hello: v1::Hello,
+    /// Mutual TLS and attestation state, with `[security]`.
+    sec: Option<SessionSecurity>,
+    states: StateLimiter,
+    node: tokenfleet_scheduler::NodeId,
+    conn: u64,
+    last_seen: Arc<AtomicU64>,
+    /// The session's own sender, weak (see `Session::run`).
+    acks: mpsc::WeakSender<Box<CoordinatorMessage>>,
+    lease_ms: u64,
+}
+
+impl Live {
+    /// Sends without waiting; false when the session is closed or its buffer full.
+    fn send(&self, msg: CoordinatorMessage) -> bool {
+        self.acks
+            .upgrade()
+            .is_some_and(|tx| tx.try_send(Box::new(msg)).is_ok())
     }
 }
 
