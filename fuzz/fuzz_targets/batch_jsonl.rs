@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use tokenfleet_coordinator::batch::input::{parse_input, validate_line, BatchContext, ENDPOINTS};
+use tokenfleet_coordinator::fuzzing::{parse_input, validate_line, BatchContext, ENDPOINTS};
 use tokenfleet_coordinator::CoordinatorConfig;
 use tokenfleet_scheduler::JobClass;
 

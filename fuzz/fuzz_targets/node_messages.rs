@@ -1,6 +1,6 @@
 //! Node message handling: an enrolled node's decoded `tokenfleet.v1` messages fed to the
 //! coordinator's job manager. Each input starts a real manager through
-//! `tokenfleet_coordinator::fleet::manager::harness` (in-memory SQLite job store, the configured
+//! `tokenfleet_coordinator::fuzzing::harness` (in-memory SQLite job store, the configured
 //! scheduler), registers two nodes with a Hello and an eligible State, queues two jobs (which
 //! the scheduler assigns), then plays the input's messages: structured ones
 //! aimed at the jobs and nodes (chunks, done, evicted, failed, state, reconnects with held
@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use tokenfleet_coordinator::fleet::manager::harness::{chunk, eligible, Harness};
+use tokenfleet_coordinator::fuzzing::harness::{chunk, eligible, Harness};
 use tokenfleet_protocol::v1;
 use tokenfleet_protocol::AgentMsg;
 

@@ -7,10 +7,10 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use tokenfleet_coordinator::domain::request::{Prompt, ValidRequest};
-use tokenfleet_coordinator::http::error::{status, RequestError};
-use tokenfleet_coordinator::openai::wire::{ChatCompletionRequest, CompletionRequest};
-use tokenfleet_coordinator::openai::validation::{validate_chat, validate_completion};
+use tokenfleet_coordinator::fuzzing::{
+    status, validate_chat, validate_completion, ChatCompletionRequest, CompletionRequest, Prompt,
+    RequestError, ValidRequest,
+};
 use tokenfleet_coordinator::CoordinatorConfig;
 
 static CONFIG: LazyLock<CoordinatorConfig> = LazyLock::new(CoordinatorConfig::default);

@@ -21,17 +21,34 @@
 //! This file wires them together: [`start`] opens the store, recovers jobs, spawns the
 //! manager and the batch runner and serves until shutdown.
 
+// Public: what the `tokenfleet` binary and the tests use (configuration, the store, the
+// verifier's checks and calibration, enrollment and reputation records, the decision log, the
+// batch input parser).
+// Everything else is the coordinator's own; the fuzz targets reach their parts through
+// [`fuzzing`].
 pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod fleet;
-pub mod http;
-pub mod metrics;
-pub mod openai;
-pub mod policy;
-pub mod transport;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod openai;
+pub(crate) mod policy;
+pub(crate) mod transport;
 pub mod trust;
+
+/// What the fuzz targets (`fuzz/`, built with the `fuzzing` feature) drive: the OpenAI request
+/// validation and its HTTP status, the batch input parser and the manager's test harness.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::batch::input::{parse_input, validate_line, BatchContext, ENDPOINTS};
+    pub use crate::domain::request::{Prompt, ValidRequest};
+    pub use crate::fleet::manager::harness;
+    pub use crate::http::error::{status, RequestError};
+    pub use crate::openai::validation::{validate_chat, validate_completion};
+    pub use crate::openai::wire::{ChatCompletionRequest, CompletionRequest};
+}
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -8,6 +8,6 @@
 //! (tenants' limits, residency) and `fleet` (the manager that runs the lines). Not `http`.
 
 pub mod input;
-pub mod runner;
-pub mod store;
-pub mod types;
+pub(crate) mod runner;
+pub(crate) mod store;
+pub(crate) mod types;

@@ -176,10 +176,6 @@ impl JobText {
     pub fn token_text(&self, id: i32) -> Option<String> {
         self.table.piece(id).map(|_| self.table.lossy_text(id))
     }
-
-    pub fn is_eog(&self, id: i32) -> bool {
-        self.table.is_eog(id)
-    }
 }
 
 impl Job {

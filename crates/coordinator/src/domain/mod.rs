@@ -6,7 +6,7 @@
 //!
 //! May import: `clock`, `config`. Nothing that serves, schedules or checks.
 
-pub mod error;
-pub mod job;
-pub mod request;
+pub(crate) mod error;
+pub(crate) mod job;
+pub(crate) mod request;
 pub mod store;

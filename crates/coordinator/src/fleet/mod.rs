@@ -9,7 +9,7 @@
 //! verifier's queue and reports, reputations). Not `openai`, `batch`, `http`, `transport`.
 
 pub mod decision_log;
-pub mod manager;
-pub mod nodes;
-pub mod queue;
-pub mod writer;
+pub(crate) mod manager;
+pub(crate) mod nodes;
+pub(crate) mod queue;
+pub(crate) mod writer;

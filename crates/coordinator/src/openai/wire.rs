@@ -137,33 +137,6 @@ pub struct CompletionRequest {
     pub tokenfleet: Option<Extension>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TopLogprobJson {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenLogprobJson {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-    pub top_logprobs: Vec<TopLogprobJson>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ChoiceLogprobs {
-    pub content: Vec<TokenLogprobJson>,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelObject {
     pub id: String,

@@ -22,6 +22,13 @@ use crate::metrics::Metrics;
 use tokenfleet_store::Sealer;
 
 /// One node's current session.
+#[cfg_attr(
+    not(feature = "fuzzing"),
+    allow(
+        dead_code,
+        reason = "only the node_messages fuzz target reconnects and closes sessions"
+    )
+)]
 pub struct Session {
     pub registered: Registered,
     /// What the manager sent this session.
@@ -218,6 +225,13 @@ impl Harness {
     }
 
     /// Node `i`'s session closes.
+    #[cfg_attr(
+        not(feature = "fuzzing"),
+        allow(
+            dead_code,
+            reason = "only the node_messages fuzz target reconnects and closes sessions"
+        )
+    )]
     pub async fn down(&self, i: usize) {
         let r = &self.nodes[i].registered;
         self.manager.node_down(r.node, r.conn).await;
@@ -230,6 +244,13 @@ impl Harness {
     }
 
     /// A message on node `i`'s session before its last reconnect.
+    #[cfg_attr(
+        not(feature = "fuzzing"),
+        allow(
+            dead_code,
+            reason = "only the node_messages fuzz target reconnects and closes sessions"
+        )
+    )]
     pub async fn send_stale(&self, i: usize, msg: AgentMsg) {
         if let Some(conn) = self.nodes[i].previous_conn {
             let node = self.nodes[i].registered.node;

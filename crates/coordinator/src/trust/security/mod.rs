@@ -12,12 +12,12 @@
 //!
 //! [`Security`] ties them together for one running coordinator.
 
-pub mod attest;
+pub(crate) mod attest;
 pub mod ca;
-pub mod enroll;
+pub(crate) mod enroll;
 pub mod registry;
-pub mod session;
-pub mod tls;
+pub(crate) mod session;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -244,26 +244,3 @@ pub fn incoming(
     });
     rx
 }
-
-/// [`incoming`] as an axum listener (the client API over HTTPS).
-pub struct HttpsListener {
-    pub accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    pub local: SocketAddr,
-}
-
-impl axum::serve::Listener for HttpsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends with the listener; wait for the server's shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
