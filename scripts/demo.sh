@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build -p tokenfleet
-exec target/debug/tokenfleet up "$@"
+# `cargo run` finds the binary wherever CARGO_TARGET_DIR puts it, and replaces itself with it.
+exec cargo run --quiet -p tokenfleet -- up "$@"

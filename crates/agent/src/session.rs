@@ -259,6 +259,13 @@ async fn one_session(
     }
 }
 
+/// How long a quote may take. In `tokenfleet up` on a loaded 2-core machine a vehicle's
+/// session was attested 65 ms after it measured its model into its swtpm (challenge, quote:
+/// create the ECC attestation key, quote, flush; the demo's log), and discrete TPMs take up to
+/// a few seconds to create an ECC primary; the coordinator waits
+/// `attest_timeout` (10 s by default) for the answer. Past this the TPM is hung, not slow.
+const QUOTE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A quote for the coordinator's nonce from the vehicle's TPM (run on the blocking pool), or
 /// an "unavailable" answer saying why there is none.
 async fn answer_challenge(config: &AgentConfig, challenge: v1::AttestChallenge) -> v1::AttestQuote {
@@ -269,17 +276,30 @@ async fn answer_challenge(config: &AgentConfig, challenge: v1::AttestChallenge) 
     let Some(attestor) = config.attestor.clone() else {
         return unavailable("this vehicle has no TPM".into());
     };
-    let quoted = tokio::task::spawn_blocking(move || {
-        attestor.0.quote(&challenge.nonce, challenge.pcr_index)
-    })
+    let quoted = tokio::time::timeout(
+        QUOTE_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            attestor.0.quote(&challenge.nonce, challenge.pcr_index)
+        }),
+    )
     .await;
     match quoted {
-        Ok(Ok(evidence)) => evidence.to_wire(),
-        Ok(Err(e)) => {
+        Ok(Ok(Ok(evidence))) => evidence.to_wire(),
+        Ok(Ok(Err(e))) => {
             tracing::warn!(node = %config.node_id, cause = %e, "cannot quote");
             unavailable(e.to_string())
         }
-        Err(e) => unavailable(format!("quote task failed: {e}")),
+        Ok(Err(e)) => unavailable(format!("quote task failed: {e}")),
+        Err(_) => {
+            // The session must not wait on the TPM forever: the coordinator has refused us
+            // by now, and only a reconnect brings the vehicle back.
+            tracing::error!(node = %config.node_id, timeout_s = QUOTE_TIMEOUT.as_secs(),
+                "the TPM did not answer a quote in time; check the TPM (or its swtpm); answering unavailable");
+            unavailable(format!(
+                "the TPM did not answer within {} s",
+                QUOTE_TIMEOUT.as_secs()
+            ))
+        }
     }
 }
 

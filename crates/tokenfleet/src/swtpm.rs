@@ -60,10 +60,24 @@ impl SoftwareTpm {
             // If we die without running Drop (SIGKILL), the kernel ends swtpm too. The signal
             // follows the *thread* that spawned it: callers start swtpm from a thread that
             // lives as long as the TPM is needed (not the blocking pool).
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            //
+            // swtpm serves one connection at a time. libtss2's swtpm TCTI opens its sockets
+            // without close-on-exec, so a TPM connection that another vehicle of this process
+            // has open at the fork would live on in this child, and that vehicle's swtpm would
+            // wait on it forever, never reading its next connection: seen in `tokenfleet up`
+            // (vehicle-1's quote hung, its session was refused and it never came back). Every
+            // descriptor above stdio is closed at exec (`CLOSE_RANGE_CLOEXEC`: std's own
+            // exec-error pipe is close-on-exec already, so spawn still reports a failed exec).
+            // SAFETY: prctl and close_range are async-signal-safe system calls that touch no
+            // memory of the parent.
             unsafe {
                 cmd.pre_exec(|| {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32)
+                        != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     Ok(())
                 });
             }
@@ -87,6 +101,11 @@ impl SoftwareTpm {
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("swtpm did not start")))
+    }
+
+    /// The swtpm process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The TCTI string for tss-esapi.

@@ -393,3 +393,35 @@ async fn replayed_quote_is_refused() {
     assert!(why.contains("stale or replayed"), "{why}");
     jobs_run_elsewhere(&fleet, &honest_agent, &bad).await;
 }
+
+/// `tokenfleet up` lost a vehicle for good: the TPM connection one vehicle had open while the
+/// next vehicle's swtpm started lived on in that child (libtss2's swtpm TCTI opens sockets
+/// without close-on-exec), and the first vehicle's swtpm, which serves one connection at a
+/// time, never read its next one; the vehicle's quote hung. A started swtpm holds no
+/// descriptor of ours.
+#[test]
+fn a_started_swtpm_holds_no_descriptor_of_its_parent() {
+    if !swtpm_or_skip("a_started_swtpm_holds_no_descriptor_of_its_parent") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    // A socket without close-on-exec, as libtss2's swtpm TCTI opens them.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let fd = stream.as_raw_fd();
+    // SAFETY: F_SETFD on a descriptor this test owns (alive until the end); it only clears
+    // close-on-exec.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let ours = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = SoftwareTpm::start(dir.path()).unwrap();
+    let theirs: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", tpm.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(
+        !theirs.contains(&ours),
+        "swtpm holds our socket {ours:?} (its descriptors: {theirs:?})"
+    );
+    drop(stream);
+}
