@@ -12,11 +12,14 @@
 # issue 13 before on_chunk capped chunks; the regression test is
 # issue_13_a_node_cannot_send_more_tokens_than_max_tokens in coordinator's manager/harness.rs).
 #
+# The build, the corpus earlier runs found and the logs go to fuzz/target (git-ignored), or to
+# FUZZ_TARGET_DIR when set (an absolute path, e.g. outside the checkout: the build is a few GB).
+#
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, read only) plus what
-# earlier runs found (fuzz/target/corpus/<target>/, git-ignored). A crash stops that target,
+# earlier runs found (<target dir>/corpus/<target>/). A crash stops that target,
 # is saved under fuzz/artifacts/<target>/, and makes the script exit non-zero after the other
 # targets ran; reproduce it with
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none <target> fuzz/artifacts/<target>/<file>
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none [--target-dir DIR] <target> fuzz/artifacts/<target>/<file>
 # Set FUZZ_TARGETS="openai_request vss_value" to run only some.
 set -euo pipefail
 
@@ -24,9 +27,10 @@ SECONDS_PER_TARGET="${1:-60}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT/fuzz"
 export RUSTC_BOOTSTRAP=1
-# The fuzz build uses its own flags, so it gets its own target dir (fuzz/target), never a
-# shared one that a developer's environment points at.
+# The fuzz build uses its own flags, so it gets its own target dir, never a shared one that a
+# developer's environment points at.
 unset CARGO_TARGET_DIR
+TARGET_DIR="${FUZZ_TARGET_DIR:-$ROOT/fuzz/target}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -35,14 +39,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 TARGETS="${FUZZ_TARGETS:-$(cargo fuzz list)}"
-cargo fuzz build --sanitizer "$SANITIZER" >&2
+cargo fuzz build --sanitizer "$SANITIZER" --target-dir "$TARGET_DIR" >&2
 
 failed=()
 for t in $TARGETS; do
-  mkdir -p "target/corpus/$t" "artifacts/$t"
-  log="target/fuzz-$t.log"
+  mkdir -p "$TARGET_DIR/corpus/$t" "artifacts/$t"
+  log="$TARGET_DIR/fuzz-$t.log"
   echo "== $t: ${SECONDS_PER_TARGET}s" >&2
-  if cargo fuzz run --sanitizer "$SANITIZER" "$t" "target/corpus/$t" "corpus/$t" -- \
+  if cargo fuzz run --sanitizer "$SANITIZER" --target-dir "$TARGET_DIR" "$t" \
+      "$TARGET_DIR/corpus/$t" "corpus/$t" -- \
       -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 >"$log" 2>&1; then
     status=ok
@@ -51,7 +56,7 @@ for t in $TARGETS; do
     failed+=("$t")
   fi
   execs=$(grep -m1 '^stat::number_of_executed_units' "$log" | awk '{print $2}')
-  echo "$t: $status, ${SECONDS_PER_TARGET}s, ${execs:-?} execs, corpus $(ls "target/corpus/$t" | wc -l) inputs (log: fuzz/$log)"
+  echo "$t: $status, ${SECONDS_PER_TARGET}s, ${execs:-?} execs, corpus $(ls "$TARGET_DIR/corpus/$t" | wc -l) inputs (log: $log)"
   if [ "$status" = CRASH ]; then
     grep -m1 -A3 'panicked at\|ERROR: libFuzzer\|SUMMARY' "$log" >&2 || true
     ls -t "artifacts/$t" | head -1 | sed "s|^|  input: fuzz/artifacts/$t/|" >&2
