@@ -26,7 +26,7 @@ bindir() {
     return
   fi
   local dir
-  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
   [ -n "$dir" ] && [ -x "$dir/initdb" ] || die "no PostgreSQL server binaries (run scripts/setup.sh, or set PG_BIN)"
   echo "$dir"
 }
@@ -56,7 +56,9 @@ start() {
   local bin dir port
   bin=$(bindir)
   dir=$(mktemp -d "${TMPDIR:-/tmp}/tokenfleet-pg.XXXXXX")
-  [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
+  if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$dir"
+  fi
   # Reading what it logs needs no privilege; the data directory stays the owner's (0700).
   as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 \
     --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || {

@@ -35,6 +35,11 @@ pub(super) type Step = Box<dyn Call>;
 
 /// A call in the queue: run on the group's connection inside its savepoint (returning how to
 /// answer once the commit is known), or answered with an error without running.
+///
+/// A step returns `Err` whenever one of its statements failed, never swallows such an error:
+/// PostgreSQL then refuses everything until the savepoint is rolled back, and a `COMMIT` of
+/// an aborted transaction rolls it back without an error, so a swallowed failure would have
+/// the whole group answered as committed.
 pub(super) trait Call: Send {
     fn run<'a>(self: Box<Self>, conn: &'a Conn, sealer: &'a Sealer) -> BoxFuture<'a, Applied>;
     fn fail(self: Box<Self>, error: &str);
