@@ -4,6 +4,9 @@
 #   libclang-dev (bindgen), protobuf-compiler (the tokenfleet.v1 gRPC contract), pkg-config;
 # - libtss2-dev (TPM 2.0 attestation through tss-esapi; pulls in the swtpm TCTI) and swtpm
 #   (a software TPM per agent for `tokenfleet up` and the attestation tests);
+# - postgresql, when no PostgreSQL server binaries are installed: the store's PostgreSQL
+#   tests run on a throwaway cluster that scripts/pg.sh makes with them (the package's own
+#   cluster is not used);
 # - the demo/test model (scripts/fetch-model.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +16,11 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Any version's server will do (scripts/pg.sh takes the newest), so look for the binaries
+# rather than a versioned package.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}" >&2
   SUDO=""

@@ -13,7 +13,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::{JobRecord, StoreError};
+use crate::{JobRecord, JobState, StoreError};
 
 /// Where a batch is in its life: `validating → in_progress → finalizing → completed`, or
 /// `failed` (nothing in the input could run), `expired` (the completion window ran out),
@@ -129,6 +129,32 @@ pub struct Progress {
     pub done: u64,
     pub failed: u64,
     pub unfinished: u64,
+}
+
+/// The job that runs a valid batch line, as a backend's `start_batch` stores it: queued,
+/// under a fresh public id, with no idempotency key.
+pub(crate) fn batch_job(id: u64, tenant: &str, request: Vec<u8>, created_ms: u64) -> JobRecord {
+    JobRecord {
+        id,
+        public_id: format!("batch_req_{}", hex::encode(rand::random::<[u8; 12]>())),
+        tenant: tenant.to_string(),
+        idempotency_key: None,
+        request,
+        state: JobState::Queued,
+        created_ms,
+        finish_reason: None,
+        text_tail: String::new(),
+        prompt_tokens: 0,
+        error: None,
+        tokens: Vec::new(),
+    }
+}
+
+/// Up to `limit` rows of a list page fetched with `LIMIT limit + 1`, and whether more follow.
+pub(crate) fn page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
 }
 
 /// A tenant's limit that a new file or batch would pass (nothing was written).

@@ -120,6 +120,25 @@ impl Durable {
     }
 }
 
+/// Gives a call's result to its caller, or, for a queued write (no caller waits), logs its
+/// failure: the job stays recoverable (unpersisted tokens are regenerated after a restart, an
+/// unpersisted outcome means the job is re-run from its tokens). Every backend's commit uses it.
+pub(crate) fn answer<T>(
+    reply: Option<tokio::sync::oneshot::Sender<Result<T, StoreError>>>,
+    result: Result<T, StoreError>,
+) {
+    match reply {
+        Some(reply) => {
+            let _ = reply.send(result);
+        }
+        None => {
+            if let Err(e) = result {
+                tracing::error!(cause = %e, "job store write failed");
+            }
+        }
+    }
+}
+
 /// Jobs, their tokens and outcomes. See the crate doc for what is durable when a call returns
 /// and in which order queued writes apply.
 #[async_trait]

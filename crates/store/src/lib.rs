@@ -21,7 +21,12 @@
 //! - [`error`]: [`StoreError`], the one error of every store.
 //! - [`sealing`]: at-rest encryption of prompts and outputs; key files and rotation.
 //! - [`sqlite`]: the SQLite backend ([`sqlite::SqliteStore`], every trait; the schema's
-//!   migrations; the group-commit thread).
+//!   migrations; the group-commit thread). The embedded default: one coordinator, one file.
+//! - [`postgres`]: the PostgreSQL backend ([`postgres::PostgresStore`], every trait; its
+//!   migrations under an advisory lock; the group-commit task; job ids in blocks from a
+//!   sequence), for several coordinators on one database.
+//! - `suite` (tests only): the behaviour every backend is tested for, run by each backend's
+//!   `tests` module.
 //!
 //! # Ordering contract (every backend)
 //! A backend is one ordered queue shared by its four stores: every call applies after every
@@ -44,7 +49,8 @@
 //!   ending a batch, re-opening a job for a re-run, the retention purge) is atomic.
 //! - **Ids.** Job ids are handed out by the store when a job is submitted, increasing, never
 //!   reused within a run (not even after a failed insert), and continue after the highest
-//!   stored id when a store is opened.
+//!   stored id when a store is opened. (Per backend instance: several PostgreSQL stores on
+//!   one database hand out disjoint ids, each its own increasing.)
 //!
 //! # Why `async_trait`
 //! The coordinator holds its stores as trait objects ([`Stores`]: `Arc<dyn JobStore>`, ...),
@@ -56,6 +62,7 @@
 pub mod batches;
 pub mod error;
 pub mod jobs;
+pub mod postgres;
 pub mod registry;
 pub mod reputation;
 pub mod sealing;

@@ -11,10 +11,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::jobs::{insert, load_one, NewRow};
 use super::SqliteStore;
+use crate::batches::{batch_job, page};
 use crate::sealing::{place, Sealer};
 use crate::{
-    BatchLine, BatchRecord, BatchStatus, BatchStore, FileRecord, JobRecord, JobState, LineResult,
-    NewFile, OverLimit, Progress, StoreError,
+    BatchLine, BatchRecord, BatchStatus, BatchStore, FileRecord, JobRecord, LineResult, NewFile,
+    OverLimit, Progress, StoreError,
 };
 
 fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
@@ -84,13 +85,6 @@ fn cursor(
         .unwrap_or(i64::MAX))
 }
 
-/// Up to `limit` rows of a page fetched with `LIMIT limit + 1`, and whether more follow.
-fn page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    (rows, more)
-}
-
 fn cancel_jobs(conn: &Connection, batch: &str, now_ms: u64) -> rusqlite::Result<usize> {
     conn.execute(
         "UPDATE jobs SET state = 'cancelled', finished_ms = ?2
@@ -117,31 +111,18 @@ fn write_batch(
             Ok(request) => {
                 let id = next;
                 next += 1;
-                let public_id = format!("batch_req_{}", hex::encode(rand::random::<[u8; 12]>()));
+                let job = batch_job(id, tenant, request, created_ms);
                 let row = NewRow {
                     id,
-                    public_id: &public_id,
+                    public_id: &job.public_id,
                     tenant,
                     idempotency_key: None,
-                    request: &request,
+                    request: &job.request,
                     created_ms,
                 };
                 insert(conn, sealer, row)?
                     .map_err(|_| StoreError::Commit("batch job id collision".into()))?;
-                jobs.push(JobRecord {
-                    id,
-                    public_id,
-                    tenant: tenant.to_string(),
-                    idempotency_key: None,
-                    request,
-                    state: JobState::Queued,
-                    created_ms,
-                    finish_reason: None,
-                    text_tail: String::new(),
-                    prompt_tokens: 0,
-                    error: None,
-                    tokens: Vec::new(),
-                });
+                jobs.push(job);
                 (Some(id as i64), None)
             }
             Err(e) => (None, Some(e.to_string())),

@@ -7,6 +7,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::jobs::{append, finish, insert, NewRow};
+use crate::jobs::answer;
 use crate::sealing::Sealer;
 use crate::{Outcome, StoreError, StoredToken};
 
@@ -118,18 +119,7 @@ fn commit_writes(conn: &mut Connection, writes: &mut Vec<Op>, sealer: &Sealer) {
                     Ok(()) => result,
                     Err(e) => Err(StoreError::Commit(e.clone())),
                 };
-                match reply {
-                    Some(reply) => {
-                        let _ = reply.send(result);
-                    }
-                    // The job stays recoverable: unpersisted tokens are regenerated after a
-                    // restart, an unpersisted outcome means the job is re-run from its tokens.
-                    None => {
-                        if let Err(e) = result {
-                            tracing::error!(cause = %e, "job store write failed");
-                        }
-                    }
-                }
+                answer(reply, result);
             }
         }
     }

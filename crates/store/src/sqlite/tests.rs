@@ -1,5 +1,6 @@
 //! The SQLite backend's tests: the store suite on a file database, and what only SQLite has
-//! (migrating a version 1 file, the store thread's queue order around a connection call).
+//! (migrating a version 1 file, the store thread's queue order around a connection call held
+//! on purpose so that the writes around it share one group).
 
 use std::path::{Path, PathBuf};
 
@@ -17,25 +18,23 @@ struct SqliteHarness {
     path: PathBuf,
 }
 
-impl SqliteHarness {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jobs.db");
-        Self { _dir: dir, path }
-    }
-}
-
 #[async_trait]
 impl Harness for SqliteHarness {
+    async fn fresh() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        Some(Self { _dir: dir, path })
+    }
+
     async fn open(&self, sealer: Sealer) -> Stores {
         SqliteStore::open(&self.path, sealer).unwrap().into_stores()
     }
 
-    fn on_disk(&self, marker: &str) -> bool {
+    async fn on_disk(&self, marker: &str) -> bool {
         on_disk(&self.path, marker)
     }
 
-    fn rows(&self, table: &str) -> u64 {
+    async fn rows(&self, table: &str) -> u64 {
         Connection::open(&self.path)
             .unwrap()
             .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
@@ -43,7 +42,7 @@ impl Harness for SqliteHarness {
     }
 }
 
-store_suite!(SqliteHarness::new());
+store_suite!(SqliteHarness);
 
 /// Whether `marker` occurs in the database file or its WAL.
 fn on_disk(path: &Path, marker: &str) -> bool {
