@@ -55,7 +55,8 @@
 //! written, as in every backend.
 //!
 //! Modules: `commit` (the queue task and its group commit), `ids` (job-id blocks),
-//! `migrations` (the schema), `jobs`, `batches`, `registry`, `reputation` (each trait's SQL).
+//! `migrations` (the schema), `jobs`, `batches`, `registry`, `reputation` (each trait's SQL),
+//! `sole` (the lock that keeps a second coordinator off a database until jobs are claimed).
 //! They use tokio-postgres, deadpool-postgres, the crate's records and traits and
 //! [`crate::sealing`]; nothing of either client crate leaves this module.
 
@@ -77,10 +78,12 @@ mod jobs;
 mod migrations;
 mod registry;
 mod reputation;
+mod sole;
 
 pub use commit::MAX_BATCH;
 use commit::{step, BoxFuture, Conn, Reply, Step, QUEUE};
 use ids::JobIds;
+pub use sole::SoleCoordinator;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {

@@ -71,6 +71,20 @@ impl PgHarness {
         connect(&self.admin).await
     }
 
+    /// Ends every server session on this database (a crashed network, a DBA's kill), returning
+    /// how many there were.
+    async fn kill_connections(&self) -> u64 {
+        self.admin()
+            .await
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+    }
+
     /// Another store on this database (another coordinator).
     async fn store(&self, sealer: Sealer) -> Result<PostgresStore, StoreError> {
         PostgresStore::connect_config(self.config.clone(), sealer).await
@@ -355,16 +369,7 @@ async fn the_store_reconnects_after_its_connection_is_killed() {
     with_database(|h| async move {
         let store = h.open(test_sealer()).await;
         let id = new_job(&store).await;
-        let killed = h
-            .admin()
-            .await
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&h.name],
-            )
-            .await
-            .unwrap();
+        let killed = h.kill_connections().await;
         assert!(killed >= 1);
         // Bounded: a few calls, each failing fast or succeeding.
         let mut answer = None;
@@ -380,6 +385,46 @@ async fn the_store_reconnects_after_its_connection_is_killed() {
         assert_eq!(answer.flatten().map(|j| j.id), Some(id));
         let next = new_job(&store).await;
         assert!(next > id);
+    })
+    .await;
+}
+
+/// One coordinator per database: a second one is refused while the first runs, and may start
+/// once it stopped; the holder learns when its lock's connection is killed.
+#[tokio::test]
+async fn a_second_coordinator_is_refused_until_the_first_lets_go() {
+    use super::SoleCoordinator;
+    with_database(|h| async move {
+        let first = SoleCoordinator::acquire_config(h.config.clone())
+            .await
+            .unwrap();
+        let refused = SoleCoordinator::acquire_config(h.config.clone()).await;
+        let message = refused
+            .err()
+            .expect("second coordinator refused")
+            .to_string();
+        assert!(
+            message.contains("another coordinator is running on this database"),
+            "{message}"
+        );
+        drop(first);
+        // The server releases the lock when the first session's connection closes; bounded.
+        let mut second = None;
+        for _ in 0..100 {
+            match SoleCoordinator::acquire_config(h.config.clone()).await {
+                Ok(lock) => {
+                    second = Some(lock);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let mut second = second.expect("the lock is free once its holder is gone");
+        h.kill_connections().await;
+        let why = tokio::time::timeout(Duration::from_secs(30), second.lost())
+            .await
+            .expect("the holder learns its lock is gone");
+        assert!(!why.is_empty());
     })
     .await;
 }
