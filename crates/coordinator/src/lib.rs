@@ -56,6 +56,7 @@ use std::sync::Arc;
 
 pub use config::CoordinatorConfig;
 use tokenfleet_scheduler::Scheduler;
+use tokenfleet_store::postgres::SoleCoordinator;
 use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub enum CoordinatorError {
     Regions(#[from] policy::regions::RegionError),
     #[error("the job manager died: {0}")]
     ManagerDied(String),
+    #[error("lost the PostgreSQL database's sole-coordinator lock: {0}")]
+    LostDatabaseLock(String),
     #[error(transparent)]
     Listen(#[from] transport::listeners::ListenError),
 }
@@ -148,7 +151,7 @@ pub async fn start(
 ) -> Result<Running, CoordinatorError> {
     config.validate()?;
     let config = Arc::new(config);
-    let (store, recovered) = open_store(&config).await?;
+    let (store, recovered, sole) = open_store(&config).await?;
     let security = match &config.security {
         Some(sc) => Some(trust::security::Security::open(sc.clone(), store.clone()).await?),
         None => None,
@@ -191,11 +194,7 @@ pub async fn start(
         store: store.clone(),
         config: Arc::clone(&config),
         metrics: Arc::clone(&metrics),
-        keys: config
-            .api_keys
-            .iter()
-            .map(|k| (k.key.clone(), k.tenant.clone()))
-            .collect(),
+        keys: api_keys(&config),
         tenants,
         regions,
         prompts,
@@ -235,6 +234,7 @@ pub async fn start(
         batches: batch_task,
         revocations,
         store,
+        sole,
     }));
     Ok(Running {
         bound,
@@ -243,12 +243,42 @@ pub async fn start(
     })
 }
 
-/// Opens the configured store, settles batches that were ending and loads the unfinished jobs
-/// to resume.
+/// API key -> tenant.
+fn api_keys(config: &CoordinatorConfig) -> std::collections::HashMap<String, String> {
+    config
+        .api_keys
+        .iter()
+        .map(|k| (k.key.clone(), k.tenant.clone()))
+        .collect()
+}
+
+/// Opens the configured store (PostgreSQL at `database_url`, holding the sole-coordinator lock
+/// on it, else SQLite at `db_path`), settles batches that were ending and loads the unfinished
+/// jobs to resume.
 async fn open_store(
     config: &CoordinatorConfig,
-) -> Result<(domain::store::Store, Vec<domain::store::StoredJob>), CoordinatorError> {
-    let store = domain::store::Store::open(&config.db_path, config.store_sealer()?)?;
+) -> Result<
+    (
+        domain::store::Store,
+        Vec<domain::store::StoredJob>,
+        Option<SoleCoordinator>,
+    ),
+    CoordinatorError,
+> {
+    let (store, sole) = match config.database_url() {
+        Some(url) => {
+            // The lock first: a second coordinator must not even load the jobs it would run.
+            let sole = SoleCoordinator::acquire(&url).await?;
+            let store =
+                domain::store::Store::connect_postgres(&url, config.store_sealer()?).await?;
+            tracing::info!("job store on PostgreSQL; this coordinator holds the database");
+            (store, Some(sole))
+        }
+        None => (
+            domain::store::Store::open(&config.db_path, config.store_sealer()?)?,
+            None,
+        ),
+    };
     spawn_retention(store.clone(), config.retention);
     // Jobs of batches that were being cancelled or ran out of time must not start again.
     let settled = store.settle_ending_batches(clock::unix_s()).await?;
@@ -262,7 +292,7 @@ async fn open_store(
             "resuming unfinished jobs from the store"
         );
     }
-    Ok((store, recovered))
+    Ok((store, recovered, sole))
 }
 
 /// The verifier's trusted models, thresholds and reputation records, with `[verification]`.
@@ -344,6 +374,8 @@ struct Tasks {
     batches: tokio::task::JoinHandle<()>,
     revocations: Option<tokio::task::JoinHandle<()>>,
     store: domain::store::Store,
+    /// The PostgreSQL store's sole-coordinator lock, held until the coordinator has stopped.
+    sole: Option<SoleCoordinator>,
 }
 
 /// Serves until shutdown or a dead manager, then stops the tasks and flushes the store.
@@ -356,12 +388,24 @@ async fn run_until_stopped(tasks: Tasks) -> Result<(), CoordinatorError> {
         batches,
         revocations,
         store,
+        sole,
     } = tasks;
     let stop_tx = Arc::new(stop_tx);
     let stop_on_shutdown = Arc::clone(&stop_tx);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_on_shutdown.send(true);
+    });
+    // Once the database has released the lock, another coordinator may start on the same jobs:
+    // this one stops rather than run them twice.
+    let lock_lost = sole.map(|mut sole| {
+        let stop_tx = Arc::clone(&stop_tx);
+        tokio::spawn(async move {
+            let why = sole.lost().await;
+            tracing::error!(cause = %why, "lost the database's sole-coordinator lock; stopping the coordinator");
+            let _ = stop_tx.send(true);
+            why
+        })
     });
     // The manager owns every job: if it dies (a panic is a bug), the coordinator stops
     // cleanly (listeners closed, store flushed) instead of serving with nobody behind the
@@ -387,8 +431,18 @@ async fn run_until_stopped(tasks: Tasks) -> Result<(), CoordinatorError> {
     if let Err(e) = store.flush().await {
         tracing::error!(cause = %e, "job store flush at shutdown failed");
     }
-    match manager_died {
-        Some(cause) => Err(CoordinatorError::ManagerDied(cause)),
-        None => result,
+    let lock_lost = match lock_lost {
+        Some(task) if task.is_finished() => task.await.ok(),
+        Some(task) => {
+            // Stopped for another reason: the lock goes with the task.
+            task.abort();
+            None
+        }
+        None => None,
+    };
+    match (manager_died, lock_lost) {
+        (Some(cause), _) => Err(CoordinatorError::ManagerDied(cause)),
+        (None, Some(cause)) => Err(CoordinatorError::LostDatabaseLock(cause)),
+        (None, None) => result,
     }
 }

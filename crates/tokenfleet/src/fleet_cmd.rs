@@ -114,7 +114,26 @@ pub fn default_identity_dir() -> PathBuf {
     crate::cli::default_cache_dir().join("identity")
 }
 
+/// The coordinator's store: PostgreSQL when `TOKENFLEET_DATABASE_URL` is set (as the
+/// coordinator reads it), else the SQLite file at `db`. Operator commands write single rows
+/// with conditional statements, so they may run beside the coordinator on either backend.
 async fn open_store(db: &Path) -> anyhow::Result<Store> {
+    use tokenfleet_coordinator::config::{DATABASE_URL_ENV, STORE_KEYS_ENV};
+    if let Some(url) = std::env::var(DATABASE_URL_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        anyhow::ensure!(
+            std::env::var_os(STORE_KEYS_ENV).is_some(),
+            "{DATABASE_URL_ENV} is set: give the PostgreSQL store's keys in {STORE_KEYS_ENV} \
+             (the coordinator's)"
+        );
+        let sealer =
+            tokenfleet_coordinator::config::store_sealer(db, None).context("the job store keys")?;
+        return Store::connect_postgres(&url, sealer)
+            .await
+            .with_context(|| format!("opening the PostgreSQL job store ({DATABASE_URL_ENV})"));
+    }
     let sealer = tokenfleet_coordinator::config::store_sealer(db, None)
         .with_context(|| format!("the job store keys of {}", db.display()))?;
     Store::open(db, sealer).with_context(|| format!("opening {}", db.display()))

@@ -29,7 +29,8 @@ pub struct CoordinatorArgs {
     /// Agent session (gRPC) address.
     #[arg(long, env = "TOKENFLEET_GRPC")]
     pub grpc: Option<SocketAddr>,
-    /// SQLite job store.
+    /// SQLite job store. For PostgreSQL set `TOKENFLEET_DATABASE_URL` (or the config's
+    /// `database_url`) and the store's keys (`TOKENFLEET_STORE_KEYS` or `store_key_file`).
     #[arg(long, env = "TOKENFLEET_DB")]
     pub db: Option<PathBuf>,
     /// An API key for tenant "default" (repeatable).

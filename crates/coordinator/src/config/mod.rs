@@ -29,6 +29,9 @@ pub struct ApiKey {
 
 /// Environment variable holding the job store's keys (`id:base64,...`, newest first).
 pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
+/// Environment variable holding the PostgreSQL job store's connection string (see
+/// `CoordinatorConfig::database_url`).
+pub const DATABASE_URL_ENV: &str = "TOKENFLEET_DATABASE_URL";
 
 /// The keys of the job store at `db_path`: `TOKENFLEET_STORE_KEYS` when set, else the key
 /// file (`key_file`, default `<db_path>.keys`, created when absent). Every process opening the
@@ -72,8 +75,16 @@ pub struct CoordinatorConfig {
     pub http_tls: Option<TlsFiles>,
     /// Enrollment, mutual TLS on the agent port and attestation (see `security::config`).
     pub security: Option<SecurityConfig>,
-    /// SQLite job store (WAL mode).
+    /// SQLite job store (WAL mode), unless `database_url` is set.
     pub db_path: PathBuf,
+    /// The job store on PostgreSQL instead of SQLite: a `postgresql://user:password@host/db`
+    /// URL or a libpq `host=... dbname=...` string (plaintext connection: keep the database on
+    /// the coordinator's host or a private network). One coordinator per database for now: a
+    /// second one is refused at start. Needs the store's keys given explicitly
+    /// (`store_key_file` or `TOKENFLEET_STORE_KEYS`), since no file sits beside the database
+    /// to default to. `TOKENFLEET_DATABASE_URL` takes precedence, so that a password need not
+    /// be written into the config file.
+    pub database_url: Option<String>,
     pub api_keys: Vec<ApiKey>,
     /// Placement policy: random, first-fit, tokenfleet or oracle.
     pub policy: String,
@@ -182,6 +193,7 @@ impl Default for CoordinatorConfig {
             http_tls: None,
             security: None,
             db_path: PathBuf::from("tokenfleet.db"),
+            database_url: None,
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
             scheduler: tokenfleet_scheduler::SchedulerConfig::default(),
@@ -431,6 +443,15 @@ impl CoordinatorConfig {
                 "api keys must be at least 16 characters".into(),
             ));
         }
+        if self.database_url().is_some()
+            && self.store_key_file.is_none()
+            && std::env::var_os(STORE_KEYS_ENV).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "a PostgreSQL job store (database_url) needs its keys given: set store_key_file \
+                 (the same file on every coordinator of that database) or {STORE_KEYS_ENV}"
+            )));
+        }
         if let Some(op) = &self.operator_key {
             if op.len() < 16 {
                 return Err(ConfigError::Invalid(
@@ -500,6 +521,15 @@ impl CoordinatorConfig {
             }
         }
         Ok(())
+    }
+
+    /// The PostgreSQL job store's connection string: `TOKENFLEET_DATABASE_URL` when set, else
+    /// `database_url`; None for the SQLite store at `db_path`.
+    pub fn database_url(&self) -> Option<String> {
+        std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.database_url.clone())
     }
 
     /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use tokenfleet_store::postgres::PostgresStore;
 use tokenfleet_store::sqlite::SqliteStore;
 use tokenfleet_store::{
     BatchStore, JobRecord, JobStore, RegistryStore, ReputationStore, Sealer, Stores,
@@ -38,6 +39,14 @@ pub struct Store {
 }
 
 impl Store {
+    /// The PostgreSQL store at `url` (migrated on connect). Call inside the runtime that will
+    /// run the store's task.
+    pub async fn connect_postgres(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
+        Ok(Self::new(
+            PostgresStore::connect(url, sealer).await?.into_stores(),
+        ))
+    }
+
     /// The SQLite store in the file at `path`.
     pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         Ok(Self::new(SqliteStore::open(path, sealer)?.into_stores()))
