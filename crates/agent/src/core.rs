@@ -287,11 +287,14 @@ impl Core {
     fn assign(&mut self, a: v1::Assign) {
         let job_id = a.job_id.clone();
         if self.draining || self.status.borrow().must_evict {
-            tracing::warn!(job = %job_id, "cannot run assigned job: vehicle is leaving");
-            let _ = self.send(AgentMsg::Failed(v1::JobFailed {
+            // The Assign crossed the departure on the wire: hand the job straight back, from
+            // where it was, as an eviction (a hand-off, not a failure of the job).
+            let reason = if self.draining { "drain" } else { "departure" };
+            tracing::info!(job = %job_id, reason, "assigned job handed back: vehicle is leaving");
+            let _ = self.send(AgentMsg::Evicted(v1::JobEvicted {
                 job_id,
-                message: "vehicle is leaving".into(),
-                retryable: true,
+                reason: format!("{reason}: vehicle is leaving"),
+                next_index: a.resume_token_ids.len() as u32,
             }));
             return;
         }

@@ -77,8 +77,9 @@ pub struct Job {
     /// Tokens already written to the store.
     pub persisted: usize,
     pub first_token_seen: bool,
-    /// Times the job was placed on a vehicle.
-    pub attempts: u32,
+    /// Vehicles that reported the job failed (`JobFailed`). Hand-offs, evictions and expired
+    /// leases are not failures: a job handed across a car park many times is still good.
+    pub failures: u32,
     /// Which node produced the tokens from which index on, in order (for result
     /// verification; tokens recovered after a restart have no producer).
     pub producers: Vec<(tokenfleet_scheduler::NodeId, usize)>,

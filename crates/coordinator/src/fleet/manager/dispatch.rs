@@ -159,7 +159,6 @@ impl State {
             .dispatch_latency
             .observe(since.elapsed().as_secs_f64());
         job.placement = Placement::Running { node: node_id };
-        job.attempts += 1;
         node.jobs.insert(id);
         self.queue.remove(id);
         self.dirty_nodes.insert(node_id);

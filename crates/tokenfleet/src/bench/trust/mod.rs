@@ -21,6 +21,7 @@
 pub mod liar;
 pub mod perturb;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -71,6 +72,8 @@ pub struct HonestReport {
     pub honest_jobs: usize,
     pub answered: usize,
     pub failed_requests: usize,
+    /// Why the failed requests failed (HTTP status and error code, or the client's error).
+    pub failures: BTreeMap<String, usize>,
     pub agents: Vec<String>,
     pub handoffs: u64,
     pub checks_passed: f64,
@@ -212,14 +215,15 @@ fn metric(text: &str, name: &str, labels: &str) -> f64 {
         + 0.0
 }
 
-/// One OpenAI chat request of the bench's mix; true when it was answered.
+/// One OpenAI chat request of the bench's mix: `Ok` when it was answered, else why not
+/// (the status and the error body's code, or the client's error), so a failure is explained.
 async fn request(
     client: &reqwest::Client,
     base: &str,
     model: &str,
     i: usize,
     max_tokens: u32,
-) -> bool {
+) -> Result<(), String> {
     const PROMPTS: [&str; 8] = [
         "Explain why the sky is blue.",
         "Write a haiku about parking lots.",
@@ -241,25 +245,58 @@ async fn request(
         "seed": i,
         "stream": stream,
     });
-    let Ok(resp) = client
+    let resp = client
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(KEY)
         .json(&body)
         .timeout(Duration::from_secs(300))
         .send()
         .await
-    else {
-        return false;
-    };
-    if !resp.status().is_success() {
-        return false;
+        .map_err(|e| client_error(&e))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| client_error(&e))?;
+    if !status.is_success() {
+        return Err(format!("{} {}", status.as_u16(), error_code(&text)));
     }
-    match resp.text().await {
-        Ok(text) => !stream || text.contains("[DONE]") && !text.contains("\"error\""),
-        Err(_) => false,
+    if stream && !text.contains("[DONE]") {
+        return Err("stream ended without [DONE]".into());
+    }
+    if stream && text.contains("\"error\"") {
+        return Err(format!("stream error {}", error_code(&text)));
+    }
+    Ok(())
+}
+
+fn client_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "client timeout (300 s)".into()
+    } else {
+        format!("client error: {e}")
     }
 }
 
+/// The OpenAI error body's `code` (or `type`) in `text`, wherever the error object sits.
+fn error_code(text: &str) -> String {
+    let json = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or(Some(l)))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("error")
+                .cloned()
+        });
+    json.and_then(|e| {
+        e.get("code")
+            .and_then(|c| c.as_str())
+            .or_else(|| e.get("type").and_then(|t| t.as_str()))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| "(no error body)".into())
+}
+
+/// Runs `count` requests of the mix, `concurrency` at a time: how many were answered, and
+/// the failures counted by reason.
 async fn drive(
     base: &str,
     model: &str,
@@ -267,18 +304,22 @@ async fn drive(
     concurrency: usize,
     offset: usize,
     max_tokens: impl Fn(usize) -> u32,
-) -> usize {
+) -> (usize, BTreeMap<String, usize>) {
     let client = reqwest::Client::new();
     let max_tokens = &max_tokens;
-    futures::stream::iter(0..count)
+    let results: Vec<Result<(), String>> = futures::stream::iter(0..count)
         .map(|i| {
             let client = client.clone();
             async move { request(&client, base, model, offset + i, max_tokens(i)).await }
         })
         .buffer_unordered(concurrency.max(1))
-        .filter(|ok| futures::future::ready(*ok))
-        .count()
-        .await
+        .collect()
+        .await;
+    let mut failures = BTreeMap::new();
+    for reason in results.iter().filter_map(|r| r.as_ref().err()) {
+        *failures.entry(reason.clone()).or_insert(0) += 1;
+    }
+    (count - failures.values().sum::<usize>(), failures)
 }
 
 async fn engine(model: &std::path::Path, slots: u32, threads: u32) -> anyhow::Result<Engine> {
@@ -353,7 +394,7 @@ async fn honest_phase(
         }
         handoffs
     });
-    let answered = drive(
+    let (answered, failures) = drive(
         &coordinator.base,
         model,
         args.honest_jobs,
@@ -369,6 +410,7 @@ async fn honest_phase(
         honest_jobs: args.honest_jobs,
         answered,
         failed_requests: args.honest_jobs - answered,
+        failures,
         agents: shapes
             .iter()
             .map(|(s, t)| format!("{s} slots / {t} threads"))
@@ -621,8 +663,8 @@ pub async fn run(args: TrustArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let h = &report.honest;
-        println!("honest: {} jobs ({} answered) on {:?}, {} hand-offs: checks pass {} / inconclusive {} / fail {}, false alarms cleared {}, false quarantines {}, held {}",
-            h.honest_jobs, h.answered, h.agents, h.handoffs, h.checks_passed, h.checks_inconclusive, h.checks_failed, h.false_alarms_cleared, h.false_quarantines, h.held_for_operator);
+        println!("honest: {} jobs ({} answered, failures {:?}) on {:?}, {} hand-offs: checks pass {} / inconclusive {} / fail {}, false alarms cleared {}, false quarantines {}, held {}",
+            h.honest_jobs, h.answered, h.failures, h.agents, h.handoffs, h.checks_passed, h.checks_inconclusive, h.checks_failed, h.false_alarms_cleared, h.false_quarantines, h.held_for_operator);
         let r = &report.rare;
         println!("rare liars ({} of jobs, spot-check floor {:.2}): {} of {} caught, jobs to detect p50 {} mean {:.0} ({:?})",
             r.liar_rate, r.min_rate, r.detected, r.liars, r.jobs_to_detect_p50, r.jobs_to_detect_mean, r.jobs_to_detect);
