@@ -319,7 +319,7 @@ fn many_small_greedy_misses_fail_where_rare_near_ties_pass() {
         let e = job_evidence(&scores, &greedy, &th);
         judge(&e, &th)
     };
-    // 1 token in 10 at 1.5 nats (under the 1.6-nat limit): 13 of 128.
+    // 1 token in 10 at 1.5 nats (under the 1.83-nat limit): 13 of 128.
     let near_miss: Vec<f32> = (0..128)
         .map(|i| if i % 10 == 0 { 1.5 } else { 0.0 })
         .collect();
