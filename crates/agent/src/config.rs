@@ -21,8 +21,9 @@ impl std::fmt::Debug for SharedAttestor {
 /// How the agent connects and what it serves.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Coordinator agent endpoint, e.g. `https://fleet.example:50051` (or `http://` on loopback).
-    pub coordinator: String,
+    /// Coordinator agent endpoints, e.g. `https://fleet.example:50051` (or `http://` on
+    /// loopback), tried in turn: an active coordinator and its standby.
+    pub coordinators: Vec<String>,
     /// PEM CA that signed the coordinator's certificate (for `https://` without an identity).
     pub ca_cert: Option<PathBuf>,
     /// The enrolled identity (node certificate, key, fleet CA): the session then uses mutual
@@ -54,13 +55,19 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// `coordinator` is one address or several separated by commas.
     pub fn new(
         coordinator: impl Into<String>,
         node_id: impl Into<String>,
         model_name: impl Into<String>,
     ) -> Self {
         Self {
-            coordinator: coordinator.into(),
+            coordinators: coordinator
+                .into()
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
             ca_cert: None,
             identity: None,
             attestor: None,
@@ -80,6 +87,17 @@ impl AgentConfig {
             },
             // A 75 kWh pack at the policy's default $140/kWh replacement cost.
             wear_model: WearModel::new(75.0, 140.0),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The address for the `attempt`-th connection (round robin; "" when none is configured,
+    /// which the connection refuses as an invalid address).
+    pub fn coordinator(&self, attempt: usize) -> &str {
+        match self.coordinators.len() {
+            0 => "",
+            n => &self.coordinators[attempt % n],
         }
     }
 }
@@ -128,5 +146,24 @@ mod tests {
         assert!(delays[9] >= Duration::from_secs(1), "{delays:?}");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn several_coordinators_are_tried_in_turn() {
+        let c = AgentConfig::new(" http://10.0.0.1:50051, http://10.0.0.2:50051,", "v", "m");
+        assert_eq!(
+            c.coordinators,
+            ["http://10.0.0.1:50051", "http://10.0.0.2:50051"]
+        );
+        let tried: Vec<&str> = (0..3).map(|i| c.coordinator(i)).collect();
+        assert_eq!(
+            tried,
+            [
+                "http://10.0.0.1:50051",
+                "http://10.0.0.2:50051",
+                "http://10.0.0.1:50051"
+            ]
+        );
+        assert_eq!(AgentConfig::new("", "v", "m").coordinator(0), "");
     }
 }

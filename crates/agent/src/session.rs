@@ -42,26 +42,23 @@ pub(crate) struct SessionReport {
 
 const OUTBOUND_BUFFER: usize = 1024;
 
-async fn channel(config: &AgentConfig) -> Result<Channel, AgentError> {
-    let mut endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| {
-            AgentError::Config(format!("coordinator address {:?}: {e}", config.coordinator))
-        })?
+async fn channel(config: &AgentConfig, address: &str) -> Result<Channel, AgentError> {
+    let mut endpoint = Endpoint::from_shared(address.to_string())
+        .map_err(|e| AgentError::Config(format!("coordinator address {address:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Some(identity) = &config.identity {
-        if !config.coordinator.starts_with("https://") {
+        if !address.starts_with("https://") {
             return Err(AgentError::Config(format!(
-                "an enrolled agent connects over mutual TLS: {:?} is not an https:// address",
-                config.coordinator
+                "an enrolled agent connects over mutual TLS: {address:?} is not an https:// address"
             )));
         }
         // Read at every connection: a renewed certificate is used from the next one on.
         endpoint = endpoint
             .tls_config(identity.client_tls()?)
             .map_err(|e| AgentError::Config(e.to_string()))?;
-    } else if config.coordinator.starts_with("https://") {
+    } else if address.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &config.ca_cert {
             let pem = std::fs::read(ca)
@@ -89,7 +86,10 @@ fn refusal(status: tonic::Status) -> AgentError {
     }
 }
 
-/// Keeps a session up until `shutdown` flips.
+/// Keeps a session up until `shutdown` flips. With several coordinator addresses (an active
+/// coordinator and its standby), a session that ends or fails moves on to the next address at
+/// once; the backoff applies after a whole round failed, so a vehicle whose coordinator died
+/// reaches the one taking over within its first retries.
 pub(crate) async fn run(
     config: AgentConfig,
     core: mpsc::Sender<CoreMsg>,
@@ -98,18 +98,33 @@ pub(crate) async fn run(
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let mut denied = Backoff::new(config.denied_backoff_initial, config.denied_backoff_max);
+    let addresses = config.coordinators.len().max(1);
+    let mut attempt = 0usize;
     loop {
         if *shutdown.borrow() {
             return;
         }
+        let address = config.coordinator(attempt).to_string();
+        attempt = attempt.wrapping_add(1);
         report.status.send_replace(SessionStatus::Connecting);
         let mut delay = None;
-        match one_session(&config, &core, &mut shutdown, &mut backoff, &report).await {
-            Ok(()) => tracing::info!(node = %config.node_id, "session ended"),
+        match one_session(
+            &config,
+            &address,
+            &core,
+            &mut shutdown,
+            &mut backoff,
+            &report,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(node = %config.node_id, coordinator = %address, "session ended")
+            }
             Err(AgentError::Denied(why)) => {
                 // Never less than the initial wait (full jitter could make it ~0).
                 let wait = denied.next_delay().max(config.denied_backoff_initial);
-                tracing::error!(node = %config.node_id, cause = %why, retry_in_s = wait.as_secs(),
+                tracing::error!(node = %config.node_id, coordinator = %address, cause = %why, retry_in_s = wait.as_secs(),
                     "the coordinator denies this vehicle (an operator must act: release from quarantine, re-enroll); asking again later");
                 report
                     .status
@@ -118,14 +133,21 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 denied.reset();
-                tracing::warn!(node = %config.node_id, cause = %e, "session failed");
+                tracing::warn!(node = %config.node_id, coordinator = %address, cause = %e, "session failed");
                 report
                     .status
                     .send_replace(SessionStatus::Failed(e.to_string()));
             }
         }
         let _ = core.send(CoreMsg::Detach).await;
-        let delay = delay.unwrap_or_else(|| backoff.next_delay());
+        let round_done = attempt % addresses == 0;
+        let delay = delay.unwrap_or_else(|| {
+            if round_done {
+                backoff.next_delay()
+            } else {
+                Duration::ZERO
+            }
+        });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
@@ -152,12 +174,13 @@ fn with_causes(status: &tonic::Status) -> String {
 
 async fn one_session(
     config: &AgentConfig,
+    address: &str,
     core: &mpsc::Sender<CoreMsg>,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
     report: &SessionReport,
 ) -> Result<(), AgentError> {
-    let channel = channel(config).await?;
+    let channel = channel(config, address).await?;
     let mut client = NodeSessionClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(OUTBOUND_BUFFER);
     let (hello_tx, hello_rx) = oneshot::channel();
@@ -199,7 +222,7 @@ async fn one_session(
     };
     backoff.reset();
     report.status.send_replace(SessionStatus::Connected);
-    tracing::info!(node = %config.node_id, coordinator = %config.coordinator, "session established");
+    tracing::info!(node = %config.node_id, coordinator = %address, "session established");
     core.send(CoreMsg::Attach(out_tx.clone()))
         .await
         .map_err(|_| AgentError::Stopped)?;

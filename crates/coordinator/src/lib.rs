@@ -144,7 +144,8 @@ pub struct Running {
     pub task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
 
-/// Binds both listeners and runs the coordinator until `shutdown` resolves.
+/// Binds both listeners and runs the coordinator until `shutdown` resolves. A standby
+/// (`standby`) first waits here until it holds the database.
 pub async fn start(
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -268,7 +269,14 @@ async fn open_store(
     let (store, sole) = match config.database_url() {
         Some(url) => {
             // The lock first: a second coordinator must not even load the jobs it would run.
-            let sole = SoleCoordinator::acquire(&url).await?;
+            let sole = if config.standby {
+                SoleCoordinator::wait(&url, |holder| {
+                    tracing::info!(holder = %holder.trim(), "standby: another coordinator holds the database; taking over when it stops");
+                })
+                .await?
+            } else {
+                SoleCoordinator::acquire(&url).await?
+            };
             let store =
                 domain::store::Store::connect_postgres(&url, config.store_sealer()?).await?;
             tracing::info!("job store on PostgreSQL; this coordinator holds the database");

@@ -42,6 +42,10 @@ pub struct CoordinatorArgs {
     /// Placement policy: random, first-fit, tokenfleet, oracle.
     #[arg(long, env = "TOKENFLEET_POLICY")]
     pub policy: Option<String>,
+    /// With a PostgreSQL store: wait while another coordinator holds the database and take
+    /// over when it stops (active-passive failover; give agents both addresses).
+    #[arg(long, env = "TOKENFLEET_STANDBY")]
+    pub standby: bool,
     /// Lease timeout for silent nodes, milliseconds.
     #[arg(long, env = "TOKENFLEET_LEASE_TIMEOUT_MS")]
     pub lease_timeout_ms: Option<u64>,
@@ -138,6 +142,7 @@ impl CoordinatorArgs {
         if let Some(p) = self.policy {
             c.policy = p;
         }
+        c.standby |= self.standby;
         if let Some(ms) = self.lease_timeout_ms {
             c.lease_timeout = Duration::from_millis(ms);
         }
@@ -170,7 +175,11 @@ pub(crate) async fn ctrl_c() {
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
-    let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
+    // A standby waits inside `start` for the database: Ctrl-C must stop it there too.
+    let running = tokio::select! {
+        running = tokenfleet_coordinator::start(config, ctrl_c()) => running?,
+        () = ctrl_c() => return Ok(()),
+    };
     // Machine-readable for scripts and tests that start us on port 0.
     match running.bound.enroll {
         Some(e) => println!(
@@ -195,7 +204,8 @@ pub enum VehicleMode {
 pub struct AgentArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Coordinator agent endpoint (http:// on loopback, https:// with --ca-cert otherwise).
+    /// Coordinator agent endpoint (http:// on loopback, https:// with --ca-cert otherwise);
+    /// several, comma-separated, are tried in turn (an active coordinator and its standby).
     #[arg(
         long,
         env = "TOKENFLEET_COORDINATOR",

@@ -2,7 +2,9 @@
 //! it serves, a second coordinator on the same database is refused while the first runs, and
 //! after a SIGKILL mid-job a restarted coordinator resumes the job from the database and the
 //! client's `Idempotency-Key` retry gets the same greedy answer as an uninterrupted run, from
-//! one stored job.
+//! one stored job. A standby (`--standby`) waits for the database and takes over when the
+//! active coordinator is killed: the agent, given both addresses, moves to it, and the
+//! client's retry there gets the whole answer.
 //!
 //! Needs a PostgreSQL cluster, as the store's PostgreSQL suite does: `TOKENFLEET_TEST_PG_URL`
 //! (a superuser URL, `postgresql://user@host:port/db`; `scripts/test.sh` starts one), or
@@ -91,6 +93,28 @@ impl Database {
     }
 }
 
+impl Database {
+    /// One stored job for `key`, done. The client's answer ends as the job's end is queued
+    /// for the store's group commit, so its row may say `done` a flush later: waited for,
+    /// bounded.
+    async fn assert_one_done_job(&self, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rows = self.jobs_with_key(key).await;
+            assert_eq!(
+                rows.len(),
+                1,
+                "one stored job per idempotency key: {rows:?}"
+            );
+            if rows[0].0 == "done" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the job never ended: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for Database {
     fn drop(&mut self) {
         let (admin, name) = (self.admin_url.clone(), self.name.clone());
@@ -112,8 +136,13 @@ impl Drop for Database {
 }
 
 fn coordinator(db: &Database, http: u16, grpc: u16, stderr: Stdio) -> Child {
+    coordinator_with(db, http, grpc, stderr, &[])
+}
+
+fn coordinator_with(db: &Database, http: u16, grpc: u16, stderr: Stdio, extra: &[&str]) -> Child {
     Command::new(BIN)
         .args(["coordinator", "--http", &format!("127.0.0.1:{http}")])
+        .args(extra)
         .args(["--grpc", &format!("127.0.0.1:{grpc}")])
         .args(["--api-key", KEY, "--operator-key", OPERATOR_KEY])
         .args(["--lease-timeout-ms", "2000"])
@@ -164,6 +193,51 @@ async fn chat(client: &reqwest::Client, base: &str, key: &str, body: &Value) -> 
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Sends `body` with `key` to the coordinator at `base` and SIGKILLs it once the database
+/// holds some of the job's tokens; returns the job's rows at the kill.
+async fn kill_mid_job(
+    client: &reqwest::Client,
+    db: &Database,
+    base: &str,
+    body: &Value,
+    key: &str,
+    coordinator: &mut Proc,
+) -> Vec<(String, i64)> {
+    let request = {
+        let (client, url, body, key) = (
+            client.clone(),
+            format!("{base}/v1/chat/completions"),
+            body.clone(),
+            key.to_string(),
+        );
+        tokio::spawn(async move {
+            let _ = client
+                .post(url)
+                .bearer_auth(KEY)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await;
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at_kill = loop {
+        let rows = db.jobs_with_key(key).await;
+        if rows.iter().any(|(_, tokens)| *tokens >= 2) {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job stored no tokens: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    coordinator.0.kill().unwrap();
+    let _ = coordinator.0.wait();
+    let _ = request.await;
+    at_kill
+}
+
 fn text(answer: &Value) -> String {
     answer["choices"][0]["message"]["content"]
         .as_str()
@@ -208,33 +282,7 @@ async fn a_coordinator_on_postgres_is_alone_on_its_database_and_resumes_after_si
     assert!(!reference.is_empty());
 
     // The same request again, killed mid-job once the database holds some of its tokens.
-    let request = {
-        let (client, base, body) = (client.clone(), base.clone(), body.clone());
-        tokio::spawn(async move {
-            let _ = client
-                .post(format!("{base}/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .header("Idempotency-Key", "pg-crash")
-                .json(&body)
-                .send()
-                .await;
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let at_kill = loop {
-        let rows = db.jobs_with_key("pg-crash").await;
-        if rows.iter().any(|(_, tokens)| *tokens >= 2) {
-            break rows;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the job stored no tokens: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    first.0.kill().unwrap();
-    let _ = first.0.wait();
-    let _ = request.await;
+    let at_kill = kill_mid_job(&client, &db, &base, &body, "pg-crash", &mut first).await;
     eprintln!("killed with the job at {at_kill:?}");
 
     let _restarted = start_coordinator(&client, &db, http, grpc).await;
@@ -242,11 +290,73 @@ async fn a_coordinator_on_postgres_is_alone_on_its_database_and_resumes_after_si
     let (status, retried) = chat(&client, &base, "pg-crash", &body).await;
     assert_eq!(status, 200, "{retried}");
     assert_eq!(text(&retried), reference);
-    let rows = db.jobs_with_key("pg-crash").await;
-    assert_eq!(
-        rows.len(),
-        1,
-        "one stored job per idempotency key: {rows:?}"
+    db.assert_one_done_job("pg-crash").await;
+}
+
+/// Active-passive failover: a standby waits (binding nothing) while the active coordinator
+/// holds the database; kill -9 of the active one mid-job, and the standby takes the lock,
+/// resumes the job from the database, the agent (given both addresses) reconnects to it, and
+/// the client's Idempotency-Key retry there gets the uninterrupted greedy answer, from one
+/// stored job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_coordinator_is_killed() {
+    let Some(db) = Database::fresh().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let (http_a, grpc_a) = (free_port(), free_port());
+    let (http_b, grpc_b) = (free_port(), free_port());
+    let (base_a, base_b) = (
+        format!("http://127.0.0.1:{http_a}"),
+        format!("http://127.0.0.1:{http_b}"),
     );
-    assert_eq!(rows[0].0, "done", "{rows:?}");
+    let mut active = start_coordinator(&client, &db, http_a, grpc_a).await;
+    let mut standby = Proc(coordinator_with(
+        &db,
+        http_b,
+        grpc_b,
+        Stdio::null(),
+        &["--standby"],
+    ));
+    // The agent's address list: the active coordinator, then the standby.
+    let _agent = start_agent(
+        &format!("127.0.0.1:{grpc_a},http://127.0.0.1:{grpc_b}"),
+        "vehicle-failover",
+        2,
+    )
+    .await;
+    wait_models(&client, &base_a).await;
+    let body = greedy_chat(
+        "Tell a long story about a lighthouse keeper and the sea, in many sentences.",
+        160,
+        false,
+    );
+    let (status, reference) = chat(&client, &base_a, "failover-reference", &body).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference = text(&reference);
+    assert!(!reference.is_empty());
+    // The standby is still waiting, and serves nothing while it waits.
+    assert!(
+        standby.0.try_wait().unwrap().is_none(),
+        "the standby must wait, not exit"
+    );
+    assert!(client.get(format!("{base_b}/livez")).send().await.is_err());
+
+    let at_kill = kill_mid_job(&client, &db, &base_a, &body, "failover", &mut active).await;
+    let killed = Instant::now();
+
+    wait_http(&client, &base_b).await;
+    wait_models(&client, &base_b).await;
+    eprintln!(
+        "killed with the job at {at_kill:?}; the standby served the agent again {:.1} s later",
+        killed.elapsed().as_secs_f64()
+    );
+    let (status, retried) = chat(&client, &base_b, "failover", &body).await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(text(&retried), reference);
+    db.assert_one_done_job("failover").await;
+    assert!(
+        standby.0.try_wait().unwrap().is_none(),
+        "the standby runs on"
+    );
 }

@@ -96,7 +96,7 @@ async fn plaintext_agent_is_refused() {
     let engine = engine(&model_path()).await;
     let grpc = fleet.grpc;
     let a = agent(&fleet, &engine, UNMEASURED_SHA, None, None, |c| {
-        c.coordinator = format!("http://{grpc}")
+        c.coordinators = vec![format!("http://{grpc}")]
     });
     let status = wait_status(&a, "refused", is_failed).await;
     // h2c against a TLS port: the transport fails before any gRPC status.

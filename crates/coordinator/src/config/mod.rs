@@ -85,6 +85,11 @@ pub struct CoordinatorConfig {
     /// to default to. `TOKENFLEET_DATABASE_URL` takes precedence, so that a password need not
     /// be written into the config file.
     pub database_url: Option<String>,
+    /// With `database_url`: wait for the database's sole-coordinator lock instead of refusing
+    /// to start while another coordinator holds it, and take over when that one stops (its
+    /// agents, given both addresses, reconnect here; its unfinished jobs resume from the
+    /// database). Nothing is bound until then.
+    pub standby: bool,
     pub api_keys: Vec<ApiKey>,
     /// Placement policy: random, first-fit, tokenfleet or oracle.
     pub policy: String,
@@ -194,6 +199,7 @@ impl Default for CoordinatorConfig {
             security: None,
             db_path: PathBuf::from("tokenfleet.db"),
             database_url: None,
+            standby: false,
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
             scheduler: tokenfleet_scheduler::SchedulerConfig::default(),
@@ -451,6 +457,13 @@ impl CoordinatorConfig {
                 "a PostgreSQL job store (database_url) needs its keys given: set store_key_file \
                  (the same file on every coordinator of that database) or {STORE_KEYS_ENV}"
             )));
+        }
+        if self.standby && self.database_url().is_none() {
+            return Err(ConfigError::Invalid(
+                "standby needs a PostgreSQL job store (database_url or TOKENFLEET_DATABASE_URL): \
+                 a SQLite file has one coordinator"
+                    .into(),
+            ));
         }
         if let Some(op) = &self.operator_key {
             if op.len() < 16 {

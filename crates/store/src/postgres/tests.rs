@@ -428,3 +428,48 @@ async fn a_second_coordinator_is_refused_until_the_first_lets_go() {
     })
     .await;
 }
+
+/// A standby waits while another coordinator holds the database, is told who holds it, and
+/// gets the lock once the holder is gone.
+#[tokio::test]
+async fn a_standby_waits_for_the_lock_and_takes_it_when_the_holder_dies() {
+    use super::SoleCoordinator;
+    with_database(|h| async move {
+        let first = SoleCoordinator::acquire_config(h.config.clone())
+            .await
+            .unwrap();
+        let (told_tx, told_rx) = tokio::sync::oneshot::channel();
+        let config = h.config.clone();
+        let mut standby = tokio::spawn(async move {
+            SoleCoordinator::wait_config(config, |holder| {
+                let _ = told_tx.send(holder.to_string());
+            })
+            .await
+        });
+        let holder = tokio::time::timeout(Duration::from_secs(30), told_rx)
+            .await
+            .expect("the standby says who holds the lock")
+            .unwrap();
+        assert!(holder.contains("server process"), "{holder:?}");
+        // Told means it found the lock taken: it must still be waiting while the holder lives.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut standby)
+                .await
+                .is_err(),
+            "the standby must not hold the lock while the first coordinator does"
+        );
+        // The holder's socket closes (as at kill -9 of its process): the server releases the
+        // lock and grants it to the waiting standby.
+        drop(first);
+        let taken = tokio::time::timeout(Duration::from_secs(30), standby)
+            .await
+            .expect("the standby takes the lock once the holder is gone")
+            .unwrap();
+        assert!(taken.is_ok(), "{:?}", taken.err());
+        // And now it is the one a third coordinator is refused by.
+        assert!(SoleCoordinator::acquire_config(h.config.clone())
+            .await
+            .is_err());
+    })
+    .await;
+}
