@@ -83,6 +83,11 @@ pub struct Standing {
     pub busy: Duration,
     /// The measured decode throughput that replaces the claimed one, when far below it.
     pub measured_tps: Option<f32>,
+    /// The operator was warned that this node overclaims. A node near the limit flips in and
+    /// out of it with its load (the demo's three agents on two cores: measured 6-35 tok/s
+    /// against the 37.5 limit, 22 warnings in 10 minutes): later onsets are logged at debug
+    /// and counted in `tokenfleet_node_speed_overclaims_total`.
+    pub overclaim_warned: bool,
 }
 
 impl Standing {

@@ -137,7 +137,12 @@ impl State {
                     .map_or(0.0, |h| h.decode_tps_single);
                 let overclaims = measured < claimed * cfg.overclaim_ratio;
                 if overclaims && standing.measured_tps.is_none() {
-                    tracing::warn!(node = %node.name, claimed_tps = claimed, measured_tps = measured, "node decodes far below its claimed speed; scheduling it at the measured one");
+                    if standing.overclaim_warned {
+                        tracing::debug!(node = %node.name, claimed_tps = claimed, measured_tps = measured, "node decodes far below its claimed speed again");
+                    } else {
+                        tracing::warn!(node = %node.name, claimed_tps = claimed, measured_tps = measured, "node decodes far below its claimed speed; scheduling it at the measured one while it does");
+                        standing.overclaim_warned = true;
+                    }
                     self.metrics.node_speed_overclaims.inc();
                 }
                 let next = overclaims.then_some(measured);
