@@ -8,10 +8,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::batch::TOPICS;
 use common::process::{wait_models, KillableFleet, Proc, BIN};
 use common::{
-    chat_stream_text, greedy_chat, metric, metrics_text, model_path, sse_events, start_agent,
-    Fleet, KEY,
+    chat_stream_text, greedy_chat, metric, metrics_text, model_path, received_until_cut,
+    sse_events, start_agent, Fleet, KEY,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -49,19 +50,7 @@ async fn rows_once_all_done(db: &Path, n: usize) -> Vec<(String, String, i64)> {
 }
 
 fn prompt(i: usize) -> String {
-    let topics = [
-        "the moon",
-        "bicycles",
-        "rain",
-        "volcanoes",
-        "bread",
-        "trains",
-        "owls",
-        "music",
-        "glass",
-        "rivers",
-    ];
-    format!("Write two sentences about {}.", topics[i % topics.len()])
+    format!("Write two sentences about {}.", TOPICS[i % TOPICS.len()])
 }
 
 /// The text and `usage.completion_tokens` of a chat answer, streamed or not.
@@ -87,23 +76,6 @@ async fn answer(resp: reqwest::Response, stream: bool) -> (String, u64) {
             v["usage"]["completion_tokens"].as_u64().unwrap(),
         )
     }
-}
-
-/// What a streaming client received before its connection broke: the concatenated content.
-async fn received_until_cut(resp: reqwest::Response) -> String {
-    let mut raw = String::new();
-    let mut body = resp.bytes_stream();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
-        raw.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    // Only whole events: the cut may fall inside one.
-    let whole = &raw[..raw.rfind("\n\n").map_or(0, |p| p + 2)];
-    let events: Vec<String> = whole
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-        .collect();
-    chat_stream_text(&events)
 }
 
 /// Assigns the coordinator has sent since it started (each one observes the dispatch latency).

@@ -15,8 +15,11 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::batch::{ended, input, line_body, results, start_batch, wait_batch, TOPICS};
 use common::process::{free_port, wait_http, wait_models, Proc, BIN};
-use common::{greedy_chat, start_agent, KEY, OPERATOR_KEY};
+use common::{
+    chat_stream_text, greedy_chat, received_until_cut, sse_events, start_agent, KEY, OPERATOR_KEY,
+};
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
 
@@ -94,6 +97,26 @@ impl Database {
 }
 
 impl Database {
+    /// (jobs whose idempotency key starts with `prefix`, how many of them hold tokens, batch
+    /// lines done, batch lines in all).
+    async fn progress(&self, prefix: &str) -> (i64, i64, i64, i64) {
+        let row = connect(&self.url)
+            .await
+            .query_one(
+                "SELECT
+                   (SELECT count(*) FROM jobs WHERE idempotency_key LIKE $1 || '%'),
+                   (SELECT count(*) FROM jobs j WHERE idempotency_key LIKE $1 || '%'
+                      AND EXISTS (SELECT 1 FROM job_outputs o WHERE o.job_id = j.id)),
+                   (SELECT count(*) FROM batch_requests b JOIN jobs j ON j.id = b.job_id
+                      WHERE j.state = 'done'),
+                   (SELECT count(*) FROM batch_requests)",
+                &[&prefix],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    }
+
     /// One stored job for `key`, done. The client's answer ends as the job's end is queued
     /// for the store's group commit, so its row may say `done` a flush later: waited for,
     /// bounded.
@@ -293,6 +316,39 @@ async fn a_coordinator_on_postgres_is_alone_on_its_database_and_resumes_after_si
     db.assert_one_done_job("pg-crash").await;
 }
 
+/// An active coordinator (serving) and a standby (waiting for the database) on `db`.
+struct Pair {
+    active: Proc,
+    standby: Proc,
+    base_a: String,
+    base_b: String,
+    /// The agents' address list: the active coordinator, then the standby (`start_agent`
+    /// puts `http://` before the first).
+    agent_addresses: String,
+}
+
+impl Pair {
+    async fn start(client: &reqwest::Client, db: &Database) -> Self {
+        let (http_a, grpc_a) = (free_port(), free_port());
+        let (http_b, grpc_b) = (free_port(), free_port());
+        let active = start_coordinator(client, db, http_a, grpc_a).await;
+        let standby = Proc(coordinator_with(
+            db,
+            http_b,
+            grpc_b,
+            Stdio::null(),
+            &["--standby"],
+        ));
+        Self {
+            active,
+            standby,
+            base_a: format!("http://127.0.0.1:{http_a}"),
+            base_b: format!("http://127.0.0.1:{http_b}"),
+            agent_addresses: format!("127.0.0.1:{grpc_a},http://127.0.0.1:{grpc_b}"),
+        }
+    }
+}
+
 /// Active-passive failover: a standby waits (binding nothing) while the active coordinator
 /// holds the database; kill -9 of the active one mid-job, and the standby takes the lock,
 /// resumes the job from the database, the agent (given both addresses) reconnects to it, and
@@ -304,27 +360,14 @@ async fn a_standby_takes_over_when_the_active_coordinator_is_killed() {
         return;
     };
     let client = reqwest::Client::new();
-    let (http_a, grpc_a) = (free_port(), free_port());
-    let (http_b, grpc_b) = (free_port(), free_port());
-    let (base_a, base_b) = (
-        format!("http://127.0.0.1:{http_a}"),
-        format!("http://127.0.0.1:{http_b}"),
-    );
-    let mut active = start_coordinator(&client, &db, http_a, grpc_a).await;
-    let mut standby = Proc(coordinator_with(
-        &db,
-        http_b,
-        grpc_b,
-        Stdio::null(),
-        &["--standby"],
-    ));
-    // The agent's address list: the active coordinator, then the standby.
-    let _agent = start_agent(
-        &format!("127.0.0.1:{grpc_a},http://127.0.0.1:{grpc_b}"),
-        "vehicle-failover",
-        2,
-    )
-    .await;
+    let Pair {
+        mut active,
+        mut standby,
+        base_a,
+        base_b,
+        agent_addresses,
+    } = Pair::start(&client, &db).await;
+    let _agent = start_agent(&agent_addresses, "vehicle-failover", 2).await;
     wait_models(&client, &base_a).await;
     let body = greedy_chat(
         "Tell a long story about a lighthouse keeper and the sea, in many sentences.",
@@ -359,4 +402,150 @@ async fn a_standby_takes_over_when_the_active_coordinator_is_killed() {
         standby.0.try_wait().unwrap().is_none(),
         "the standby runs on"
     );
+}
+
+/// Failover under load: kill -9 of the active coordinator while 30 streaming requests and a
+/// 100-line batch run on two agents. Every stream, retried with its Idempotency-Key on the
+/// standby, completes with the uninterrupted greedy answer (what the client had before the
+/// kill is its start), and every batch line is answered exactly once, with the greedy answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_under_load_answers_every_stream_and_batch_line_once() {
+    const STREAMS: usize = 30;
+    const LINES: usize = 100;
+    const STREAM_TOKENS: u32 = 32;
+    const LINE_TOKENS: u32 = 16;
+    let Some(db) = Database::fresh().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let Pair {
+        mut active,
+        standby: _standby,
+        base_a,
+        base_b,
+        agent_addresses,
+    } = Pair::start(&client, &db).await;
+    let _agents = (
+        start_agent(&agent_addresses, "vehicle-a", 4).await,
+        start_agent(&agent_addresses, "vehicle-b", 4).await,
+    );
+    wait_models(&client, &base_a).await;
+
+    let batch_id = start_batch(&client, &base_a, &input(LINES, LINE_TOKENS), "24h").await;
+    let stream_body = |i: usize| {
+        greedy_chat(
+            &format!("Write two sentences about {}.", TOPICS[i % TOPICS.len()]),
+            STREAM_TOKENS,
+            true,
+        )
+    };
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let req = client
+                .post(format!("{base_a}/v1/chat/completions"))
+                .bearer_auth(KEY)
+                .header("Idempotency-Key", format!("stream-{i}"))
+                .json(&stream_body(i));
+            tokio::spawn(async move {
+                match req.send().await {
+                    Ok(r) if r.status() == 200 => Some(received_until_cut(r).await),
+                    _ => None,
+                }
+            })
+        })
+        .collect();
+    // Kill once every stream is stored, some hold tokens, and the batch is under way.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let at_kill = loop {
+        let p = db.progress("stream-").await;
+        if p.0 == STREAMS as i64 && p.1 > 0 && p.2 > 0 && p.2 < LINES as i64 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no progress to kill at: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    active.0.kill().unwrap();
+    let _ = active.0.wait();
+    let killed = Instant::now();
+    let mut received = Vec::new();
+    for s in streams {
+        received.push(s.await.unwrap());
+    }
+    wait_http(&client, &base_b).await;
+    wait_models(&client, &base_b).await;
+    eprintln!(
+        "killed with {} streams stored, {} with tokens, {} of {} batch lines done; the standby \
+         served again {:.1} s later",
+        at_kill.0,
+        at_kill.1,
+        at_kill.2,
+        at_kill.3,
+        killed.elapsed().as_secs_f64()
+    );
+
+    // Every stream, retried on the standby with its key, ends with the whole answer.
+    let mut answers = Vec::new();
+    for i in 0..STREAMS {
+        let resp = client
+            .post(format!("{base_b}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", format!("stream-{i}"))
+            .json(&stream_body(i))
+            .timeout(Duration::from_secs(180))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "stream-{i}");
+        let events = sse_events(resp, Duration::from_secs(180)).await;
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "stream-{i}"
+        );
+        answers.push(chat_stream_text(&events));
+    }
+    let b = wait_batch(&client, &base_b, &batch_id, ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let (output, errors) = results(&client, &base_b, &b, LINES).await;
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // The fault-free greedy answers, one per topic, asked without a key.
+    for topic in 0..TOPICS.len() {
+        let (status, direct) = chat(&client, &base_b, &format!("reference-stream-{topic}"), &{
+            let mut body = stream_body(topic);
+            body["stream"] = false.into();
+            body
+        })
+        .await;
+        assert_eq!(status, 200, "{direct}");
+        for i in (topic..STREAMS).step_by(TOPICS.len()) {
+            assert_eq!(answers[i], text(&direct), "stream-{i}");
+            if let Some(part) = &received[i] {
+                assert!(
+                    answers[i].starts_with(part.as_str()),
+                    "stream-{i}: {part:?} before the kill, then {:?}",
+                    answers[i]
+                );
+            }
+        }
+        let (status, direct) = chat(
+            &client,
+            &base_b,
+            &format!("reference-line-{topic}"),
+            &line_body(topic, LINE_TOKENS),
+        )
+        .await;
+        assert_eq!(status, 200, "{direct}");
+        for i in (topic..LINES).step_by(TOPICS.len()) {
+            let body = &output[&format!("req-{i}")]["response"]["body"];
+            assert_eq!(
+                body["choices"][0]["message"]["content"],
+                direct["choices"][0]["message"]["content"],
+                "req-{i}"
+            );
+        }
+    }
+    for i in 0..STREAMS {
+        db.assert_one_done_job(&format!("stream-{i}")).await;
+    }
 }

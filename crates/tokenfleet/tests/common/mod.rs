@@ -6,6 +6,7 @@
     reason = "each test binary uses only part of the shared harness"
 )]
 
+pub mod batch;
 pub mod liar;
 pub mod process;
 pub mod secure;
@@ -295,6 +296,24 @@ pub async fn sse_events(resp: reqwest::Response, timeout: Duration) -> Vec<Strin
         }
     }
     out
+}
+
+/// What a streaming client received before its connection broke: the concatenated content.
+pub async fn received_until_cut(resp: reqwest::Response) -> String {
+    use futures::StreamExt;
+    let mut raw = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // Only whole events: the cut may fall inside one.
+    let whole = &raw[..raw.rfind("\n\n").map_or(0, |p| p + 2)];
+    let events: Vec<String> = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect();
+    chat_stream_text(&events)
 }
 
 /// The concatenated content of chat-completion SSE chunks.
