@@ -8,9 +8,16 @@
 //!
 //! The server releases the lock when that connection ends (the coordinator died, or the link
 //! broke). [`SoleCoordinator::lost`] resolves then, and the coordinator must stop: from that
-//! moment another one may start on the same rows. Uses tokio-postgres only.
+//! moment another one may start on the same rows. TCP keepalive on the lock's connection
+//! (both the client's and the server's side) bounds how long a vanished holder keeps the lock
+//! and how long a cut-off holder takes to notice. Those two clocks run separately: after a
+//! network cut there can be a few seconds in which the old holder has not yet stopped and
+//! the standby has started, and both may run the same job on two vehicles. Fencing with an
+//! owner and an epoch per job (docs/SCALE-OUT.md) closes that window; this lock does not.
+//! Uses tokio-postgres only.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
@@ -93,6 +100,14 @@ impl SoleCoordinator {
     }
 }
 
+/// TCP keepalive on the lock's connection, both ways: idle seconds before the first probe,
+/// seconds between probes, probes lost before the connection counts as dead (about 11 s in
+/// all). A kill -9 closes the socket and is seen at once; these bound the other failures,
+/// a holder's host that vanishes or a network cut between it and the database, which the
+/// defaults (2 hours idle) would hide: the server then releases the lock to the standby,
+/// and the holder learns that it lost it and stops, within about the same time.
+const KEEPALIVE: (u64, u64, u32) = (5, 2, 3);
+
 /// Opens the connection the lock lives on; the watch learns when it ends, and why.
 async fn lock_session(
     mut config: tokio_postgres::Config,
@@ -100,7 +115,13 @@ async fn lock_session(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    config.application_name("tokenfleet-coordinator (sole-coordinator lock)");
+    let (idle, interval, count) = KEEPALIVE;
+    config
+        .application_name("tokenfleet-coordinator (sole-coordinator lock)")
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(idle))
+        .keepalives_interval(Duration::from_secs(interval))
+        .keepalives_retries(count);
     let (client, connection) = config.connect(NoTls).await?;
     let (tx, ended) = watch::channel(None);
     tokio::spawn(async move {
@@ -110,6 +131,13 @@ async fn lock_session(
         };
         let _ = tx.send(Some(why));
     });
+    // The server's side of the same probes (per session; ignored on a Unix socket).
+    client
+        .batch_execute(&format!(
+            "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; \
+             SET tcp_keepalives_count = {count}"
+        ))
+        .await?;
     Ok((client, ended))
 }
 
