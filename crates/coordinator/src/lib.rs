@@ -116,15 +116,24 @@ impl Bound {
 const MAX_NODE_MESSAGE_BYTES: usize = 4 << 20;
 
 /// Purges finished jobs older than `retention`, now and then periodically.
-fn spawn_retention(store: domain::store::Store, retention: std::time::Duration) {
+fn spawn_retention(
+    store: domain::store::Store,
+    retention: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let every = (retention / 10).clamp(
         std::time::Duration::from_secs(10),
         std::time::Duration::from_secs(3600),
     );
+    // Ends with the coordinator: its store handle must not keep the database's connections
+    // open after the coordinator stopped (an embedding process, a bench, runs on).
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
             let cutoff = clock::unix_ms().saturating_sub(retention.as_millis() as u64);
             match store.jobs().purge_finished_before(cutoff).await {
                 Ok(0) => {}
@@ -165,6 +174,7 @@ pub async fn start(
         .unwrap_or_default();
     let scheduler = scheduler(&config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    spawn_retention(store.clone(), config.retention, stop_rx.clone());
     let regions = Arc::new(policy::regions::RegionMap::load(&config)?);
     let (manager, manager_task) = fleet::manager::Manager::spawn(
         fleet::manager::Deps {
@@ -287,7 +297,6 @@ async fn open_store(
             None,
         ),
     };
-    spawn_retention(store.clone(), config.retention);
     // Jobs of batches that were being cancelled or ran out of time must not start again.
     let settled = store.settle_ending_batches(clock::unix_s()).await?;
     if settled > 0 {

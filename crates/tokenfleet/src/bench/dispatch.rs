@@ -96,6 +96,11 @@ pub struct DispatchArgs {
     /// store syncs every commit (synchronous=FULL), so put it on a real disk.
     #[arg(long, env = "TOKENFLEET_BENCH_DIR")]
     pub dir: Option<PathBuf>,
+    /// PostgreSQL server for the job store instead of SQLite (`postgresql://user@host:port/db`,
+    /// a role that may create databases): the bench makes a database of its own there and
+    /// drops it at the end.
+    #[arg(long, env = "TOKENFLEET_BENCH_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -227,7 +232,22 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating a temp dir in {}", base.display()))?;
     let tls = crate::tls::write_self_signed(dir.path())?;
     let db = dir.path().join("jobs.db");
+    let scratch = match &args.database_url {
+        Some(url) => {
+            Some(super::scratch_db::ScratchDatabase::create(url, "tokenfleet_bench").await?)
+        }
+        None => None,
+    };
+    let store = match &scratch {
+        Some(_) => "PostgreSQL (group commit, synchronous_commit as the server sets it; the \
+                    server's CPU is not in coordinator_cpu_s)"
+            .to_string(),
+        None => format!("SQLite WAL, synchronous=FULL, in {}", base.display()),
+    };
     let config = CoordinatorConfig {
+        database_url: scratch.as_ref().map(|s| s.url.clone()),
+        // A PostgreSQL store needs its keys named; a fresh file here (created when absent).
+        store_key_file: Some(dir.path().join("store.keys")),
         http_addr: "127.0.0.1:0".parse()?,
         grpc_addr: "127.0.0.1:0".parse()?,
         grpc_tls: Some(tls.clone()),
@@ -425,8 +445,11 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
         heartbeat_ms,
         tokens_per_job: args.tokens,
         null_tps: args.null_tps,
-        store: format!("SQLite WAL, synchronous=FULL, in {}", base.display()),
+        store,
     };
+    if let Some(scratch) = scratch {
+        scratch.drop_now().await?;
+    }
     if let Some(e) = &load.first_error {
         tracing::warn!(cause = %e, "some requests failed");
     }

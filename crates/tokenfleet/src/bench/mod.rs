@@ -11,6 +11,7 @@ pub mod e2e;
 mod e2e_batch;
 pub mod engine;
 pub mod reference;
+mod scratch_db;
 pub mod trust;
 
 /// The sha256 a vehicle announces for its model file (coordinators refuse any other form).
