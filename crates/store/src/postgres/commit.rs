@@ -133,31 +133,47 @@ async fn run_group(pool: &Pool, group: &mut Vec<Step>, sealer: &Sealer) {
         .await
         .err()
         .map(|e| e.to_string());
-    let mut steps = group.drain(..).peekable();
-    // Each step runs with the savepoint `step` just set: after a step that succeeded it is
-    // released and set again for the next one (one round trip); after one that failed it is
-    // rolled back to, which undoes that step alone and leaves it set for the next. The last
-    // step's savepoint ends with the commit.
+    let mut steps = group.drain(..);
+    // Each step runs with the savepoint `step` set: after a step that succeeded it is released
+    // and set again for the next one; after one that failed it is rolled back to, which undoes
+    // that step alone and leaves it set for the next. That command is sent together with the
+    // next step's first statement (pipelined on the connection, which keeps their order), so
+    // a step costs no round trip of its own beyond its statements. If the command fails, the
+    // transaction is gone and so is what the step did: the group is answered with that error.
+    // The last step's savepoint ends with the commit.
+    let mut between: Option<&'static str> = None;
     while broken.is_none() {
         let Some(step) = steps.next() else { break };
-        let a = step.run(&conn, sealer).await;
-        let end = match (a.ok, steps.peek().is_some()) {
-            (true, true) => Some("RELEASE SAVEPOINT step; SAVEPOINT step"),
-            (true, false) => None,
-            (false, _) => Some("ROLLBACK TO SAVEPOINT step"),
-        };
-        if let Some(end) = end {
-            if let Err(e) = conn.batch_execute(end).await {
-                broken = Some(e.to_string());
+        let mut a = match between {
+            None => step.run(&conn, sealer).await,
+            Some(command) => {
+                let (before, a) =
+                    tokio::join!(conn.batch_execute(command), step.run(&conn, sealer));
+                if let Err(e) = before {
+                    broken = Some(e.to_string());
+                }
+                a
             }
+        };
+        if broken.is_some() {
+            // Answered with the transaction's error, not with what its statements saw of it.
+            a.ok = true;
         }
+        between = Some(if a.ok {
+            "RELEASE SAVEPOINT step; SAVEPOINT step"
+        } else {
+            "ROLLBACK TO SAVEPOINT step"
+        });
         applied.push(a);
     }
     let committed = match broken {
-        None => conn
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| e.to_string()),
+        None => {
+            let end = match between {
+                Some("ROLLBACK TO SAVEPOINT step") => "ROLLBACK TO SAVEPOINT step; COMMIT",
+                _ => "COMMIT",
+            };
+            conn.batch_execute(end).await.map_err(|e| e.to_string())
+        }
         Some(e) => {
             // The transaction cannot commit; end it so that the connection is clean (a closed
             // one is dropped by the pool).
