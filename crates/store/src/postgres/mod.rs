@@ -87,20 +87,31 @@ pub use sole::SoleCoordinator;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
+        backend_error(with_causes(&e))
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
+        backend_error(with_causes(&e))
     }
+}
+
+/// An error with its chain of causes: tokio-postgres displays a server error as "db error"
+/// alone and keeps what the server said (the constraint, the failed statement's cause) in
+/// its source, which is what an operator reading the log needs.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// A failure of this backend that is not the database's (a bad URL, a pool that cannot be

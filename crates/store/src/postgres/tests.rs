@@ -473,3 +473,44 @@ async fn a_standby_waits_for_the_lock_and_takes_it_when_the_holder_dies() {
     })
     .await;
 }
+
+/// One group, a failing step in the middle and one at the end: each failure is undone alone
+/// and answered with its own error, every other step commits (the savepoint commands that
+/// travel with the next step's statements keep that).
+#[tokio::test]
+async fn a_failing_step_is_undone_alone_and_the_rest_of_its_group_commits() {
+    with_database(|h| async move {
+        let store = h.store(test_sealer()).await.unwrap();
+        connect(&h.config)
+            .await
+            .batch_execute("CREATE TABLE group_probe (k INT PRIMARY KEY)")
+            .await
+            .unwrap();
+        let insert = |k: i32| {
+            store.call(move |conn, _| {
+                Box::pin(async move {
+                    conn.execute("INSERT INTO group_probe (k) VALUES ($1)", &[&k])
+                        .await?;
+                    Ok(k)
+                })
+            })
+        };
+        // Queued in one pass (this runtime runs one task at a time): one group.
+        let (a, b, c, d, e) = tokio::join!(insert(1), insert(2), insert(1), insert(3), insert(2));
+        let answers = [a, b, c, d, e];
+        let ok: Vec<bool> = answers.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, true, false, true, false], "{answers:?}");
+        let duplicate = answers[2].as_ref().unwrap_err().to_string();
+        assert!(duplicate.contains("duplicate key"), "{duplicate}");
+        let rows: Vec<i32> = connect(&h.config)
+            .await
+            .query("SELECT k FROM group_probe ORDER BY k", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, [1, 2, 3]);
+    })
+    .await;
+}
