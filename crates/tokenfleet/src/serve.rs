@@ -256,6 +256,26 @@ pub fn model_name_of(path: &std::path::Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// The decode speed a vehicle claims in its Hello (one stream, every slot at once): measured
+/// on its own engine at start, not a constant. The scheduler plans with it, and the
+/// coordinator warns about a vehicle that decodes far below its claim: the former fixed
+/// 150 tok/s was 4-25x what the demo's agents decode on a shared 2-core machine (6-35 tok/s
+/// measured by the coordinator under load).
+async fn measured_decode_speed(engine: &Engine, node: &str) -> anyhow::Result<(f32, f32)> {
+    let single = crate::bench::engine::measure_decode_1(engine, 32, 1).await?;
+    let slots = engine.info().slots as usize;
+    let prompt = engine.tokenize("Once upon a time", true);
+    let batched = crate::bench::engine::measure_streams(engine, &prompt, slots, 16).await?;
+    tracing::info!(
+        node,
+        single_tps = single,
+        all_slots_tps = batched,
+        slots,
+        "decode speed measured"
+    );
+    Ok((single as f32, batched.max(single) as f32))
+}
+
 /// Loads the engine and starts an agent with the chosen vehicle.
 pub async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
     let mut ec = EngineConfig::new(&a.engine.model);
@@ -278,6 +298,8 @@ pub async fn start_agent(a: &AgentArgs, threads: u32) -> anyhow::Result<Agent> {
         .clone()
         .unwrap_or_else(|| model_name_of(&a.engine.model));
     let mut config = AgentConfig::new(&a.coordinator, &node_id, &model_name);
+    (config.decode_tps_single, config.decode_tps_batched) =
+        measured_decode_speed(&engine, &node_id).await?;
     config.ca_cert = a.ca_cert.clone();
     config.identity = identity;
     if let Some(tcti) = &a.tpm {

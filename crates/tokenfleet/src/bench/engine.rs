@@ -203,7 +203,11 @@ async fn measure_prefill(engine: &Engine, n_prompt: u32, reps: u32) -> anyhow::R
     Ok(rates.iter().sum::<f64>() / rates.len() as f64)
 }
 
-async fn measure_decode_1(engine: &Engine, n_gen: u32, reps: u32) -> anyhow::Result<f64> {
+pub(crate) async fn measure_decode_1(
+    engine: &Engine,
+    n_gen: u32,
+    reps: u32,
+) -> anyhow::Result<f64> {
     let prompt = engine.tokenize("Once upon a time", true);
     let mut rates = Vec::new();
     for _ in 0..reps {
@@ -219,7 +223,7 @@ async fn measure_decode_1(engine: &Engine, n_gen: u32, reps: u32) -> anyhow::Res
 }
 
 /// `streams` concurrent generations of `n_gen` tokens; aggregate tokens per wall second.
-async fn measure_streams(
+pub(crate) async fn measure_streams(
     engine: &Engine,
     prompt: &[i32],
     streams: usize,
