@@ -11,7 +11,12 @@ import json
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BINARY = os.environ.get("TOKENFLEET_BIN", os.path.join(ROOT, "target", "debug", "tokenfleet"))
+# The binary `cargo build -p tokenfleet` made: TOKENFLEET_BIN, else under CARGO_TARGET_DIR as
+# cargo puts it (scripts/test.sh builds it just before), else ./target.
+BINARY = os.environ.get(
+    "TOKENFLEET_BIN",
+    os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "debug", "tokenfleet"),
+)
 API_KEY = "pytest-key-0123456789abcdef"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
