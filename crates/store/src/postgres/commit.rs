@@ -141,12 +141,16 @@ async fn run_group(pool: &Pool, group: &mut Vec<Step>, sealer: &Sealer) {
     // a step costs no round trip of its own beyond its statements. If the command fails, the
     // transaction is gone and so is what the step did: the group is answered with that error.
     // The last step's savepoint ends with the commit.
-    let mut between: Option<&'static str> = None;
     while broken.is_none() {
         let Some(step) = steps.next() else { break };
-        let mut a = match between {
+        let mut a = match applied.last().map(|previous: &Applied| previous.ok) {
             None => step.run(&conn, sealer).await,
-            Some(command) => {
+            Some(previous_ok) => {
+                let command = if previous_ok {
+                    "RELEASE SAVEPOINT step; SAVEPOINT step"
+                } else {
+                    "ROLLBACK TO SAVEPOINT step"
+                };
                 let (before, a) =
                     tokio::join!(conn.batch_execute(command), step.run(&conn, sealer));
                 if let Err(e) = before {
@@ -159,18 +163,14 @@ async fn run_group(pool: &Pool, group: &mut Vec<Step>, sealer: &Sealer) {
             // Answered with the transaction's error, not with what its statements saw of it.
             a.ok = true;
         }
-        between = Some(if a.ok {
-            "RELEASE SAVEPOINT step; SAVEPOINT step"
-        } else {
-            "ROLLBACK TO SAVEPOINT step"
-        });
         applied.push(a);
     }
     let committed = match broken {
         None => {
-            let end = match between {
-                Some("ROLLBACK TO SAVEPOINT step") => "ROLLBACK TO SAVEPOINT step; COMMIT",
-                _ => "COMMIT",
+            let end = if applied.last().is_some_and(|last| !last.ok) {
+                "ROLLBACK TO SAVEPOINT step; COMMIT"
+            } else {
+                "COMMIT"
             };
             conn.batch_execute(end).await.map_err(|e| e.to_string())
         }

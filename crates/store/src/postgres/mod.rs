@@ -114,6 +114,12 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A connection string (libpq `key=value` or a `postgresql://` URL) as tokio-postgres reads it.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    tokio_postgres::Config::from_str(url)
+        .map_err(|e| backend_error(format!("connection string: {e}")))
+}
+
 /// A failure of this backend that is not the database's (a bad URL, a pool that cannot be
 /// built, a schema newer than this build).
 fn backend_error(message: String) -> StoreError {
@@ -142,9 +148,7 @@ impl PostgresStore {
     /// task on the current tokio runtime (so this must be called inside one; the store stops
     /// when its last handle is dropped or the runtime shuts down).
     pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| backend_error(format!("connection string: {e}")))?;
-        Self::connect_config(config, sealer).await
+        Self::connect_config(parse_url(url)?, sealer).await
     }
 
     /// [`PostgresStore::connect`] with a parsed configuration.

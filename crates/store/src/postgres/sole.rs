@@ -16,13 +16,12 @@
 //! owner and an epoch per job (docs/SCALE-OUT.md) closes that window; this lock does not.
 //! Uses tokio-postgres only.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
-use super::{backend_error, CONNECT_TIMEOUT};
+use super::{backend_error, parse_url, CONNECT_TIMEOUT};
 use crate::StoreError;
 
 /// The session advisory lock key a running coordinator holds (`"tkfleet\x02"`; migrations use
@@ -40,9 +39,7 @@ impl SoleCoordinator {
     /// Takes the lock on the database at `url`, or fails at once (never waits) when another
     /// session holds it.
     pub async fn acquire(url: &str) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| backend_error(format!("connection string: {e}")))?;
-        Self::acquire_config(config).await
+        Self::acquire_config(parse_url(url)?).await
     }
 
     /// [`SoleCoordinator::acquire`] with a parsed configuration.
@@ -67,9 +64,7 @@ impl SoleCoordinator {
     /// the server notices at once on the same host, or after TCP keepalive across a network),
     /// so the standby starts without polling delay. `waiting` is told, once, who holds it.
     pub async fn wait(url: &str, waiting: impl FnOnce(&str)) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| backend_error(format!("connection string: {e}")))?;
-        Self::wait_config(config, waiting).await
+        Self::wait_config(parse_url(url)?, waiting).await
     }
 
     /// [`SoleCoordinator::wait`] with a parsed configuration.
