@@ -89,9 +89,7 @@ impl AgentConfig {
             wear_model: WearModel::new(75.0, 140.0),
         }
     }
-}
 
-impl AgentConfig {
     /// The address for the `attempt`-th connection (round robin; "" when none is configured,
     /// which the connection refuses as an invalid address).
     pub fn coordinator(&self, attempt: usize) -> &str {

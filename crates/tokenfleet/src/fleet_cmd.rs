@@ -118,11 +118,8 @@ pub fn default_identity_dir() -> PathBuf {
 /// coordinator reads it), else the SQLite file at `db`. Operator commands write single rows
 /// with conditional statements, so they may run beside the coordinator on either backend.
 async fn open_store(db: &Path) -> anyhow::Result<Store> {
-    use tokenfleet_coordinator::config::{DATABASE_URL_ENV, STORE_KEYS_ENV};
-    if let Some(url) = std::env::var(DATABASE_URL_ENV)
-        .ok()
-        .filter(|u| !u.is_empty())
-    {
+    use tokenfleet_coordinator::config::{database_url_from_env, DATABASE_URL_ENV, STORE_KEYS_ENV};
+    if let Some(url) = database_url_from_env() {
         anyhow::ensure!(
             std::env::var_os(STORE_KEYS_ENV).is_some(),
             "{DATABASE_URL_ENV} is set: give the PostgreSQL store's keys in {STORE_KEYS_ENV} \

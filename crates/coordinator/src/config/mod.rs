@@ -33,6 +33,14 @@ pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
 /// `CoordinatorConfig::database_url`).
 pub const DATABASE_URL_ENV: &str = "TOKENFLEET_DATABASE_URL";
 
+/// `TOKENFLEET_DATABASE_URL`, when set and not empty: it overrides the config file's
+/// `database_url` for the coordinator, and points `tokenfleet fleet ...` at the same store.
+pub fn database_url_from_env() -> Option<String> {
+    std::env::var(DATABASE_URL_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
 /// The keys of the job store at `db_path`: `TOKENFLEET_STORE_KEYS` when set, else the key
 /// file (`key_file`, default `<db_path>.keys`, created when absent). Every process opening the
 /// store (the coordinator, `tokenfleet fleet ...`) resolves them this way.
@@ -539,10 +547,7 @@ impl CoordinatorConfig {
     /// The PostgreSQL job store's connection string: `TOKENFLEET_DATABASE_URL` when set, else
     /// `database_url`; None for the SQLite store at `db_path`.
     pub fn database_url(&self) -> Option<String> {
-        std::env::var(DATABASE_URL_ENV)
-            .ok()
-            .filter(|u| !u.is_empty())
-            .or_else(|| self.database_url.clone())
+        database_url_from_env().or_else(|| self.database_url.clone())
     }
 
     /// The job store's keys: `TOKENFLEET_STORE_KEYS` when set, else the key file.
