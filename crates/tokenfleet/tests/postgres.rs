@@ -261,6 +261,21 @@ async fn kill_mid_job(
     at_kill
 }
 
+/// A long greedy request (so a kill lands mid-job) and its uninterrupted answer, asked with
+/// Idempotency-Key `key`.
+async fn long_story_reference(client: &reqwest::Client, base: &str, key: &str) -> (Value, String) {
+    let body = greedy_chat(
+        "Tell a long story about a lighthouse keeper and the sea, in many sentences.",
+        160,
+        false,
+    );
+    let (status, reference) = chat(client, base, key, &body).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference = text(&reference);
+    assert!(!reference.is_empty());
+    (body, reference)
+}
+
 fn text(answer: &Value) -> String {
     answer["choices"][0]["message"]["content"]
         .as_str()
@@ -294,15 +309,7 @@ async fn a_coordinator_on_postgres_is_alone_on_its_database_and_resumes_after_si
 
     let _agent = start_agent(&format!("127.0.0.1:{grpc}"), "vehicle-pg", 2).await;
     wait_models(&client, &base).await;
-    let body = greedy_chat(
-        "Tell a long story about a lighthouse keeper and the sea, in many sentences.",
-        160,
-        false,
-    );
-    let (status, reference) = chat(&client, &base, "pg-reference", &body).await;
-    assert_eq!(status, 200, "{reference}");
-    let reference = text(&reference);
-    assert!(!reference.is_empty());
+    let (body, reference) = long_story_reference(&client, &base, "pg-reference").await;
 
     // The same request again, killed mid-job once the database holds some of its tokens.
     let at_kill = kill_mid_job(&client, &db, &base, &body, "pg-crash", &mut first).await;
@@ -369,15 +376,7 @@ async fn a_standby_takes_over_when_the_active_coordinator_is_killed() {
     } = Pair::start(&client, &db).await;
     let _agent = start_agent(&agent_addresses, "vehicle-failover", 2).await;
     wait_models(&client, &base_a).await;
-    let body = greedy_chat(
-        "Tell a long story about a lighthouse keeper and the sea, in many sentences.",
-        160,
-        false,
-    );
-    let (status, reference) = chat(&client, &base_a, "failover-reference", &body).await;
-    assert_eq!(status, 200, "{reference}");
-    let reference = text(&reference);
-    assert!(!reference.is_empty());
+    let (body, reference) = long_story_reference(&client, &base_a, "failover-reference").await;
     // The standby is still waiting, and serves nothing while it waits.
     assert!(
         standby.0.try_wait().unwrap().is_none(),
