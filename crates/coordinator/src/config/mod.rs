@@ -8,6 +8,7 @@
 pub mod models;
 pub mod policy;
 pub mod security;
+mod store;
 pub mod verification;
 
 use std::net::SocketAddr;
@@ -19,41 +20,13 @@ use tokenfleet_scheduler::PolicyKind;
 use tokenfleet_store::{SealError, Sealer};
 
 pub use security::SecurityConfig;
+pub use store::{database_url_from_env, store_sealer, DATABASE_URL_ENV, STORE_KEYS_ENV};
 
 /// An API key and the tenant it acts for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKey {
     pub key: String,
     pub tenant: String,
-}
-
-/// Environment variable holding the job store's keys (`id:base64,...`, newest first).
-pub const STORE_KEYS_ENV: &str = "TOKENFLEET_STORE_KEYS";
-/// Environment variable holding the PostgreSQL job store's connection string (see
-/// `CoordinatorConfig::database_url`).
-pub const DATABASE_URL_ENV: &str = "TOKENFLEET_DATABASE_URL";
-
-/// `TOKENFLEET_DATABASE_URL`, when set and not empty: it overrides the config file's
-/// `database_url` for the coordinator, and points `tokenfleet fleet ...` at the same store.
-pub fn database_url_from_env() -> Option<String> {
-    std::env::var(DATABASE_URL_ENV)
-        .ok()
-        .filter(|u| !u.is_empty())
-}
-
-/// The keys of the job store at `db_path`: `TOKENFLEET_STORE_KEYS` when set, else the key
-/// file (`key_file`, default `<db_path>.keys`, created when absent). Every process opening the
-/// store (the coordinator, `tokenfleet fleet ...`) resolves them this way.
-pub fn store_sealer(db_path: &Path, key_file: Option<&Path>) -> Result<Sealer, SealError> {
-    if let Some(spec) = std::env::var_os(STORE_KEYS_ENV) {
-        return Sealer::from_spec(&spec.to_string_lossy());
-    }
-    let path = key_file.map(Path::to_path_buf).unwrap_or_else(|| {
-        let mut p = db_path.to_path_buf().into_os_string();
-        p.push(".keys");
-        PathBuf::from(p)
-    });
-    Sealer::from_key_file(&path)
 }
 
 /// TLS material for a listener (PEM files).
