@@ -15,6 +15,7 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod fleet_cmd;
+pub mod procfs;
 pub mod replay_cmd;
 pub mod serve;
 pub mod sim_cmd;

@@ -62,10 +62,7 @@ fn parse_policy(s: &str) -> Result<PolicyKind, String> {
 
 /// Peak resident set size of this process, MiB (`VmHWM` in /proc/self/status).
 pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    crate::procfs::status_kib("VmHWM").map(|kib| kib as f64 / 1024.0)
 }
 
 fn progress_bar(hidden: bool, policies: u64) -> ProgressBar {

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::procfs::{cpu_seconds, raise_nofile_limit, sched_seconds, status_kib};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -656,88 +657,9 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f6
         .map_or(f64::INFINITY, |(le, _)| *le)
 }
 
-/// CPU time (user + system) of a process (`self` or a pid), seconds; 0 when unreadable.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the name.
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
-/// (run, run-queue wait) seconds summed over the threads of a process (`self` or a pid).
-fn sched_seconds(pid: &str) -> (f64, f64) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return (0.0, 0.0);
-    };
-    let mut total = (0.0, 0.0);
-    for task in tasks.flatten() {
-        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue;
-        };
-        let mut f = text
-            .split_whitespace()
-            .map(|v| v.parse::<f64>().unwrap_or(0.0));
-        total.0 += f.next().unwrap_or(0.0) / 1e9;
-        total.1 += f.next().unwrap_or(0.0) / 1e9;
-    }
-    total
-}
-
 /// Resident set size of this process, KiB.
 fn rss_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")
-}
-
-/// Raises the soft open-files limit towards `want` (never above the hard limit).
-fn raise_nofile_limit(want: libc::rlim_t) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if !ok {
-        return;
-    }
-    let target = want.min(lim.rlim_max);
-    if lim.rlim_cur < target {
-        let raised = libc::rlimit {
-            rlim_cur: target,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim = raised;
-        } else {
-            tracing::warn!("could not raise the open-files limit");
-        }
-    }
-    if lim.rlim_cur < want {
-        tracing::warn!(
-            limit = lim.rlim_cur,
-            want,
-            "open-files limit is low for this many agents"
-        );
-    }
+    status_kib("VmRSS").context("no VmRSS in /proc/self/status")
 }
 
 // ------------------------------------------------------------------------------ child side
