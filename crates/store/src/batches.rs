@@ -72,6 +72,30 @@ impl BatchStatus {
     pub fn is_active(self) -> bool {
         Self::ACTIVE.contains(&self)
     }
+
+    /// The statuses a batch may be in for a write to move it to `self` (or keep it there).
+    /// Every backend checks it on the row it updates, so that of two writers racing on one
+    /// batch (two coordinators' runners, or a runner and a client's cancel) the one that read
+    /// an old status loses ([`crate::StoreError::Stale`]): a cancelled batch is never put back
+    /// in progress, and a batch ends, and writes its output files, once.
+    pub fn may_follow(self) -> &'static [BatchStatus] {
+        use BatchStatus::*;
+        match self {
+            Validating => &[Validating],
+            InProgress => &[Validating, InProgress],
+            Finalizing => &[InProgress, Finalizing],
+            Cancelling => &[Validating, InProgress, Cancelling],
+            Completed => &[Finalizing],
+            Expired => &[InProgress],
+            Cancelled => &[Cancelling],
+            Failed => &[Validating, InProgress, Finalizing, Cancelling],
+        }
+    }
+
+    /// [`BatchStatus::may_follow`] as stored names.
+    pub fn may_follow_names(self) -> Vec<&'static str> {
+        self.may_follow().iter().map(|s| s.as_str()).collect()
+    }
 }
 
 /// A stored file's description (its content is read separately).

@@ -22,4 +22,12 @@ pub enum StoreError {
     Commit(String),
     #[error("sealed data: {0}")]
     Seal(#[from] SealError),
+    /// A write for a job this coordinator no longer owns: another coordinator claimed it
+    /// (this one was presumed dead, or a vehicle moved the job there). Nothing was written.
+    #[error("job {job} is owned by another coordinator now; write refused")]
+    Fenced { job: u64 },
+    /// A batch write that would move the batch from a status it has already left (another
+    /// coordinator, or a client's cancel, moved it first). Nothing was written.
+    #[error("batch {batch} is no longer in a status that may become {to}")]
+    Stale { batch: String, to: &'static str },
 }

@@ -14,6 +14,8 @@
 //! # Layout
 //! - [`jobs`]: [`JobStore`], jobs, their tokens ([`StoredToken`]) and outcomes ([`Outcome`]).
 //! - [`batches`]: [`BatchStore`], files, batches ([`BatchStatus`]) and batch lines.
+//! - [`claims`]: [`ClaimStore`], which coordinator owns a job when several share a database
+//!   (owner, lease, epoch; fenced writes).
 //! - [`registry`]: [`RegistryStore`], enrollment tokens, certificates, attestation keys,
 //!   revocations.
 //! - [`reputation`]: [`ReputationStore`], node records, producers of jobs, operators'
@@ -60,6 +62,7 @@
 //! next to a channel round trip and usually a disk sync.
 
 pub mod batches;
+pub mod claims;
 pub mod error;
 pub mod jobs;
 pub mod postgres;
@@ -77,17 +80,19 @@ pub use batches::{
     BatchLine, BatchRecord, BatchStatus, BatchStore, FileRecord, LineResult, NewFile, OverLimit,
     Progress,
 };
+pub use claims::{Claim, ClaimStore, Ownership, Renewal};
 pub use error::StoreError;
 pub use jobs::{Durable, JobRecord, JobState, JobStore, Outcome, StoredToken};
 pub use registry::{EnrollmentToken, IssuedCertificate, RegistryStore};
 pub use reputation::{Decision, NodeReputation, OperatorState, ReputationStore, Verification};
 pub use sealing::{SealError, Sealer};
 
-/// One backend's stores as trait objects; cheap to clone. All four share the backend's queue
+/// One backend's stores as trait objects; cheap to clone. All five share the backend's queue
 /// (see the ordering contract above).
 #[derive(Clone)]
 pub struct Stores {
     pub jobs: Arc<dyn JobStore>,
+    pub claims: Arc<dyn ClaimStore>,
     pub batches: Arc<dyn BatchStore>,
     pub registry: Arc<dyn RegistryStore>,
     pub reputation: Arc<dyn ReputationStore>,
@@ -97,11 +102,12 @@ impl Stores {
     /// Every store of `backend`.
     pub fn new<B>(backend: B) -> Self
     where
-        B: JobStore + BatchStore + RegistryStore + ReputationStore + 'static,
+        B: JobStore + ClaimStore + BatchStore + RegistryStore + ReputationStore + 'static,
     {
         let backend = Arc::new(backend);
         Self {
             jobs: backend.clone(),
+            claims: backend.clone(),
             batches: backend.clone(),
             registry: backend.clone(),
             reputation: backend,

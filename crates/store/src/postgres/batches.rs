@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tokio_postgres::Row;
 
 use super::jobs::load_many;
+use super::owner::{Owner, NOW_MS};
 use super::{Conn, PostgresStore};
 use crate::batches::{batch_job, page};
 use crate::sealing::{place, Sealer};
@@ -75,12 +76,27 @@ async fn put_file(conn: &Conn, sealer: &Sealer, f: &NewFile) -> Result<(), Store
     Ok(())
 }
 
+/// Writes a batch's record, if the batch is still in a status it may move from
+/// ([`BatchStatus::may_follow`], checked on the locked row); [`StoreError::Stale`] if not.
 async fn put_batch(conn: &Conn, batch: &BatchRecord) -> Result<(), StoreError> {
     let stmt = conn
-        .prepare_cached("UPDATE batches SET status = $2, record = $3 WHERE id = $1")
+        .prepare_cached(
+            "UPDATE batches SET status = $2, record = $3 WHERE id = $1 AND status = ANY($4)",
+        )
         .await?;
-    conn.execute(&stmt, &[&batch.id, &batch.status.as_str(), &batch.json])
+    let from = batch.status.may_follow_names();
+    let written = conn
+        .execute(
+            &stmt,
+            &[&batch.id, &batch.status.as_str(), &batch.json, &from],
+        )
         .await?;
+    if written == 0 {
+        return Err(StoreError::Stale {
+            batch: batch.id.clone(),
+            to: batch.status.as_str(),
+        });
+    }
     Ok(())
 }
 
@@ -103,11 +119,14 @@ async fn cursor(
     Ok(row.map_or(i64::MAX, |r| r.get(0)))
 }
 
-/// Writes a batch's jobs (under `ids`, one per valid line, in order) and lines, and its
-/// record, each table in one statement; returns the jobs.
+/// Writes a batch's jobs (under `ids`, one per valid line, in order; the store's
+/// coordinator's, when it has an owner) and lines, and its record, each table in one
+/// statement; returns the jobs.
+#[allow(clippy::too_many_arguments)]
 async fn write_batch(
     conn: &Conn,
     sealer: &Sealer,
+    owner: Option<&Owner>,
     tenant: &str,
     batch: &BatchRecord,
     lines: Vec<BatchLine>,
@@ -139,16 +158,26 @@ async fn write_batch(
         line_jobs.push(job_id);
         errors.push(error);
     }
+    let (owner_id, lease_ms) = match owner {
+        Some(o) => (Some(o.id()), o.lease_ms()),
+        None => (None, 0),
+    };
     conn.execute(
-        "INSERT INTO jobs (id, public_id, tenant, request, state, created_ms)
-         SELECT t.id, t.public_id, $1, t.request, 'queued', $2
-         FROM unnest($3::bigint[], $4::text[], $5::bytea[]) AS t (id, public_id, request)",
+        &format!(
+            "INSERT INTO jobs (id, public_id, tenant, request, state, created_ms, owner, epoch,
+                               lease_until_ms)
+             SELECT t.id, t.public_id, $1, t.request, 'queued', $2, $6, 1,
+                    CASE WHEN $6::text IS NULL THEN NULL ELSE {NOW_MS} + $7 END
+             FROM unnest($3::bigint[], $4::text[], $5::bytea[]) AS t (id, public_id, request)"
+        ),
         &[
             &tenant,
             &(created_ms as i64),
             &job_ids,
             &public_ids,
             &requests,
+            &owner_id,
+            &lease_ms,
         ],
     )
     .await?;
@@ -161,6 +190,11 @@ async fn write_batch(
     )
     .await?;
     put_batch(conn, batch).await?;
+    if let Some(o) = owner {
+        for job in &jobs {
+            o.claimed(job.id, 1);
+        }
+    }
     Ok(jobs)
 }
 
@@ -380,9 +414,20 @@ impl BatchStore for PostgresStore {
         let valid = lines.iter().filter(|l| l.outcome.is_ok()).count() as u64;
         let ids = self.ids.take(valid).await?;
         // One step: the jobs, the lines and the record, or nothing.
+        let owner = self.owner.clone();
         self.call(move |conn, sealer| {
             Box::pin(async move {
-                write_batch(conn, sealer, &tenant, &batch, lines, ids, created_ms).await
+                write_batch(
+                    conn,
+                    sealer,
+                    owner.as_deref(),
+                    &tenant,
+                    &batch,
+                    lines,
+                    ids,
+                    created_ms,
+                )
+                .await
             })
         })
         .await

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio_postgres::Row;
 
+use super::owner::{Owner, NOW_MS};
 use super::{Conn, PostgresStore};
 use crate::sealing::{place, Sealer};
 use crate::{Durable, JobRecord, JobState, JobStore, Outcome, StoreError, StoredToken};
@@ -27,41 +28,29 @@ pub(super) struct NewRow<'a> {
     pub created_ms: u64,
 }
 
-/// Inserts a job; with an idempotency key the tenant used already, returns that job's id
+/// Inserts a job (its store's coordinator's from the start, at epoch 1, when the store has an
+/// owner); with an idempotency key the tenant used already, returns that job's id
 /// (`Err(existing)`) instead. Racing coordinators cannot both insert one key: the loser's
 /// insert does nothing and reads the winner's id.
 pub(super) async fn insert(
     conn: &Conn,
     sealer: &Sealer,
+    owner: Option<&Owner>,
     row: NewRow<'_>,
 ) -> Result<Result<u64, u64>, StoreError> {
     let request = sealer.seal(&place::request(row.id), row.request);
-    let Some(key) = row.idempotency_key else {
-        let stmt = conn
-            .prepare_cached(
-                "INSERT INTO jobs (id, public_id, tenant, request, state, created_ms)
-                 VALUES ($1, $2, $3, $4, 'queued', $5)",
-            )
-            .await?;
-        conn.execute(
-            &stmt,
-            &[
-                &(row.id as i64),
-                &row.public_id,
-                &row.tenant,
-                &request,
-                &(row.created_ms as i64),
-            ],
-        )
-        .await?;
-        return Ok(Ok(row.id));
+    let (owner_id, lease_ms) = match owner {
+        Some(o) => (Some(o.id()), o.lease_ms()),
+        None => (None, 0),
     };
     let stmt = conn
-        .prepare_cached(
-            "INSERT INTO jobs (id, public_id, tenant, idempotency_key, request, state, created_ms)
-             VALUES ($1, $2, $3, $4, $5, 'queued', $6)
-             ON CONFLICT (tenant, idempotency_key) DO NOTHING",
-        )
+        .prepare_cached(&format!(
+            "INSERT INTO jobs (id, public_id, tenant, idempotency_key, request, state, created_ms,
+                               owner, epoch, lease_until_ms)
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 1,
+                     CASE WHEN $7::text IS NULL THEN NULL ELSE {NOW_MS} + $8 END)
+             ON CONFLICT (tenant, idempotency_key) DO NOTHING"
+        ))
         .await?;
     let inserted = conn
         .execute(
@@ -70,15 +59,26 @@ pub(super) async fn insert(
                 &(row.id as i64),
                 &row.public_id,
                 &row.tenant,
-                &key,
+                &row.idempotency_key,
                 &request,
                 &(row.created_ms as i64),
+                &owner_id,
+                &lease_ms,
             ],
         )
         .await?;
     if inserted > 0 {
+        if let Some(o) = owner {
+            o.claimed(row.id, 1);
+        }
         return Ok(Ok(row.id));
     }
+    let Some(key) = row.idempotency_key else {
+        return Err(StoreError::Commit(format!(
+            "job {} was not inserted",
+            row.id
+        )));
+    };
     let stmt = conn
         .prepare_cached("SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2")
         .await?;
@@ -86,81 +86,160 @@ pub(super) async fn insert(
     Ok(Err(existing as u64))
 }
 
-/// Appends `tokens` at `start..` in one insert; indices already stored are kept.
+/// The fence of an owned write: `(owner, epoch)` the row must still have, or (None, 0) for
+/// a store without an owner (nothing checked). [`StoreError::Fenced`] when this coordinator
+/// does not hold the job.
+fn fence(owner: Option<&Owner>, job: u64) -> Result<(Option<&str>, i64), StoreError> {
+    match owner {
+        Some(o) => Ok((Some(o.id()), o.epoch(job)?)),
+        None => Ok((None, 0)),
+    }
+}
+
+/// The condition of a fenced statement on `jobs` row `$1`, with the owner in `$o` and the
+/// epoch in `$e`; `FOR SHARE` so that another coordinator's claim of the row waits for this
+/// group's commit (and then loads what it wrote).
+fn owned_row(o: usize, e: usize) -> String {
+    format!(
+        "SELECT 1 FROM jobs WHERE id = $1 AND (${o}::text IS NULL OR (owner = ${o} AND epoch = ${e}))
+         FOR SHARE"
+    )
+}
+
+/// Appends `tokens` at `start..` in one insert; indices already stored are kept. Fenced.
 async fn append(
     conn: &Conn,
     sealer: &Sealer,
+    owner: Option<&Owner>,
     job: u64,
     start: u32,
     tokens: &[StoredToken],
 ) -> Result<(), StoreError> {
+    let (owner_id, epoch) = fence(owner, job)?;
     let mut idx = Vec::with_capacity(tokens.len());
     let mut sealed = Vec::with_capacity(tokens.len());
     for (i, token) in (start..).zip(tokens) {
         idx.push(i64::from(i));
         sealed.push(sealer.seal(&place::token(job, i), &serde_json::to_vec(token)?));
     }
+    // One statement: the ownership check and the insert (only if it holds).
     let stmt = conn
-        .prepare_cached(
-            "INSERT INTO job_outputs (job_id, idx, sealed)
-             SELECT $1, t.idx, t.sealed FROM unnest($2::bigint[], $3::bytea[]) AS t (idx, sealed)
-             ON CONFLICT (job_id, idx) DO NOTHING",
-        )
+        .prepare_cached(&format!(
+            "WITH owned AS ({}),
+             ins AS (
+                 INSERT INTO job_outputs (job_id, idx, sealed)
+                 SELECT $1, t.idx, t.sealed
+                 FROM unnest($2::bigint[], $3::bytea[]) AS t (idx, sealed)
+                 WHERE EXISTS (SELECT 1 FROM owned)
+                 ON CONFLICT (job_id, idx) DO NOTHING)
+             SELECT count(*) FROM owned",
+            owned_row(4, 5)
+        ))
         .await?;
-    conn.execute(&stmt, &[&(job as i64), &idx, &sealed]).await?;
+    let owned: i64 = conn
+        .query_one(&stmt, &[&(job as i64), &idx, &sealed, &owner_id, &epoch])
+        .await?
+        .get(0);
+    if owned == 0 && owner.is_some() {
+        return Err(StoreError::Fenced { job });
+    }
     Ok(())
 }
 
+/// Writes a job's outcome. Fenced; the job is no longer held once it has ended.
 async fn finish(
     conn: &Conn,
     sealer: &Sealer,
+    owner: Option<&Owner>,
     job: u64,
     outcome: &Outcome,
 ) -> Result<(), StoreError> {
+    let (owner_id, epoch) = fence(owner, job)?;
     let stmt = conn
         .prepare_cached(
             "UPDATE jobs SET state = $2, finished_ms = $3, finish_reason = $4, text_tail = $5,
-             prompt_tokens = $6, error = $7 WHERE id = $1",
+             prompt_tokens = $6, error = $7
+             WHERE id = $1 AND ($8::text IS NULL OR (owner = $8 AND epoch = $9))",
         )
         .await?;
-    conn.execute(
-        &stmt,
-        &[
-            &(job as i64),
-            &outcome.state.as_str(),
-            &(outcome.finished_ms as i64),
-            &outcome.finish_reason,
-            &seal_tail(sealer, job, &outcome.text_tail),
-            &i64::from(outcome.prompt_tokens),
-            &outcome.error,
-        ],
-    )
-    .await?;
+    let written = conn
+        .execute(
+            &stmt,
+            &[
+                &(job as i64),
+                &outcome.state.as_str(),
+                &(outcome.finished_ms as i64),
+                &outcome.finish_reason,
+                &seal_tail(sealer, job, &outcome.text_tail),
+                &i64::from(outcome.prompt_tokens),
+                &outcome.error,
+                &owner_id,
+                &epoch,
+            ],
+        )
+        .await?;
+    if let Some(o) = owner {
+        o.forget(job);
+        if written == 0 {
+            return Err(StoreError::Fenced { job });
+        }
+    }
     Ok(())
 }
 
-async fn discard_tokens(conn: &Conn, job: u64) -> Result<(), StoreError> {
+/// Deletes a job's stored tokens. Fenced.
+async fn discard_tokens(conn: &Conn, owner: Option<&Owner>, job: u64) -> Result<(), StoreError> {
+    let (owner_id, epoch) = fence(owner, job)?;
     let stmt = conn
-        .prepare_cached("DELETE FROM job_outputs WHERE job_id = $1")
+        .prepare_cached(&format!(
+            "WITH owned AS ({}),
+             del AS (DELETE FROM job_outputs WHERE job_id = $1 AND EXISTS (SELECT 1 FROM owned))
+             SELECT count(*) FROM owned",
+            owned_row(2, 3)
+        ))
         .await?;
-    conn.execute(&stmt, &[&(job as i64)]).await?;
-    Ok(())
-}
-
-/// Puts job `job` in state `from` back to `queued` (its outcome cleared); whether it was in
-/// that state. The condition is checked on the locked row, so of two coordinators re-opening
-/// one job only one sees it.
-async fn requeue(conn: &Conn, job: u64, from: JobState) -> Result<bool, StoreError> {
-    let stmt = conn
-        .prepare_cached(
-            "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
-             text_tail = NULL, error = NULL WHERE id = $1 AND state = $2",
-        )
-        .await?;
-    Ok(conn
-        .execute(&stmt, &[&(job as i64), &from.as_str()])
+    let owned: i64 = conn
+        .query_one(&stmt, &[&(job as i64), &owner_id, &epoch])
         .await?
-        > 0)
+        .get(0);
+    if owned == 0 && owner.is_some() {
+        return Err(StoreError::Fenced { job });
+    }
+    Ok(())
+}
+
+/// Puts job `job` in state `from` back to `queued` (its outcome cleared; claimed by this
+/// store's coordinator at a new epoch when it has an owner); whether it was in that state.
+/// The condition is checked on the locked row, so of two coordinators re-opening one job only
+/// one sees it.
+async fn requeue(
+    conn: &Conn,
+    owner: Option<&Owner>,
+    job: u64,
+    from: JobState,
+) -> Result<bool, StoreError> {
+    let (owner_id, lease_ms) = match owner {
+        Some(o) => (Some(o.id()), o.lease_ms()),
+        None => (None, 0),
+    };
+    let stmt = conn
+        .prepare_cached(&format!(
+            "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,
+             text_tail = NULL, error = NULL, owner = $3, epoch = epoch + 1,
+             lease_until_ms = CASE WHEN $3::text IS NULL THEN NULL ELSE {NOW_MS} + $4 END
+             WHERE id = $1 AND state = $2 RETURNING epoch"
+        ))
+        .await?;
+    let row = conn
+        .query_opt(
+            &stmt,
+            &[&(job as i64), &from.as_str(), &owner_id, &lease_ms],
+        )
+        .await?;
+    if let (Some(row), Some(o)) = (&row, owner) {
+        o.claimed(job, row.get(0));
+    }
+    Ok(row.is_some())
 }
 
 const JOB_COLUMNS: &str = "id, public_id, tenant, idempotency_key, request, state, created_ms,
@@ -246,6 +325,7 @@ impl PostgresStore {
     ) -> Result<(u64, oneshot::Receiver<Result<Result<u64, u64>, StoreError>>), StoreError> {
         let id = self.ids.next().await?;
         let (reply, committed) = oneshot::channel();
+        let owner = self.owner.clone();
         self.enqueue(
             move |conn, sealer| {
                 Box::pin(async move {
@@ -257,7 +337,7 @@ impl PostgresStore {
                         request: &request,
                         created_ms,
                     };
-                    insert(conn, sealer, row).await
+                    insert(conn, sealer, owner.as_deref(), row).await
                 })
             },
             Some(reply),
@@ -303,36 +383,45 @@ impl JobStore for PostgresStore {
         start: u32,
         tokens: Vec<StoredToken>,
     ) -> Result<(), StoreError> {
+        let owner = self.owner.clone();
         self.call(move |conn, sealer| {
-            Box::pin(async move { append(conn, sealer, job, start, &tokens).await })
+            Box::pin(
+                async move { append(conn, sealer, owner.as_deref(), job, start, &tokens).await },
+            )
         })
         .await
     }
 
     async fn finish_job(&self, job: u64, outcome: Outcome) -> Result<(), StoreError> {
+        let owner = self.owner.clone();
         self.call(move |conn, sealer| {
-            Box::pin(async move { finish(conn, sealer, job, &outcome).await })
+            Box::pin(async move { finish(conn, sealer, owner.as_deref(), job, &outcome).await })
         })
         .await
     }
 
     async fn queue_tokens(&self, job: u64, start: u32, tokens: Vec<StoredToken>) {
+        let owner = self.owner.clone();
         self.queue("tokens", move |conn, sealer| {
-            Box::pin(async move { append(conn, sealer, job, start, &tokens).await })
+            Box::pin(
+                async move { append(conn, sealer, owner.as_deref(), job, start, &tokens).await },
+            )
         })
         .await
     }
 
     async fn queue_finish(&self, job: u64, outcome: Outcome) {
+        let owner = self.owner.clone();
         self.queue("outcome", move |conn, sealer| {
-            Box::pin(async move { finish(conn, sealer, job, &outcome).await })
+            Box::pin(async move { finish(conn, sealer, owner.as_deref(), job, &outcome).await })
         })
         .await
     }
 
     async fn queue_discard_tokens(&self, job: u64) {
+        let owner = self.owner.clone();
         self.queue("token discard", move |conn, _| {
-            Box::pin(discard_tokens(conn, job))
+            Box::pin(async move { discard_tokens(conn, owner.as_deref(), job).await })
         })
         .await
     }
@@ -342,9 +431,10 @@ impl JobStore for PostgresStore {
     }
 
     async fn reopen_cancelled(&self, job: u64) -> Result<Option<JobRecord>, StoreError> {
+        let owner = self.owner.clone();
         self.call(move |conn, sealer| {
             Box::pin(async move {
-                if !requeue(conn, job, JobState::Cancelled).await? {
+                if !requeue(conn, owner.as_deref(), job, JobState::Cancelled).await? {
                     return Ok(None);
                 }
                 load_one(conn, sealer, job).await
@@ -355,12 +445,13 @@ impl JobStore for PostgresStore {
 
     async fn reopen_for_rerun(&self, job: u64) -> Result<Option<JobRecord>, StoreError> {
         // One step, so one savepoint: re-queued and emptied together, or neither.
+        let owner = self.owner.clone();
         self.call(move |conn, sealer| {
             Box::pin(async move {
-                if !requeue(conn, job, JobState::Done).await? {
+                if !requeue(conn, owner.as_deref(), job, JobState::Done).await? {
                     return Ok(None);
                 }
-                discard_tokens(conn, job).await?;
+                discard_tokens(conn, owner.as_deref(), job).await?;
                 load_one(conn, sealer, job).await
             })
         })

@@ -26,6 +26,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 1: jobs and their sealed tokens; files, batches, batch lines; the fleet registry; node
     // reputation and the producers of each job.
     SCHEMA_V1,
+    // 2: job ownership across coordinators (`claims`): owner, lease (the database's epoch
+    // ms), epoch (raised by every claim; owned writes are fenced on it).
+    "ALTER TABLE jobs ADD COLUMN owner TEXT, ADD COLUMN lease_until_ms BIGINT,
+         ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+     CREATE INDEX jobs_queued_owner ON jobs (owner, lease_until_ms) WHERE state = 'queued';",
 ];
 
 const SCHEMA_V1: &str = "

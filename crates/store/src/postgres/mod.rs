@@ -68,6 +68,7 @@ use deadpool_postgres::{Manager, Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
+use crate::claims::Ownership;
 use crate::sealing::Sealer;
 use crate::{StoreError, Stores};
 
@@ -76,6 +77,7 @@ mod commit;
 mod ids;
 mod jobs;
 mod migrations;
+mod owner;
 mod registry;
 mod reputation;
 mod sole;
@@ -140,6 +142,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PostgresStore {
     tx: mpsc::Sender<Step>,
     ids: Arc<JobIds>,
+    /// The coordinator this store writes for, when several share the database.
+    owner: Option<Arc<owner::Owner>>,
 }
 
 impl PostgresStore {
@@ -148,13 +152,24 @@ impl PostgresStore {
     /// task on the current tokio runtime (so this must be called inside one; the store stops
     /// when its last handle is dropped or the runtime shuts down).
     pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
-        Self::connect_config(parse_url(url)?, sealer).await
+        Self::connect_config(parse_url(url)?, sealer, None).await
+    }
+
+    /// [`PostgresStore::connect`] for one of several coordinators on the database: jobs are
+    /// claimed, leased and fenced (see [`crate::claims`]) for `ownership`'s coordinator.
+    pub async fn connect_owned(
+        url: &str,
+        sealer: Sealer,
+        ownership: Ownership,
+    ) -> Result<Self, StoreError> {
+        Self::connect_config(parse_url(url)?, sealer, Some(ownership)).await
     }
 
     /// [`PostgresStore::connect`] with a parsed configuration.
     pub(crate) async fn connect_config(
         mut config: tokio_postgres::Config,
         sealer: Sealer,
+        ownership: Option<Ownership>,
     ) -> Result<Self, StoreError> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -172,7 +187,11 @@ impl PostgresStore {
         let ids = Arc::new(JobIds::new(pool.clone()).await?);
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(commit::serve(pool, rx, Arc::new(sealer)));
-        Ok(Self { tx, ids })
+        Ok(Self {
+            tx,
+            ids,
+            owner: ownership.map(owner::Owner::new),
+        })
     }
 
     /// This store behind the traits.
@@ -222,5 +241,7 @@ impl PostgresStore {
     }
 }
 
+#[cfg(test)]
+mod claims_tests;
 #[cfg(test)]
 mod tests;

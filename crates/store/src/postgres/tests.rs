@@ -22,7 +22,7 @@ const URL_VAR: &str = "TOKENFLEET_TEST_PG_URL";
 const SKIP_VAR: &str = "TOKENFLEET_TEST_PG";
 
 /// A database of its own in the test cluster.
-struct PgHarness {
+pub(super) struct PgHarness {
     /// The cluster's superuser connection (to its maintenance database).
     admin: Config,
     /// This test's database.
@@ -87,7 +87,19 @@ impl PgHarness {
 
     /// Another store on this database (another coordinator).
     async fn store(&self, sealer: Sealer) -> Result<PostgresStore, StoreError> {
-        PostgresStore::connect_config(self.config.clone(), sealer).await
+        PostgresStore::connect_config(self.config.clone(), sealer, None).await
+    }
+
+    /// A store for coordinator `id` among several on this database, with leases of `lease`.
+    pub(super) async fn owned(&self, id: &str, lease: Duration) -> Stores {
+        let ownership = crate::Ownership {
+            coordinator: id.into(),
+            lease,
+        };
+        PostgresStore::connect_config(self.config.clone(), test_sealer(), Some(ownership))
+            .await
+            .unwrap()
+            .into_stores()
     }
 }
 
@@ -215,7 +227,7 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 store_suite!(PgHarness);
 
 /// Runs `test` on a fresh database unless the PostgreSQL tests are skipped.
-async fn with_database<F, Fut>(test: F)
+pub(super) async fn with_database<F, Fut>(test: F)
 where
     F: FnOnce(PgHarness) -> Fut,
     Fut: std::future::Future<Output = ()>,

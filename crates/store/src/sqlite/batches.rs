@@ -57,11 +57,22 @@ fn put_file(conn: &Connection, sealer: &Sealer, f: &NewFile) -> Result<(), Store
     Ok(())
 }
 
+/// Writes a batch's record, if the batch is still in a status it may move from
+/// ([`BatchStatus::may_follow`]); [`StoreError::Stale`] if not. (One coordinator per SQLite
+/// file, but its runner and a client's cancel still race.)
 fn put_batch(conn: &Connection, batch: &BatchRecord) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE batches SET status = ?2, record = ?3 WHERE id = ?1",
-        params![batch.id, batch.status.as_str(), batch.json],
+    let from = serde_json::to_string(&batch.status.may_follow_names())?;
+    let written = conn.execute(
+        "UPDATE batches SET status = ?2, record = ?3
+         WHERE id = ?1 AND status IN (SELECT value FROM json_each(?4))",
+        params![batch.id, batch.status.as_str(), batch.json, from],
     )?;
+    if written == 0 {
+        return Err(StoreError::Stale {
+            batch: batch.id.clone(),
+            to: batch.status.as_str(),
+        });
+    }
     Ok(())
 }
 

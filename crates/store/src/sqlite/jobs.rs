@@ -373,3 +373,28 @@ impl JobStore for SqliteStore {
         .await
     }
 }
+
+/// One coordinator per SQLite file: it owns every job. A claim is the job if it is queued,
+/// nothing is orphaned and no lease is lost.
+#[async_trait]
+impl crate::ClaimStore for SqliteStore {
+    fn ownership(&self) -> Option<&crate::Ownership> {
+        None
+    }
+
+    async fn claim_job(&self, job: u64, _steal: bool) -> Result<crate::Claim, StoreError> {
+        Ok(match self.load_job(job).await? {
+            None => crate::Claim::Missing,
+            Some(j) if j.state == JobState::Queued => crate::Claim::Claimed(j),
+            Some(_) => crate::Claim::Ended,
+        })
+    }
+
+    async fn claim_orphans(&self, _limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn renew_leases(&self) -> Result<crate::Renewal, StoreError> {
+        Ok(crate::Renewal::default())
+    }
+}

@@ -184,7 +184,7 @@ pub(crate) async fn batches_are_per_tenant_limited_and_listed(h: &dyn Harness) {
     );
     assert_eq!(store.batches.batch("u", "b1").await.unwrap(), None);
     // An ended batch no longer counts.
-    let b1_done = batch("b1", BatchStatus::Completed);
+    let b1_done = batch("b1", BatchStatus::Failed);
     store.batches.update_batch(b1_done.clone()).await.unwrap();
     assert_eq!(store.batches.batch("t", "b1").await.unwrap(), Some(b1_done));
     assert_eq!(
@@ -292,6 +292,11 @@ pub(crate) async fn a_batch_runs_from_start_to_finish(h: &dyn Harness) {
     let third = results[2].job.as_ref().unwrap();
     assert_eq!((third.id, third.state), (c, JobState::Cancelled));
 
+    store
+        .batches
+        .update_batch(batch("b", BatchStatus::Finalizing))
+        .await
+        .unwrap();
     let completed = batch("b", BatchStatus::Completed);
     let outputs = vec![
         file("b-output", "t", "batch_output", 5),
@@ -419,11 +424,13 @@ pub(crate) async fn purge_keeps_the_jobs_of_a_running_batch(h: &dyn Harness) {
         "created at 1 s, not before the cutoff's 0 s"
     );
 
-    store
-        .batches
-        .update_batch(batch("b", BatchStatus::Completed))
-        .await
-        .unwrap();
+    for status in [BatchStatus::Finalizing, BatchStatus::Completed] {
+        store
+            .batches
+            .update_batch(batch("b", status))
+            .await
+            .unwrap();
+    }
     assert_eq!(store.jobs.purge_finished_before(5_000).await.unwrap(), 1);
     assert!(store.jobs.load_job(job).await.unwrap().is_none());
     assert_eq!(
@@ -432,4 +439,46 @@ pub(crate) async fn purge_keeps_the_jobs_of_a_running_batch(h: &dyn Harness) {
         "the line that never became a job stays with its batch"
     );
     assert_eq!(store.batches.file("t", "input").await.unwrap(), None);
+}
+
+/// A batch only moves forward: a write from a status the batch has left is refused and
+/// changes nothing (two coordinators' runners, or a runner and a client's cancel, racing), so
+/// a cancelled batch is never put back in progress and a batch ends, with its files, once.
+pub(crate) async fn a_batch_only_moves_forward(h: &dyn Harness) {
+    let store = h.open(Sealer::ephemeral()).await;
+    let put = |status| store.batches.update_batch(batch("b", status));
+    store
+        .batches
+        .insert_batch("t", batch("b", BatchStatus::Validating), 5)
+        .await
+        .unwrap()
+        .unwrap();
+    put(BatchStatus::InProgress).await.unwrap();
+    put(BatchStatus::InProgress).await.unwrap();
+    put(BatchStatus::Cancelling).await.unwrap();
+    let stale = put(BatchStatus::InProgress).await;
+    assert!(
+        matches!(&stale, Err(crate::StoreError::Stale { batch, to }) if batch == "b" && *to == "in_progress"),
+        "{stale:?}"
+    );
+    assert!(put(BatchStatus::Finalizing).await.is_err());
+    assert_eq!(
+        store.batches.batch("t", "b").await.unwrap(),
+        Some(batch("b", BatchStatus::Cancelling))
+    );
+    // Ending writes its files and record once: a second end is refused with its files.
+    let output = file("out", "t", "batch_output", 3);
+    store
+        .batches
+        .finish_batch(batch("b", BatchStatus::Cancelled), vec![output.clone()])
+        .await
+        .unwrap();
+    let again = file("out-2", "t", "batch_output", 3);
+    assert!(store
+        .batches
+        .finish_batch(batch("b", BatchStatus::Cancelled), vec![again])
+        .await
+        .is_err());
+    assert!(store.batches.file("t", "out").await.unwrap().is_some());
+    assert_eq!(store.batches.file("t", "out-2").await.unwrap(), None);
 }

@@ -64,6 +64,7 @@ macro_rules! store_suite {
             a_failing_batch_start_writes_nothing,
             a_failing_batch_finish_writes_nothing,
             purge_keeps_the_jobs_of_a_running_batch,
+            a_batch_only_moves_forward,
             // registry
             an_enrollment_token_is_redeemed_once_before_it_expires,
             certificates_are_counted_per_node_since_a_time,
