@@ -184,10 +184,19 @@ pub async fn start(
             scheduler,
             regions: Arc::clone(&regions),
             verification,
+            cluster: config.cluster.is_some(),
         },
         recovered,
         stop_rx.clone(),
     );
+    if let Some(cluster) = config.cluster.clone() {
+        tokio::spawn(fleet::ownership::run(
+            store.clone(),
+            manager.clone(),
+            cluster,
+            stop_rx.clone(),
+        ));
+    }
     let tenants = Arc::new(policy::tenants::Tenants::new(&config.tenants));
     let (batches, batch_task) = batch::runner::BatchRunner::spawn(
         batch::runner::Deps {
@@ -276,8 +285,22 @@ async fn open_store(
     ),
     CoordinatorError,
 > {
-    let (store, sole) = match config.database_url() {
-        Some(url) => {
+    let (store, sole) = match (config.database_url(), &config.cluster) {
+        (Some(url), Some(cluster)) => {
+            let ownership = domain::store::Ownership {
+                coordinator: cluster.coordinator_id(config.http_addr.port()),
+                lease: cluster.lease,
+            };
+            tracing::info!(coordinator = %ownership.coordinator, lease_ms = cluster.lease.as_millis() as u64, "job store on PostgreSQL, shared with the cluster's other coordinators");
+            let store = domain::store::Store::connect_postgres_owned(
+                &url,
+                config.store_sealer()?,
+                ownership,
+            )
+            .await?;
+            (store, None)
+        }
+        (Some(url), None) => {
             // The lock first: a second coordinator must not even load the jobs it would run.
             let sole = if config.standby {
                 SoleCoordinator::wait(&url, |holder| {
@@ -292,7 +315,7 @@ async fn open_store(
             tracing::info!("job store on PostgreSQL; this coordinator holds the database");
             (store, Some(sole))
         }
-        None => (
+        (None, _) => (
             domain::store::Store::open(&config.db_path, config.store_sealer()?)?,
             None,
         ),
@@ -302,7 +325,13 @@ async fn open_store(
     if settled > 0 {
         tracing::info!(jobs = settled, "stopped the jobs of ending batches");
     }
-    let recovered = store.load_unfinished().await?;
+    // In a cluster, only the jobs nobody else holds: this coordinator's own from before a
+    // restart, and those whose coordinator stopped renewing them.
+    let recovered = if config.cluster.is_some() {
+        store.claim_orphans(usize::MAX).await?
+    } else {
+        store.load_unfinished().await?
+    };
     if !recovered.is_empty() {
         tracing::info!(
             jobs = recovered.len(),

@@ -91,11 +91,6 @@ impl BatchStatus {
             Failed => &[Validating, InProgress, Finalizing, Cancelling],
         }
     }
-
-    /// [`BatchStatus::may_follow`] as stored names.
-    pub fn may_follow_names(self) -> Vec<&'static str> {
-        self.may_follow().iter().map(|s| s.as_str()).collect()
-    }
 }
 
 /// A stored file's description (its content is read separately).

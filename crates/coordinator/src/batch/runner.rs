@@ -161,7 +161,13 @@ impl Runner {
             BatchStatus::Validating | BatchStatus::InProgress => {
                 batch.status = BatchStatus::Cancelling;
                 batch.cancelling_at = Some(unix_s());
-                self.store.update_batch(batch.clone()).await?;
+                match self.store.update_batch(batch.clone()).await {
+                    // It ended (or another cancel won) between the read and the write.
+                    Err(StoreError::Stale { .. }) => {
+                        return Box::pin(self.cancel(tenant, id)).await
+                    }
+                    other => other?,
+                }
                 tracing::info!(batch = %batch.id, tenant, "batch cancelling");
                 Ok(batch)
             }
@@ -207,6 +213,12 @@ impl Runner {
                     self.failures.remove(&id);
                 }
                 Err(StoreError::Closed) => return Err(StoreError::Closed),
+                // Someone moved the batch first (a client's cancel, another coordinator's
+                // runner): the next pass sees where it is now.
+                Err(StoreError::Stale { .. }) => {
+                    tracing::debug!(batch = %id, tenant, "batch moved on meanwhile; looking again next pass");
+                    self.failures.remove(&id);
+                }
                 Err(e) => self.step_failed(&tenant, batch, e).await,
             }
         }

@@ -20,7 +20,9 @@ use tokenfleet_scheduler::PolicyKind;
 use tokenfleet_store::{SealError, Sealer};
 
 pub use security::SecurityConfig;
-pub use store::{database_url_from_env, store_sealer, DATABASE_URL_ENV, STORE_KEYS_ENV};
+pub use store::{
+    database_url_from_env, store_sealer, ClusterConfig, DATABASE_URL_ENV, STORE_KEYS_ENV,
+};
 
 /// An API key and the tenant it acts for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +73,9 @@ pub struct CoordinatorConfig {
     /// agents, given both addresses, reconnect here; its unfinished jobs resume from the
     /// database). Nothing is bound until then.
     pub standby: bool,
+    /// `[cluster]`: one of several active coordinators on `database_url` (see
+    /// [`ClusterConfig`]); without it the database has one coordinator.
+    pub cluster: Option<ClusterConfig>,
     pub api_keys: Vec<ApiKey>,
     /// Placement policy: random, first-fit, tokenfleet or oracle.
     pub policy: String,
@@ -181,6 +186,7 @@ impl Default for CoordinatorConfig {
             db_path: PathBuf::from("tokenfleet.db"),
             database_url: None,
             standby: false,
+            cluster: None,
             api_keys: Vec::new(),
             policy: "tokenfleet".into(),
             scheduler: tokenfleet_scheduler::SchedulerConfig::default(),
@@ -438,6 +444,23 @@ impl CoordinatorConfig {
                 "a PostgreSQL job store (database_url) needs its keys given: set store_key_file \
                  (the same file on every coordinator of that database) or {STORE_KEYS_ENV}"
             )));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(ConfigError::Invalid)?;
+            if self.database_url().is_none() {
+                return Err(ConfigError::Invalid(
+                    "[cluster] needs a PostgreSQL job store (database_url or \
+                     TOKENFLEET_DATABASE_URL) shared by the coordinators"
+                        .into(),
+                ));
+            }
+            if self.standby {
+                return Err(ConfigError::Invalid(
+                    "standby and [cluster] exclude each other: in a cluster every coordinator \
+                     is active"
+                        .into(),
+                ));
+            }
         }
         if self.standby && self.database_url().is_none() {
             return Err(ConfigError::Invalid(

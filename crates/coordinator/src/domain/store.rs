@@ -12,10 +12,12 @@ use std::path::Path;
 use tokenfleet_store::postgres::PostgresStore;
 use tokenfleet_store::sqlite::SqliteStore;
 use tokenfleet_store::{
-    BatchStore, JobRecord, JobStore, RegistryStore, ReputationStore, Sealer, Stores,
+    BatchStore, ClaimStore, JobRecord, JobStore, RegistryStore, ReputationStore, Sealer, Stores,
 };
 
-pub use tokenfleet_store::{Durable, JobState, Outcome, StoreError, StoredToken};
+pub use tokenfleet_store::{
+    Claim, Durable, JobState, Outcome, Ownership, Renewal, StoreError, StoredToken,
+};
 
 use crate::domain::request::ValidRequest;
 
@@ -32,6 +34,18 @@ pub(crate) fn parse_job(record: JobRecord) -> Result<StoredJob, StoreError> {
     record.try_map_request(|request| Ok(serde_json::from_slice(&request)?))
 }
 
+/// [`Claim`] with the request parsed.
+#[derive(Debug)]
+pub enum ClaimedJob {
+    Claimed(Box<StoredJob>),
+    Held {
+        owner: String,
+        lease_left: std::time::Duration,
+    },
+    Ended,
+    Missing,
+}
+
 /// Handle to the stores; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -44,6 +58,20 @@ impl Store {
     pub async fn connect_postgres(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
         Ok(Self::new(
             PostgresStore::connect(url, sealer).await?.into_stores(),
+        ))
+    }
+
+    /// The PostgreSQL store at `url` for one of several coordinators on it: its jobs are
+    /// claimed, leased and fenced for `ownership` (see `tokenfleet_store::claims`).
+    pub async fn connect_postgres_owned(
+        url: &str,
+        sealer: Sealer,
+        ownership: Ownership,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::new(
+            PostgresStore::connect_owned(url, sealer, ownership)
+                .await?
+                .into_stores(),
         ))
     }
 
@@ -65,6 +93,26 @@ impl Store {
 
     pub fn jobs(&self) -> &dyn JobStore {
         &*self.stores.jobs
+    }
+
+    pub fn claims(&self) -> &dyn ClaimStore {
+        &*self.stores.claims
+    }
+
+    /// Claims a queued job; see [`ClaimStore::claim_job`].
+    pub async fn claim_job(&self, job: u64, steal: bool) -> Result<ClaimedJob, StoreError> {
+        Ok(match self.claims().claim_job(job, steal).await? {
+            Claim::Claimed(record) => ClaimedJob::Claimed(Box::new(parse_job(record)?)),
+            Claim::Held { owner, lease_left } => ClaimedJob::Held { owner, lease_left },
+            Claim::Ended => ClaimedJob::Ended,
+            Claim::Missing => ClaimedJob::Missing,
+        })
+    }
+
+    /// Claims orphaned jobs; see [`ClaimStore::claim_orphans`].
+    pub async fn claim_orphans(&self, limit: usize) -> Result<Vec<StoredJob>, StoreError> {
+        let records = self.claims().claim_orphans(limit).await?;
+        records.into_iter().map(parse_job).collect()
     }
 
     pub fn batches(&self) -> &dyn BatchStore {

@@ -69,6 +69,23 @@ struct State {
     regions: Arc<crate::policy::regions::RegionMap>,
     /// Result verification, when enabled.
     verify: Option<verdicts::Verification>,
+    /// In a cluster of coordinators (`[cluster]`).
+    cluster: Option<ClusterLink>,
+}
+
+/// What the manager of one coordinator among several needs to hand jobs to and from the
+/// others: the store's claims, and a handle on itself for the tasks it starts.
+struct ClusterLink {
+    store: crate::domain::store::Store,
+    tx: mpsc::WeakSender<Cmd>,
+    models: watch::Receiver<Arc<crate::fleet::nodes::ServedModels>>,
+}
+
+impl ClusterLink {
+    /// A handle on the manager, unless it is stopping.
+    fn manager(&self) -> Option<Manager> {
+        Some(Manager::from_parts(self.tx.upgrade()?, self.models.clone()))
+    }
 }
 
 impl State {
@@ -191,6 +208,11 @@ impl State {
                 let _ = reply.send(());
             }
             Cmd::Cancel(id) => self.cancel(id, "client went away").await,
+            Cmd::Disown(ids) => {
+                for id in ids {
+                    self.disown(id);
+                }
+            }
             Cmd::QueueLen(reply) => {
                 let _ = reply.send(self.queue.len());
             }
@@ -200,6 +222,9 @@ impl State {
                     for &job in &r.stranded {
                         tracing::warn!(node = %self.node_name(r.node), job, "job not held by the reconnected node; requeued");
                         self.requeue(job, r.node).await;
+                    }
+                    if !r.foreign.is_empty() {
+                        self.take_over(r.foreign.clone(), self.node_name(r.node).to_string());
                     }
                 }
                 let _ = reply.send(registered);
@@ -322,6 +347,64 @@ impl State {
         };
         self.enqueue(id);
         self.wants_dispatch = true;
+    }
+
+    /// In a cluster: claims the jobs a node brought from another coordinator (whose session
+    /// with it ended) and resumes them here from their stored tokens. The claim steals: the
+    /// node's move is the proof that the old owner lost the job's vehicle, and the store's
+    /// fencing keeps the old owner from writing to it from now on.
+    fn take_over(&self, jobs: Vec<u64>, node: String) {
+        let Some(link) = &self.cluster else {
+            return;
+        };
+        let Some(manager) = link.manager() else {
+            return;
+        };
+        let store = link.store.clone();
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            for job in jobs {
+                match store.claim_job(job, true).await {
+                    Ok(crate::domain::store::ClaimedJob::Claimed(stored)) => taken.push(*stored),
+                    Ok(_) => {} // ended meanwhile, or unknown: nothing to run
+                    Err(e) => {
+                        tracing::warn!(%node, job, cause = %e, "could not take over a job the vehicle brought; its old coordinator's lease will hand it on")
+                    }
+                }
+            }
+            if !taken.is_empty() {
+                tracing::info!(%node, jobs = taken.len(), "took over the jobs a vehicle brought from another coordinator");
+                manager.adopt(taken).await;
+            }
+        });
+    }
+
+    /// A job another coordinator took over: its node drops it (no hand-back: the new owner
+    /// resumes it from the stored tokens), nothing more is written for it here, and whoever
+    /// reads its view here follows it where it runs now.
+    fn disown(&mut self, id: u64) {
+        self.queue.remove(id);
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
+            if let Some(n) = self.nodes.get(&node) {
+                n.send(CoordinatorMsg::Cancel(v1::Cancel {
+                    job_id: id.to_string(),
+                    reason: "job taken over by another coordinator".into(),
+                    hand_back: false,
+                }));
+            }
+            self.detach(id, node);
+        }
+        self.wants_dispatch = true;
+        tracing::info!(job = id, "job taken over by another coordinator");
+        if job.view.is_closed() {
+            return;
+        }
+        if let Some((link, manager)) = self.cluster.as_ref().and_then(|l| Some((l, l.manager()?))) {
+            crate::fleet::follow::spawn_follower(link.store.clone(), manager, id, job.view);
+        }
     }
 
     async fn cancel(&mut self, id: u64, reason: &str) {

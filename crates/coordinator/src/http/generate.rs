@@ -301,6 +301,12 @@ async fn follow_existing(
         return Err(RequestError::not_found("No such job."));
     }
     same_body(&job.request)?;
+    if job.state == JobState::Queued && state.config.cluster.is_some() {
+        // Another coordinator of the cluster runs it (or ran it and died): follow it there,
+        // and take it over here when its coordinator's lease runs out.
+        let handle = crate::fleet::follow::follow(state.store.clone(), state.manager.clone(), &job);
+        return Ok(Accepted::Live(Box::new(handle)));
+    }
     if job.state == JobState::Cancelled {
         // Cancelled because its client went away (a dropped connection, a coordinator
         // restart): the same request again runs it again, from the tokens it has.

@@ -79,12 +79,21 @@ async fn put_file(conn: &Conn, sealer: &Sealer, f: &NewFile) -> Result<(), Store
 /// Writes a batch's record, if the batch is still in a status it may move from
 /// ([`BatchStatus::may_follow`], checked on the locked row); [`StoreError::Stale`] if not.
 async fn put_batch(conn: &Conn, batch: &BatchRecord) -> Result<(), StoreError> {
+    put_batch_from(conn, batch, batch.status.may_follow()).await
+}
+
+/// [`put_batch`] from one of the statuses `from` only.
+async fn put_batch_from(
+    conn: &Conn,
+    batch: &BatchRecord,
+    from: &[BatchStatus],
+) -> Result<(), StoreError> {
     let stmt = conn
         .prepare_cached(
             "UPDATE batches SET status = $2, record = $3 WHERE id = $1 AND status = ANY($4)",
         )
         .await?;
-    let from = batch.status.may_follow_names();
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
     let written = conn
         .execute(
             &stmt,
@@ -133,6 +142,9 @@ async fn write_batch(
     ids: Vec<u64>,
     created_ms: u64,
 ) -> Result<Vec<JobRecord>, StoreError> {
+    // First, and only from `validating`: of two coordinators starting one batch, the second
+    // is refused here, before it writes a job.
+    put_batch_from(conn, batch, &[BatchStatus::Validating]).await?;
     let mut ids = ids.into_iter();
     let mut jobs = Vec::new();
     let (mut job_ids, mut public_ids, mut requests) = (Vec::new(), Vec::new(), Vec::new());
@@ -189,7 +201,6 @@ async fn write_batch(
         &[&batch.id, &line_nos, &custom_ids, &line_jobs, &errors],
     )
     .await?;
-    put_batch(conn, batch).await?;
     if let Some(o) = owner {
         for job in &jobs {
             o.claimed(job.id, 1);

@@ -61,7 +61,17 @@ fn put_file(conn: &Connection, sealer: &Sealer, f: &NewFile) -> Result<(), Store
 /// ([`BatchStatus::may_follow`]); [`StoreError::Stale`] if not. (One coordinator per SQLite
 /// file, but its runner and a client's cancel still race.)
 fn put_batch(conn: &Connection, batch: &BatchRecord) -> Result<(), StoreError> {
-    let from = serde_json::to_string(&batch.status.may_follow_names())?;
+    put_batch_from(conn, batch, batch.status.may_follow())
+}
+
+/// [`put_batch`] from one of the statuses `from` only.
+fn put_batch_from(
+    conn: &Connection,
+    batch: &BatchRecord,
+    from: &[BatchStatus],
+) -> Result<(), StoreError> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let from = serde_json::to_string(&from)?;
     let written = conn.execute(
         "UPDATE batches SET status = ?2, record = ?3
          WHERE id = ?1 AND status IN (SELECT value FROM json_each(?4))",
@@ -115,6 +125,8 @@ fn write_batch(
     first_id: u64,
     created_ms: u64,
 ) -> Result<Vec<JobRecord>, StoreError> {
+    // First, and only from `validating`: a batch is started once.
+    put_batch_from(conn, batch, &[BatchStatus::Validating])?;
     let mut jobs = Vec::new();
     let mut next = first_id;
     for l in lines {
@@ -144,7 +156,7 @@ fn write_batch(
             params![batch.id, l.line, l.custom_id, job_id, error],
         )?;
     }
-    put_batch(conn, batch)?;
+
     Ok(jobs)
 }
 

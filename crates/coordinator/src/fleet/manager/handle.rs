@@ -35,6 +35,10 @@ pub struct Registered {
     pub conn: u64,
     /// Jobs leased to the node that its Hello does not hold (requeued by the manager).
     pub stranded: Vec<u64>,
+    /// Jobs its Hello holds that this coordinator does not run (another coordinator's, in a
+    /// cluster: the node came over from it). The node is told to drop them; in a cluster
+    /// they are claimed and resumed here from their stored tokens.
+    pub foreign: Vec<u64>,
 }
 
 pub(super) enum Cmd {
@@ -43,6 +47,8 @@ pub(super) enum Cmd {
     Resume(Box<StoredJob>, oneshot::Sender<JobHandle>),
     Adopt(Vec<StoredJob>, oneshot::Sender<()>),
     Cancel(u64),
+    /// Jobs another coordinator took over (see `fleet::ownership`).
+    Disown(Vec<u64>),
     QueueLen(oneshot::Sender<usize>),
     NodeUp(
         Box<v1::Hello>,
@@ -88,6 +94,9 @@ pub struct Deps {
     pub regions: Arc<crate::policy::regions::RegionMap>,
     /// Result verification, when enabled.
     pub verification: Option<crate::trust::verify::Setup>,
+    /// One of several coordinators on the store (`[cluster]`): jobs of nodes that come over
+    /// are claimed, jobs taken over are followed.
+    pub cluster: bool,
 }
 
 impl Manager {
@@ -104,10 +113,17 @@ impl Manager {
             scheduler,
             regions,
             verification,
+            cluster,
         } = deps;
         let (tx, rx) = mpsc::channel(8192);
         let (models_tx, models) = watch::channel(Arc::default());
         let manager = Manager { tx, models };
+        // Weak: the manager's own link must not keep its command channel open.
+        let cluster = cluster.then(|| super::ClusterLink {
+            store: store.clone(),
+            tx: manager.tx.downgrade(),
+            models: manager.models.clone(),
+        });
         // The verifier reports on its own channel, which the manager's loop reads next to its
         // commands.
         let (verify, reports) = match verification {
@@ -138,12 +154,21 @@ impl Manager {
             node_gauges_dirty: true,
             regions,
             verify,
+            cluster,
         };
         for job in recovered {
             state.recover(job);
         }
         let task = tokio::spawn(state.run(rx, reports, shutdown));
         (manager, task)
+    }
+
+    /// A handle from its channel and its models (the manager's link to itself).
+    pub(super) fn from_parts(
+        tx: mpsc::Sender<Cmd>,
+        models: watch::Receiver<Arc<crate::fleet::nodes::ServedModels>>,
+    ) -> Self {
+        Self { tx, models }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
@@ -181,6 +206,12 @@ impl Manager {
 
     pub async fn cancel(&self, job: u64) {
         let _ = self.tx.send(Cmd::Cancel(job)).await;
+    }
+
+    /// Stops running jobs another coordinator took over: their nodes drop them, nothing is
+    /// written for them, and their clients here follow them where they run now.
+    pub async fn disown(&self, jobs: Vec<u64>) {
+        let _ = self.tx.send(Cmd::Disown(jobs)).await;
     }
 
     /// Names of models held by at least one connected node, sorted.

@@ -149,6 +149,7 @@ impl Harness {
                 scheduler,
                 regions: Arc::default(),
                 verification: None,
+                cluster: false,
             },
             Vec::new(),
             stop_rx,

@@ -89,6 +89,11 @@ impl State {
         node.sender = Some(sender);
         node.last_seen = last_seen;
         tracing::debug!(node = %node.name, conn, held = held.len(), "node connected");
+        let foreign: Vec<u64> = held
+            .iter()
+            .filter_map(|h| h.job_id.parse::<u64>().ok())
+            .filter(|j| !self.jobs.contains_key(j))
+            .collect();
         // Jobs the agent still runs: keep the ones still leased to it (it resends what we
         // lack), cancel the ones that moved on.
         for h in held {
@@ -119,6 +124,7 @@ impl State {
             node: id,
             conn,
             stranded,
+            foreign,
         })
     }
 
