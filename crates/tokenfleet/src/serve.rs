@@ -46,6 +46,14 @@ pub struct CoordinatorArgs {
     /// over when it stops (active-passive failover; give agents both addresses).
     #[arg(long, env = "TOKENFLEET_STANDBY")]
     pub standby: bool,
+    /// With a PostgreSQL store: run as one of several active coordinators on it (`[cluster]`),
+    /// under this id (unique among them, the same across restarts).
+    #[arg(long, env = "TOKENFLEET_CLUSTER_ID", conflicts_with = "standby")]
+    pub cluster_id: Option<String>,
+    /// With --cluster-id: how long a coordinator that stops renewing keeps its jobs before
+    /// the others take them, milliseconds (default 5000).
+    #[arg(long, env = "TOKENFLEET_CLUSTER_LEASE_MS", requires = "cluster_id")]
+    pub cluster_lease_ms: Option<u64>,
     /// Lease timeout for silent nodes, milliseconds.
     #[arg(long, env = "TOKENFLEET_LEASE_TIMEOUT_MS")]
     pub lease_timeout_ms: Option<u64>,
@@ -143,6 +151,14 @@ impl CoordinatorArgs {
             c.policy = p;
         }
         c.standby |= self.standby;
+        if let Some(id) = self.cluster_id {
+            let cluster = c.cluster.get_or_insert_with(Default::default);
+            cluster.id = Some(id);
+            if let Some(ms) = self.cluster_lease_ms {
+                cluster.lease = Duration::from_millis(ms);
+                cluster.sweep_interval = cluster.sweep_interval.min(cluster.lease);
+            }
+        }
         if let Some(ms) = self.lease_timeout_ms {
             c.lease_timeout = Duration::from_millis(ms);
         }

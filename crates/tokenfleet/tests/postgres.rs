@@ -431,28 +431,7 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
     wait_models(&client, &base_a).await;
 
     let batch_id = start_batch(&client, &base_a, &input(LINES, LINE_TOKENS), "24h").await;
-    let stream_body = |i: usize| {
-        greedy_chat(
-            &format!("Write two sentences about {}.", TOPICS[i % TOPICS.len()]),
-            STREAM_TOKENS,
-            true,
-        )
-    };
-    let streams: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            let req = client
-                .post(format!("{base_a}/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .header("Idempotency-Key", format!("stream-{i}"))
-                .json(&stream_body(i));
-            tokio::spawn(async move {
-                match req.send().await {
-                    Ok(r) if r.status() == 200 => Some(received_until_cut(r).await),
-                    _ => None,
-                }
-            })
-        })
-        .collect();
+    let streams = spawn_streams(&client, std::slice::from_ref(&base_a), STREAMS, STREAM_TOKENS);
     // Kill once every stream is stored, some hold tokens, and the batch is under way.
     let deadline = Instant::now() + Duration::from_secs(120);
     let at_kill = loop {
@@ -482,14 +461,88 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
         killed.elapsed().as_secs_f64()
     );
 
-    // Every stream, retried on the standby with its key, ends with the whole answer.
-    let mut answers = Vec::new();
+    // Every stream, retried on the standby with its key, ends with the whole answer; every
+    // batch line is answered once; all as the fault-free greedy answers.
+    check_answers(
+        &client,
+        &base_b,
+        &batch_id,
+        &received,
+        STREAM_TOKENS,
+        LINE_TOKENS,
+    )
+    .await;
     for i in 0..STREAMS {
+        db.assert_one_done_job(&format!("stream-{i}")).await;
+    }
+}
+
+/// Where a coordinator's log goes: the file `$TOKENFLEET_TEST_LOG_DIR/<name>.log` when that
+/// is set (to read a failing run's logs), else nowhere.
+fn log_to(name: &str) -> Stdio {
+    match std::env::var_os("TOKENFLEET_TEST_LOG_DIR") {
+        Some(dir) => std::fs::File::create(std::path::Path::new(&dir).join(format!("{name}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        None => Stdio::null(),
+    }
+}
+
+/// Starts `n` streaming requests (`stream-{i}` keys), stream `i` at `bases[i % bases.len()]`;
+/// each task returns what its client received until the stream ended or was cut, or None
+/// when the request was not accepted.
+fn spawn_streams(
+    client: &reqwest::Client,
+    bases: &[String],
+    n: usize,
+    tokens: u32,
+) -> Vec<tokio::task::JoinHandle<Option<String>>> {
+    (0..n)
+        .map(|i| {
+            let req = client
+                .post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
+                .bearer_auth(KEY)
+                .header("Idempotency-Key", format!("stream-{i}"))
+                .json(&failover_stream_body(i, tokens));
+            tokio::spawn(async move {
+                match req.send().await {
+                    Ok(r) if r.status() == 200 => Some(received_until_cut(r).await),
+                    _ => None,
+                }
+            })
+        })
+        .collect()
+}
+
+/// The streaming request of stream `i` in the failover tests.
+fn failover_stream_body(i: usize, tokens: u32) -> Value {
+    greedy_chat(
+        &format!("Write two sentences about {}.", TOPICS[i % TOPICS.len()]),
+        tokens,
+        true,
+    )
+}
+
+/// After a failover: every stream `i` (what its client had received before the cut in
+/// `received[i]`), retried at `base` with its Idempotency-Key, ends with its whole answer, and
+/// the batch completes with every line answered once; each the fault-free greedy answer
+/// (asked at `base` without a key).
+async fn check_answers(
+    client: &reqwest::Client,
+    base: &str,
+    batch_id: &str,
+    received: &[Option<String>],
+    stream_tokens: u32,
+    line_tokens: u32,
+) {
+    let streams = received.len();
+    let mut answers = Vec::new();
+    for i in 0..streams {
         let resp = client
-            .post(format!("{base_b}/v1/chat/completions"))
+            .post(format!("{base}/v1/chat/completions"))
             .bearer_auth(KEY)
             .header("Idempotency-Key", format!("stream-{i}"))
-            .json(&stream_body(i))
+            .json(&failover_stream_body(i, stream_tokens))
             .timeout(Duration::from_secs(180))
             .send()
             .await
@@ -503,21 +556,20 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
         );
         answers.push(chat_stream_text(&events));
     }
-    let b = wait_batch(&client, &base_b, &batch_id, ended).await;
+    let b = wait_batch(client, base, batch_id, ended).await;
     assert_eq!(b["status"], "completed", "{b}");
-    let (output, errors) = results(&client, &base_b, &b, LINES).await;
+    let lines = b["request_counts"]["total"].as_u64().unwrap() as usize;
+    let (output, errors) = results(client, base, &b, lines).await;
     assert!(errors.is_empty(), "{errors:?}");
-
-    // The fault-free greedy answers, one per topic, asked without a key.
     for topic in 0..TOPICS.len() {
-        let (status, direct) = chat(&client, &base_b, &format!("reference-stream-{topic}"), &{
-            let mut body = stream_body(topic);
+        let (status, direct) = chat(client, base, &format!("reference-stream-{topic}"), &{
+            let mut body = failover_stream_body(topic, stream_tokens);
             body["stream"] = false.into();
             body
         })
         .await;
         assert_eq!(status, 200, "{direct}");
-        for i in (topic..STREAMS).step_by(TOPICS.len()) {
+        for i in (topic..streams).step_by(TOPICS.len()) {
             assert_eq!(answers[i], text(&direct), "stream-{i}");
             if let Some(part) = &received[i] {
                 assert!(
@@ -528,14 +580,14 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
             }
         }
         let (status, direct) = chat(
-            &client,
-            &base_b,
+            client,
+            base,
             &format!("reference-line-{topic}"),
-            &line_body(topic, LINE_TOKENS),
+            &line_body(topic, line_tokens),
         )
         .await;
         assert_eq!(status, 200, "{direct}");
-        for i in (topic..LINES).step_by(TOPICS.len()) {
+        for i in (topic..lines).step_by(TOPICS.len()) {
             let body = &output[&format!("req-{i}")]["response"]["body"];
             assert_eq!(
                 body["choices"][0]["message"]["content"],
@@ -544,6 +596,110 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
             );
         }
     }
+}
+
+/// Active-active: two coordinators in a cluster on one database, each with its own agent
+/// (and the other's address to fall back to), streams sent to both, a 100-line batch. kill -9
+/// of one mid-load: its agent moves to the survivor, which takes over the jobs the agent
+/// brings and, once their lease runs out, the dead one's queued jobs; its clients retry with
+/// their keys on the survivor and get the rest. The survivor's own streams never notice.
+/// Every stream ends with the greedy answer, every batch line is answered once, one stored
+/// job per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_survives_kill_9_of_a_coordinator_under_load() {
+    const STREAMS: usize = 30;
+    const LINES: usize = 100;
+    const STREAM_TOKENS: u32 = 32;
+    const LINE_TOKENS: u32 = 16;
+    let Some(db) = Database::fresh().await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let (http_a, grpc_a) = (free_port(), free_port());
+    let (http_b, grpc_b) = (free_port(), free_port());
+    let member = |id: &'static str| ["--cluster-id", id, "--cluster-lease-ms", "2000"];
+    let mut a = Proc(coordinator_with(
+        &db,
+        http_a,
+        grpc_a,
+        log_to("a"),
+        &member("a"),
+    ));
+    let _b = Proc(coordinator_with(
+        &db,
+        http_b,
+        grpc_b,
+        log_to("b"),
+        &member("b"),
+    ));
+    let (base_a, base_b) = (
+        format!("http://127.0.0.1:{http_a}"),
+        format!("http://127.0.0.1:{http_b}"),
+    );
+    wait_http(&client, &base_a).await;
+    wait_http(&client, &base_b).await;
+    let _agents = (
+        start_agent(
+            &format!("127.0.0.1:{grpc_a},http://127.0.0.1:{grpc_b}"),
+            "vehicle-a",
+            4,
+        )
+        .await,
+        start_agent(
+            &format!("127.0.0.1:{grpc_b},http://127.0.0.1:{grpc_a}"),
+            "vehicle-b",
+            4,
+        )
+        .await,
+    );
+    wait_models(&client, &base_a).await;
+    wait_models(&client, &base_b).await;
+
+    let batch_id = start_batch(&client, &base_a, &input(LINES, LINE_TOKENS), "24h").await;
+    let streams = spawn_streams(
+        &client,
+        &[base_a.clone(), base_b.clone()],
+        STREAMS,
+        STREAM_TOKENS,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let at_kill = loop {
+        let p = db.progress("stream-").await;
+        if p.0 == STREAMS as i64 && p.1 > 0 && p.2 > 0 && p.2 < LINES as i64 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no progress to kill at: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    a.0.kill().unwrap();
+    let _ = a.0.wait();
+    let mut received = Vec::new();
+    let mut accepted_on_b = 0;
+    for (i, s) in streams.into_iter().enumerate() {
+        let got = s.await.unwrap();
+        if i % 2 == 1 && got.is_some() {
+            accepted_on_b += 1;
+        }
+        received.push(got);
+    }
+    eprintln!(
+        "killed a with {} streams stored, {} with tokens, {} of {} batch lines done",
+        at_kill.0, at_kill.1, at_kill.2, at_kill.3
+    );
+    assert_eq!(
+        accepted_on_b,
+        STREAMS / 2,
+        "every stream sent to the survivor was accepted"
+    );
+    check_answers(
+        &client,
+        &base_b,
+        &batch_id,
+        &received,
+        STREAM_TOKENS,
+        LINE_TOKENS,
+    )
+    .await;
     for i in 0..STREAMS {
         db.assert_one_done_job(&format!("stream-{i}")).await;
     }

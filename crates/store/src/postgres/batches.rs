@@ -131,7 +131,10 @@ async fn cursor(
 /// Writes a batch's jobs (under `ids`, one per valid line, in order; the store's
 /// coordinator's, when it has an owner) and lines, and its record, each table in one
 /// statement; returns the jobs.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one row of each table the batch writes, plus the owner"
+)]
 async fn write_batch(
     conn: &Conn,
     sealer: &Sealer,
