@@ -55,6 +55,17 @@ pub struct UpArgs {
     /// Run without software TPMs even when swtpm is installed (nodes join unattested).
     #[arg(long)]
     pub no_tpm: bool,
+    /// Active coordinators (a cluster on one PostgreSQL database, `--database-url`): their
+    /// APIs on consecutive ports from `--http`, the vehicles spread over them, each with the
+    /// others' addresses to fail over to. 1: one coordinator (SQLite unless a database is
+    /// given).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub coordinators: u32,
+    /// The PostgreSQL job store (`postgresql://...`); needed with `--coordinators` above 1
+    /// (`scripts/pg.sh start` gives a throwaway one; `scripts/demo.sh --coordinators 3` does it
+    /// all).
+    #[arg(long, env = "TOKENFLEET_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -80,10 +91,29 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if !use_tpm {
         tracing::warn!("no software TPM (swtpm missing or --no-tpm): the demo fleet runs with a policy that ALLOWS UNATTESTED nodes; requests marked sensitive will not be placed");
     }
+    if args.coordinators > 1 && args.database_url.is_none() {
+        anyhow::bail!(
+            "--coordinators {} needs a PostgreSQL database shared by them: give --database-url \
+             (or TOKENFLEET_DATABASE_URL); `eval \"$(scripts/pg.sh start)\"` starts a throwaway \
+             one, and `scripts/demo.sh --coordinators {}` does it all",
+            args.coordinators,
+            args.coordinators
+        );
+    }
     let config = CoordinatorConfig {
         http_addr: args.http,
         grpc_addr: "127.0.0.1:0".parse()?,
         db_path: db.clone(),
+        database_url: args.database_url.clone(),
+        // On PostgreSQL the store's keys cannot sit beside the database: one file, shared.
+        store_key_file: args
+            .database_url
+            .as_ref()
+            .map(|_| run_dir.join("store.keys")),
+        cluster: (args.coordinators > 1).then(|| tokenfleet_coordinator::config::ClusterConfig {
+            id: Some("coordinator-1".into()),
+            ..Default::default()
+        }),
         api_keys: vec![ApiKey {
             key: key.clone(),
             tenant: "default".into(),
@@ -114,7 +144,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let running = tokenfleet_coordinator::start(config, ctrl_c()).await?;
+    // The first coordinator creates the fleet CA and the store's keys; the others find them.
+    let mut cluster = vec![tokenfleet_coordinator::start(config.clone(), ctrl_c()).await?];
+    for i in 1..args.coordinators {
+        let mut member = config.clone();
+        member.http_addr = SocketAddr::new(args.http.ip(), args.http.port() + i as u16);
+        if let (Some(c), Some(s)) = (member.cluster.as_mut(), member.security.as_mut()) {
+            c.id = Some(format!("coordinator-{}", i + 1));
+            s.enroll_addr = "127.0.0.1:0".parse()?;
+        }
+        cluster.push(tokenfleet_coordinator::start(member, ctrl_c()).await?);
+    }
+    let grpc: Vec<String> = cluster
+        .iter()
+        .map(|r| format!("https://{}", r.bound.grpc))
+        .collect();
+    let running = &cluster[0];
     let security = running
         .security
         .clone()
@@ -159,7 +204,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 model: args.engine.model.clone(),
                 threads: args.engine.threads,
             },
-            coordinator: format!("https://{}", running.bound.grpc),
+            // Each vehicle starts at its own coordinator and knows the others to fail over.
+            coordinator: (0..grpc.len())
+                .map(|k| grpc[(i as usize + k) % grpc.len()].clone())
+                .collect::<Vec<_>>()
+                .join(","),
             ca_cert: None,
             node_id: None,
             identity_dir: Some(identity_dir),
@@ -183,14 +232,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let model = model_name_of(&args.engine.model);
     println!("tokenfleet is up: {} vehicles serving {model}", args.agents);
-    println!(
-        "  API       http://{}/v1   (OpenAI-compatible)",
-        running.bound.http
-    );
+    for (k, r) in cluster.iter().enumerate() {
+        let role = if cluster.len() > 1 {
+            format!(" (coordinator-{}, active)", k + 1)
+        } else {
+            String::new()
+        };
+        println!(
+            "  API       http://{}/v1   (OpenAI-compatible){role}",
+            r.bound.http
+        );
+    }
     println!("  API key   {key}");
     println!(
-        "  agents    https://{} (gRPC, mutual TLS; enrolled via https://{enroll_addr})",
-        running.bound.grpc
+        "  agents    {} (gRPC, mutual TLS; enrolled via https://{enroll_addr})",
+        grpc.join(", ")
     );
     println!(
         "  attest    {}",
@@ -201,7 +257,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     );
     println!("  fleet CA  {}", run_dir.join("fleet-ca").display());
-    println!("  job store {}", db.display());
+    match &args.database_url {
+        Some(_) => println!("  job store PostgreSQL (--database-url), shared by every coordinator"),
+        None => println!("  job store {}", db.display()),
+    }
     println!(
         "  metrics   http://{}/metrics   (operator key {operator_key})",
         running.bound.http
@@ -213,7 +272,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         running.bound.http
     );
     println!("Ctrl-C stops the fleet.");
-    running.task.await??;
+    for r in cluster {
+        r.task.await??;
+    }
     for a in agents {
         a.stop().await;
     }

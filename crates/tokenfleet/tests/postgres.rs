@@ -431,7 +431,12 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
     wait_models(&client, &base_a).await;
 
     let batch_id = start_batch(&client, &base_a, &input(LINES, LINE_TOKENS), "24h").await;
-    let streams = spawn_streams(&client, std::slice::from_ref(&base_a), STREAMS, STREAM_TOKENS);
+    let streams = spawn_streams(
+        &client,
+        std::slice::from_ref(&base_a),
+        STREAMS,
+        STREAM_TOKENS,
+    );
     // Kill once every stream is stored, some hold tokens, and the batch is under way.
     let deadline = Instant::now() + Duration::from_secs(120);
     let at_kill = loop {

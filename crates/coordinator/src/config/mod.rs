@@ -62,8 +62,8 @@ pub struct CoordinatorConfig {
     pub db_path: PathBuf,
     /// The job store on PostgreSQL instead of SQLite: a `postgresql://user:password@host/db`
     /// URL or a libpq `host=... dbname=...` string (plaintext connection: keep the database on
-    /// the coordinator's host or a private network). One coordinator per database for now: a
-    /// second one is refused at start. Needs the store's keys given explicitly
+    /// the coordinator's host or a private network). One coordinator per database (a second
+    /// is refused at start, or waits with `standby`), unless they are a `[cluster]`. Needs the store's keys given explicitly
     /// (`store_key_file` or `TOKENFLEET_STORE_KEYS`), since no file sits beside the database
     /// to default to. `TOKENFLEET_DATABASE_URL` takes precedence, so that a password need not
     /// be written into the config file.

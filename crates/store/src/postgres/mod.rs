@@ -41,22 +41,22 @@
 //! by PostgreSQL, failing one call (its savepoint is rolled back, the rest of its group
 //! commits).
 //!
-//! The traits have no claim operation yet: `load_unfinished` and `active_batches` read
-//! everything, as one coordinator needs. Claiming across coordinators needs an owner and a
-//! lease on the claimed rows and a call that takes unowned (or expired) ones without waiting
-//! on rows another coordinator is taking, e.g. for batches
-//! `UPDATE batches SET owner = $1, lease_until_ms = $2 WHERE seq IN (SELECT seq FROM batches
-//! WHERE status IN (...active...) AND (owner IS NULL OR lease_until_ms < $3) ORDER BY seq
-//! LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ...`, and the same for queued jobs; the lease is
-//! renewed while the coordinator works on them. That belongs with the coordinator's
-//! scale-out (issue 15, items 2-3), not here.
+//! Who runs a job is a claim on its row ([`crate::claims`], `owner`): a store opened with
+//! [`PostgresStore::connect_owned`] inserts jobs as its coordinator's, claims others' only
+//! when their lease ran out (or, stealing, when a vehicle brought the job over), sweeps
+//! orphans with `FOR UPDATE SKIP LOCKED` so that sweeping coordinators never wait on each
+//! other, renews its leases, and writes tokens, outcomes and discards only while the row still
+//! names it at the epoch of its claim (checked in the same statement, `FOR SHARE`, so a claim
+//! waits for the group that writes). Batches need no owner: every batch write moves the batch
+//! only forward ([`crate::BatchStatus::may_follow`]), so of two runners the second is refused.
 //!
 //! Prompts, outputs and file contents are sealed with the crate's [`Sealer`] before they are
 //! written, as in every backend.
 //!
 //! Modules: `commit` (the queue task and its group commit), `ids` (job-id blocks),
 //! `migrations` (the schema), `jobs`, `batches`, `registry`, `reputation` (each trait's SQL),
-//! `sole` (the lock that keeps a second coordinator off a database until jobs are claimed).
+//! `owner` (claims, leases and the fence), `sole` (the lock that keeps a second coordinator off a
+//! database when it is not one of a cluster).
 //! They use tokio-postgres, deadpool-postgres, the crate's records and traits and
 //! [`crate::sealing`]; nothing of either client crate leaves this module.
 
