@@ -230,10 +230,49 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         agents.push(start_agent(&a, threads).await?);
         tpms.extend(tpm);
     }
-    let model = model_name_of(&args.engine.model);
-    println!("tokenfleet is up: {} vehicles serving {model}", args.agents);
-    for (k, r) in cluster.iter().enumerate() {
-        let role = if cluster.len() > 1 {
+    print_banner(&Banner {
+        args: &args,
+        cluster: &cluster,
+        grpc: &grpc,
+        enroll_addr,
+        key: &key,
+        operator_key: &operator_key,
+        use_tpm,
+        run_dir: &run_dir,
+        db: &db,
+    });
+    for r in cluster {
+        r.task.await??;
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    drop(tpms);
+    Ok(())
+}
+
+/// What the banner printed once the fleet is up shows.
+struct Banner<'a> {
+    args: &'a UpArgs,
+    cluster: &'a [tokenfleet_coordinator::Running],
+    grpc: &'a [String],
+    enroll_addr: SocketAddr,
+    key: &'a str,
+    operator_key: &'a str,
+    use_tpm: bool,
+    run_dir: &'a std::path::Path,
+    db: &'a std::path::Path,
+}
+
+/// Where the fleet's APIs are, its keys, and a request to try.
+fn print_banner(b: &Banner<'_>) {
+    let model = model_name_of(&b.args.engine.model);
+    println!(
+        "tokenfleet is up: {} vehicles serving {model}",
+        b.args.agents
+    );
+    for (k, r) in b.cluster.iter().enumerate() {
+        let role = if b.cluster.len() > 1 {
             format!(" (coordinator-{}, active)", k + 1)
         } else {
             String::new()
@@ -243,41 +282,34 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             r.bound.http
         );
     }
-    println!("  API key   {key}");
+    println!("  API key   {}", b.key);
     println!(
-        "  agents    {} (gRPC, mutual TLS; enrolled via https://{enroll_addr})",
-        grpc.join(", ")
+        "  agents    {} (gRPC, mutual TLS; enrolled via https://{})",
+        b.grpc.join(", "),
+        b.enroll_addr
     );
     println!(
         "  attest    {}",
-        if use_tpm {
+        if b.use_tpm {
             "TPM 2.0 quotes (one swtpm per vehicle), verified before any job"
         } else {
             "NONE: policy allows unattested nodes (install swtpm for attestation)"
         }
     );
-    println!("  fleet CA  {}", run_dir.join("fleet-ca").display());
-    match &args.database_url {
+    println!("  fleet CA  {}", b.run_dir.join("fleet-ca").display());
+    match &b.args.database_url {
         Some(_) => println!("  job store PostgreSQL (--database-url), shared by every coordinator"),
-        None => println!("  job store {}", db.display()),
+        None => println!("  job store {}", b.db.display()),
     }
     println!(
-        "  metrics   http://{}/metrics   (operator key {operator_key})",
-        running.bound.http
+        "  metrics   http://{}/metrics   (operator key {})",
+        b.cluster[0].bound.http, b.operator_key
     );
     println!();
     println!("try:");
     println!(
-        "  curl -s http://{}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Explain why the sky is blue.\"}}], \"max_tokens\": 64}}'",
-        running.bound.http
+        "  curl -s http://{}/v1/chat/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Explain why the sky is blue.\"}}], \"max_tokens\": 64}}'",
+        b.cluster[0].bound.http, b.key
     );
     println!("Ctrl-C stops the fleet.");
-    for r in cluster {
-        r.task.await??;
-    }
-    for a in agents {
-        a.stop().await;
-    }
-    drop(tpms);
-    Ok(())
 }
