@@ -50,6 +50,18 @@ pub enum Claim {
     Missing,
 }
 
+impl Claim {
+    /// The claim of a database's only coordinator on a job it loaded: the job if it is
+    /// queued (every job is its own).
+    pub fn of_sole(job: Option<JobRecord>) -> Claim {
+        match job {
+            None => Claim::Missing,
+            Some(j) if j.state == crate::JobState::Queued => Claim::Claimed(j),
+            Some(_) => Claim::Ended,
+        }
+    }
+}
+
 /// Jobs this store's coordinator lost since the last renewal.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Renewal {

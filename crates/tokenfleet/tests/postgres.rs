@@ -437,16 +437,7 @@ async fn failover_under_load_answers_every_stream_and_batch_line_once() {
         STREAMS,
         STREAM_TOKENS,
     );
-    // Kill once every stream is stored, some hold tokens, and the batch is under way.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let at_kill = loop {
-        let p = db.progress("stream-").await;
-        if p.0 == STREAMS as i64 && p.1 > 0 && p.2 > 0 && p.2 < LINES as i64 {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no progress to kill at: {p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let at_kill = wait_for_kill_point(&db, STREAMS, LINES).await;
     active.0.kill().unwrap();
     let _ = active.0.wait();
     let killed = Instant::now();
@@ -490,6 +481,21 @@ fn log_to(name: &str) -> Stdio {
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null()),
         None => Stdio::null(),
+    }
+}
+
+/// Waits until all `streams` keyed streams are stored, some hold tokens, and the batch of
+/// `lines` is under way but not done: the moment the failover tests kill a coordinator.
+/// Returns [`Database::progress`] then.
+async fn wait_for_kill_point(db: &Database, streams: usize, lines: usize) -> (i64, i64, i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = db.progress("stream-").await;
+        if p.0 == streams as i64 && p.1 > 0 && p.2 > 0 && p.2 < lines as i64 {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no progress to kill at: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -667,15 +673,7 @@ async fn a_cluster_survives_kill_9_of_a_coordinator_under_load() {
         STREAMS,
         STREAM_TOKENS,
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let at_kill = loop {
-        let p = db.progress("stream-").await;
-        if p.0 == STREAMS as i64 && p.1 > 0 && p.2 > 0 && p.2 < LINES as i64 {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no progress to kill at: {p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let at_kill = wait_for_kill_point(&db, STREAMS, LINES).await;
     a.0.kill().unwrap();
     let _ = a.0.wait();
     let mut received = Vec::new();

@@ -387,16 +387,7 @@ impl State {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
-        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
-            if let Some(n) = self.nodes.get(&node) {
-                n.send(CoordinatorMsg::Cancel(v1::Cancel {
-                    job_id: id.to_string(),
-                    reason: "job taken over by another coordinator".into(),
-                    hand_back: false,
-                }));
-            }
-            self.detach(id, node);
-        }
+        self.drop_from_node(id, job.placement, "job taken over by another coordinator");
         self.wants_dispatch = true;
         tracing::info!(job = id, "job taken over by another coordinator");
         if job.view.is_closed() {
@@ -411,7 +402,14 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
+        self.drop_from_node(id, job.placement, reason);
+        self.end(id, JobOutcome::Cancelled).await;
+    }
+
+    /// Tells the node a job at `placement` runs on (if any) to drop it, keeping nothing (no
+    /// hand-back), and frees its slot there.
+    fn drop_from_node(&mut self, id: u64, placement: Placement, reason: &str) {
+        if let Placement::Running { node } | Placement::HandingBack { node, .. } = placement {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(CoordinatorMsg::Cancel(v1::Cancel {
                     job_id: id.to_string(),
@@ -421,7 +419,6 @@ impl State {
             }
             self.detach(id, node);
         }
-        self.end(id, JobOutcome::Cancelled).await;
     }
 
     /// Ends a job: publishes the outcome to its clients and writes it to the store.

@@ -173,10 +173,7 @@ async fn write_batch(
         line_jobs.push(job_id);
         errors.push(error);
     }
-    let (owner_id, lease_ms) = match owner {
-        Some(o) => (Some(o.id()), o.lease_ms()),
-        None => (None, 0),
-    };
+    let (owner_id, lease_ms) = Owner::columns(owner);
     conn.execute(
         &format!(
             "INSERT INTO jobs (id, public_id, tenant, request, state, created_ms, owner, epoch,

@@ -178,7 +178,7 @@ async fn a_restarted_coordinator_takes_its_own_jobs_back_at_once() {
     .await;
 }
 
-/// Jobs of a batch are the starting coordinator's; re-opened jobs are the re-opener's.
+/// A re-opened job is the re-opener's, whoever ran it before.
 #[tokio::test]
 async fn reopened_jobs_belong_to_the_coordinator_that_reopened_them() {
     with_database(|h: PgHarness| async move {

@@ -39,10 +39,7 @@ pub(super) async fn insert(
     row: NewRow<'_>,
 ) -> Result<Result<u64, u64>, StoreError> {
     let request = sealer.seal(&place::request(row.id), row.request);
-    let (owner_id, lease_ms) = match owner {
-        Some(o) => (Some(o.id()), o.lease_ms()),
-        None => (None, 0),
-    };
+    let (owner_id, lease_ms) = Owner::columns(owner);
     let stmt = conn
         .prepare_cached(&format!(
             "INSERT INTO jobs (id, public_id, tenant, idempotency_key, request, state, created_ms,
@@ -218,10 +215,7 @@ async fn requeue(
     job: u64,
     from: JobState,
 ) -> Result<bool, StoreError> {
-    let (owner_id, lease_ms) = match owner {
-        Some(o) => (Some(o.id()), o.lease_ms()),
-        None => (None, 0),
-    };
+    let (owner_id, lease_ms) = Owner::columns(owner);
     let stmt = conn
         .prepare_cached(&format!(
             "UPDATE jobs SET state = 'queued', finished_ms = NULL, finish_reason = NULL,

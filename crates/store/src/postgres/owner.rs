@@ -54,6 +54,12 @@ impl Owner {
             .ok_or(StoreError::Fenced { job })
     }
 
+    /// What a new or re-opened row's `owner` and lease length are: this store's
+    /// coordinator's, or (None, 0) for a store without an owner (the lease stays NULL).
+    pub fn columns(owner: Option<&Owner>) -> (Option<&str>, i64) {
+        owner.map_or((None, 0), |o| (Some(o.id()), o.lease_ms()))
+    }
+
     pub fn claimed(&self, job: u64, epoch: i64) {
         self.epochs().insert(job, epoch);
     }
@@ -134,11 +140,9 @@ impl ClaimStore for PostgresStore {
             return self
                 .call(move |conn, sealer| {
                     Box::pin(async move {
-                        Ok(match super::jobs::load_one(conn, sealer, job).await? {
-                            None => Claim::Missing,
-                            Some(j) if j.state == crate::JobState::Queued => Claim::Claimed(j),
-                            Some(_) => Claim::Ended,
-                        })
+                        Ok(Claim::of_sole(
+                            super::jobs::load_one(conn, sealer, job).await?,
+                        ))
                     })
                 })
                 .await;

@@ -383,11 +383,7 @@ impl crate::ClaimStore for SqliteStore {
     }
 
     async fn claim_job(&self, job: u64, _steal: bool) -> Result<crate::Claim, StoreError> {
-        Ok(match self.load_job(job).await? {
-            None => crate::Claim::Missing,
-            Some(j) if j.state == JobState::Queued => crate::Claim::Claimed(j),
-            Some(_) => crate::Claim::Ended,
-        })
+        Ok(crate::Claim::of_sole(self.load_job(job).await?))
     }
 
     async fn claim_orphans(&self, _limit: usize) -> Result<Vec<JobRecord>, StoreError> {

@@ -505,17 +505,12 @@ impl State {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if let Placement::Running { node } | Placement::HandingBack { node, .. } = job.placement {
-            if let Some(n) = self.nodes.get(&node) {
-                n.send(CoordinatorMsg::Cancel(v1::Cancel {
-                    job_id: id.to_string(),
-                    reason: "restarting: a node that produced it failed verification".into(),
-                    // Nothing of a liar's is kept: the job restarts from scratch.
-                    hand_back: false,
-                }));
-            }
-            self.detach(id, node);
-        }
+        // Nothing of a liar's is kept: the job restarts from scratch.
+        self.drop_from_node(
+            id,
+            job.placement,
+            "restarting: a node that produced it failed verification",
+        );
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
