@@ -184,7 +184,6 @@ pub async fn start(
             scheduler,
             regions: Arc::clone(&regions),
             verification,
-            cluster: config.cluster.is_some(),
         },
         recovered,
         stop_rx.clone(),

@@ -94,9 +94,6 @@ pub struct Deps {
     pub regions: Arc<crate::policy::regions::RegionMap>,
     /// Result verification, when enabled.
     pub verification: Option<crate::trust::verify::Setup>,
-    /// One of several coordinators on the store (`[cluster]`): jobs of nodes that come over
-    /// are claimed, jobs taken over are followed.
-    pub cluster: bool,
 }
 
 impl Manager {
@@ -113,13 +110,14 @@ impl Manager {
             scheduler,
             regions,
             verification,
-            cluster,
         } = deps;
         let (tx, rx) = mpsc::channel(8192);
         let (models_tx, models) = watch::channel(Arc::default());
         let manager = Manager { tx, models };
-        // Weak: the manager's own link must not keep its command channel open.
-        let cluster = cluster.then(|| super::ClusterLink {
+        // One of several coordinators on the store (`[cluster]`): jobs of nodes that come over
+        // are claimed, jobs taken over are followed. Weak: the manager's own link must not
+        // keep its command channel open.
+        let cluster = config.cluster.is_some().then(|| super::ClusterLink {
             store: store.clone(),
             tx: manager.tx.downgrade(),
             models: manager.models.clone(),

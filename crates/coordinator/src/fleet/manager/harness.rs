@@ -149,7 +149,6 @@ impl Harness {
                 scheduler,
                 regions: Arc::default(),
                 verification: None,
-                cluster: false,
             },
             Vec::new(),
             stop_rx,
